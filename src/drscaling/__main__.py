@@ -1,0 +1,3 @@
+from drscaling.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""Reading and writing the project's files safely.
+
+Every output is written to a temporary sibling and renamed into place, so a crash never leaves a
+half-written file that a later stage would trust. Readers are strict: a problem is reported with the
+file and line number, never silently skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from drscaling.errors import DrscalingError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    Works for files and directories alike: whatever the block creates at the temporary path replaces
+    `path` as a whole.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if not target.exists():
+            raise RuntimeError(f"nothing was written for {path}")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a file for writing that appears at `path` only once it is complete."""
+    with atomic_path(path) as tmp:
+        kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as fh:
+        fh.write(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise DrscalingError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DrscalingError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    n = 0
+    with atomic_open(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def open_text(path: str | Path) -> IO[str]:
+    """Open plain or gzipped text as strict UTF-8."""
+    path = Path(path)
+    if not path.exists():
+        raise DrscalingError(f"file not found: {path}")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="strict", newline="\n")
+    return open(path, encoding="utf-8", errors="strict", newline="\n")
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield (line number, line without newline); decoding and gzip errors name the file and line."""
+    lineno = 0
+    try:
+        with open_text(path) as fh:
+            for lineno, line in enumerate(fh, start=1):  # noqa: B007
+                yield lineno, line.rstrip("\n").rstrip("\r")
+    except UnicodeDecodeError as exc:
+        raise DrscalingError(f"{path}: invalid UTF-8 near line {lineno + 1} ({exc.reason})") from exc
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise DrscalingError(
+            f"{path}: corrupt or truncated gzip after line {lineno} ({exc})"
+        ) from exc
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Read a JSON-lines file; every line must be an object holding the `required` keys."""
+    rows: list[dict[str, Any]] = []
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DrscalingError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise DrscalingError(f"{path}: line {lineno} is not a JSON object")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DrscalingError(f"{path}: line {lineno} lacks the field(s) {', '.join(missing)}")
+        rows.append(row)
+    if not rows:
+        raise DrscalingError(f"{path}: file is empty")
+    return rows

@@ -1,0 +1,276 @@
+"""The dense retriever: f(x) = Linear(mean_pool(Transformer(x))), score = <f(q), f(p)>.
+
+One shared encoder for queries and passages (the paper's setting). The zoo names the paper's 24
+BERT-miniature shapes; each is built from config (offline default, with a WordPiece vocabulary
+trained on the training corpus) or loaded from a pretrained checkpoint (local folder or hub name).
+
+A saved model is a folder:
+    backbone/            HF `save_pretrained` of the transformer (config.json + weights)
+    tokenizer/           HF tokenizer files (the client tokenises; the tokenizer travels with it)
+    projection.pt        state dict of the Linear(hidden, dim) head
+    drscaling.json       ModelMeta: shape, pooling, dim, N, max lengths
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from drscaling.errors import DrscalingError
+from drscaling.files import atomic_path
+
+SHAPE_RE = re.compile(r"^bert-L(\d+)-H(\d+)$")
+LAYERS = (2, 4, 6, 8, 10, 12)
+HIDDEN = (128, 256, 512, 768)
+ZOO = tuple(f"bert-L{layers}-H{hidden}" for layers in LAYERS for hidden in HIDDEN)
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+
+    @property
+    def heads(self) -> int:
+        return self.hidden // 64
+
+    @property
+    def intermediate(self) -> int:
+        return 4 * self.hidden
+
+    @property
+    def name(self) -> str:
+        return f"bert-L{self.layers}-H{self.hidden}"
+
+    @property
+    def hub_name(self) -> str:
+        return f"google/bert_uncased_L-{self.layers}_H-{self.hidden}_A-{self.heads}"
+
+
+def parse_shape(name: str) -> Shape:
+    m = SHAPE_RE.match(name)
+    if not m or name not in ZOO:
+        raise DrscalingError(f"unknown shape '{name}'; the zoo has: {', '.join(ZOO)}")
+    return Shape(int(m.group(1)), int(m.group(2)))
+
+
+@dataclass
+class ModelMeta:
+    shape: str  # zoo name, or a free name for a pretrained folder
+    dim: int = 768
+    pooling: str = "mean"
+    n_non_embedding: int = 0
+    max_positions: int = 512
+    max_query_len: int = 32
+    max_passage_len: int = 180
+    init: str = "scratch"  # scratch | path or hub name of the checkpoint
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelMeta:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Encoder(nn.Module):
+    """Transformer -> masked mean pooling -> Linear(hidden, dim)."""
+
+    def __init__(self, backbone: nn.Module, dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.projection = nn.Linear(backbone.config.hidden_size, dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.projection(pooled)
+
+
+def non_embedding_params(encoder: Encoder) -> int:
+    """N: every parameter except the token, position and token-type embedding tables."""
+    embedding_tables = {
+        id(m.weight) for m in encoder.backbone.modules() if isinstance(m, nn.Embedding)
+    }
+    return sum(p.numel() for p in encoder.parameters() if id(p) not in embedding_tables)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, dest: str | Path):
+    """Train a lower-cased BERT WordPiece vocabulary and save it as a HF tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import WordPieceTrainer
+    from transformers import BertTokenizerFast
+
+    if vocab_size < 100:
+        raise DrscalingError(f"vocab_size must be >= 100 (got {vocab_size})")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = BertTokenizerFast(tokenizer_object=tok, do_lower_case=True)
+    with atomic_path(dest) as tmp:
+        fast.save_pretrained(tmp)
+    return fast
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists() and not (path / "vocab.txt").exists():
+        raise DrscalingError(f"no tokenizer in {path}")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(
+        texts, max_length=max_len, truncation=True, padding=True, return_tensors="pt",
+        return_token_type_ids=False,
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building, saving, loading
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(
+    shape: str, tokenizer, dim: int = 768, max_positions: int = 512, seed: int = 0,
+    init: str | None = None,
+) -> tuple[Encoder, ModelMeta]:
+    """A zoo shape from config (init=None), or a pretrained encoder (init = folder or hub name)."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    if init:
+        local = Path(init)
+        if not local.exists() and "/" not in init:
+            raise DrscalingError(f"checkpoint not found: {init}")
+        try:
+            backbone = AutoModel.from_pretrained(init, add_pooling_layer=False)
+        except TypeError:
+            backbone = AutoModel.from_pretrained(init)
+        except OSError as exc:
+            raise DrscalingError(f"cannot load checkpoint '{init}': {exc}") from exc
+        max_positions = int(getattr(backbone.config, "max_position_embeddings", max_positions))
+        name = shape or local.name
+    else:
+        s = parse_shape(shape)
+        config = BertConfig(
+            vocab_size=len(tokenizer), hidden_size=s.hidden, num_hidden_layers=s.layers,
+            num_attention_heads=s.heads, intermediate_size=s.intermediate,
+            max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+        )
+        backbone = BertModel(config, add_pooling_layer=False)
+        name = s.name
+    encoder = Encoder(backbone, dim)
+    meta = ModelMeta(
+        shape=name, dim=dim, n_non_embedding=non_embedding_params(encoder),
+        max_positions=max_positions, init=init or "scratch",
+    )
+    return encoder, meta
+
+
+def save_model(encoder: Encoder, tokenizer, meta: ModelMeta, dest: str | Path) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.mkdir(parents=True)
+        encoder.backbone.save_pretrained(tmp / "backbone")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        torch.save(encoder.projection.state_dict(), tmp / "projection.pt")
+        (tmp / "drscaling.json").write_text(json.dumps(dataclasses.asdict(meta), indent=2))
+
+
+def load_model(path: str | Path) -> tuple[Encoder, object, ModelMeta]:
+    """Load a saved model folder. A plain HF encoder folder (no drscaling.json) also works: it is
+    used with mean pooling and no projection, so no random head is invented for a baseline."""
+    from transformers import AutoModel
+
+    path = Path(path)
+    meta_file = path / "drscaling.json"
+    if meta_file.exists():
+        meta = ModelMeta.from_dict(json.loads(meta_file.read_text()))
+        backbone = AutoModel.from_pretrained(str(path / "backbone"), add_pooling_layer=False)
+        encoder = Encoder(backbone, meta.dim)
+        encoder.projection.load_state_dict(torch.load(path / "projection.pt", weights_only=True))
+        tokenizer = load_tokenizer(path / "tokenizer")
+        return encoder.eval(), tokenizer, meta
+    if (path / "config.json").exists():
+        return load_plain_encoder(path)
+    raise DrscalingError(f"{path} is neither a drscaling model folder nor a HF encoder folder")
+
+
+class PlainEncoder(Encoder):
+    """A pretrained HF encoder used as is: mean pooling, no projection (for zero-shot baselines)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone, backbone.config.hidden_size)
+        self.projection = nn.Identity()
+
+
+def load_plain_encoder(path: Path) -> tuple[Encoder, object, ModelMeta]:
+    from transformers import AutoModel
+
+    try:
+        backbone = AutoModel.from_pretrained(str(path), add_pooling_layer=False)
+    except TypeError:
+        backbone = AutoModel.from_pretrained(str(path))
+    encoder = PlainEncoder(backbone)
+    meta = ModelMeta(
+        shape=path.name, dim=backbone.config.hidden_size, n_non_embedding=non_embedding_params(encoder),
+        max_positions=int(backbone.config.max_position_embeddings), init=str(path),
+    )
+    return encoder.eval(), load_tokenizer(path), meta
+
+
+def check_lengths(meta: ModelMeta, *lengths: int) -> None:
+    for n in lengths:
+        if n < 2:
+            raise DrscalingError(f"max length {n} is too short (need room for [CLS] and [SEP])")
+        if n > meta.max_positions:
+            raise DrscalingError(
+                f"max length {n} exceeds the model's {meta.max_positions} positions ({meta.shape})"
+            )
+
+
+@torch.inference_mode()
+def encode(
+    encoder: Encoder, tokenizer, texts: list[str], max_len: int, batch_size: int = 128,
+    device: str = "cpu", desc: str | None = None,
+) -> np.ndarray:
+    """Embed texts in batches (sorted by length, so padding is small); returns float32 [n, dim]."""
+    encoder.eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.empty((len(texts), _out_dim(encoder)), dtype=np.float32)
+    batches = range(0, len(texts), batch_size)
+    for start in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+        idx = order[start : start + batch_size]
+        enc = tokenize(tokenizer, [texts[i] for i in idx], max_len)
+        emb = encoder(**{k: v.to(device) for k, v in enc.items()})
+        out[idx] = emb.float().cpu().numpy()
+    return out
+
+
+def _out_dim(encoder: Encoder) -> int:
+    proj = encoder.projection
+    return proj.out_features if isinstance(proj, nn.Linear) else encoder.backbone.config.hidden_size

@@ -1,0 +1,59 @@
+"""MLflow set-up shared by every stage: where runs go, and what every run records about its inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def configure() -> str:
+    """Default to a SQLite store at the repository root (the MLflow 3 default file layout), telemetry off."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def data_version() -> str:
+    """The md5 that data.dvc records for data/: the DVC version of the inputs a run used."""
+    dvc_file = REPO / "data.dvc"
+    if not dvc_file.exists():
+        return "untracked"
+    for line in dvc_file.read_text().splitlines():
+        line = line.strip().lstrip("- ")
+        if line.startswith("md5:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def file_version(path: str | Path) -> str:
+    """Content hash of a file or folder (what a stage read), so runs on different inputs never match."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.md5()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
