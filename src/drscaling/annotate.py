@@ -1,0 +1,131 @@
+"""Annotation sources: the training pairs a model learns from (paper section 4.3).
+
+Every source yields, for the train split's human-annotated positive passages, one query per passage:
+    artifacts/annotations/<source>.jsonl   {"qid": str, "pid": str, "query": str}
+    artifacts/annotations/<source>.cost.json   what producing them cost (the budget model's Zdata)
+Sources: human (the dataset's own pairs), ict (Inverse Cloze Task), supervised (a generator
+fine-tuned on human pairs, the docT5query role), llm (zero-shot LLM, the paper's Appendix A prompt).
+The generated sources live in drscaling.generate; this module owns the format, the checks and ICT.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from drscaling.data import load_split
+from drscaling.errors import DrscalingError
+from drscaling.files import read_jsonl, write_json, write_jsonl
+
+SOURCES = ("human", "ict", "supervised", "llm")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+WRAPPED = re.compile(r"(?<!\n)\n(?!\n)")  # a single newline is line wrapping, not a break
+
+
+@dataclass
+class AnnotationLimits:
+    min_query_chars: int = 3
+    max_query_chars: int = 1000
+
+
+def positives(prepared: str | Path) -> pd.DataFrame:
+    """The train split's (qid, query, pid, passage) human pairs: the passages every source annotates."""
+    return load_split(prepared, "train").pairs()
+
+
+def annotate_human(prepared: str | Path, out: str | Path, usd_per_pair: float = 0.6) -> dict:
+    pairs = positives(prepared)
+    rows = pairs[["qid", "pid", "query"]].to_dict("records")
+    write_jsonl(out, rows)
+    cost = {"source": "human", "pairs": len(rows), "usd_per_pair": usd_per_pair,
+            "usd_total": usd_per_pair * len(rows), "priced_by": "configured $ per pair"}
+    write_json(cost_path(out), cost)
+    return cost
+
+
+def sentences(passage: str) -> list[str]:
+    text = WRAPPED.sub(" ", passage)
+    return [" ".join(s.split()) for s in SENTENCE_END.split(text) if len(s.strip()) >= 3]
+
+
+def ict_pair(passage: str, rng: np.random.Generator, remove_prob: float) -> tuple[str, str]:
+    """Inverse Cloze Task: a random sentence is the pseudo-query; with `remove_prob` it is cut out
+    of the passage (as in Lee et al. 2019), otherwise the passage keeps it."""
+    sents = sentences(passage)
+    if not sents:
+        return passage.strip(), passage
+    i = int(rng.integers(len(sents)))
+    query = sents[i]
+    if len(sents) > 1 and rng.random() < remove_prob:
+        passage = " ".join(s for j, s in enumerate(sents) if j != i)
+    return query, passage
+
+
+def annotate_ict(prepared: str | Path, out: str | Path, seed: int = 0, remove_prob: float = 0.9) -> dict:
+    """Deterministic given the seed. The passage a query points at stays the corpus passage (pid);
+    the 'removed' variant is what the query was cut from, recorded for transparency."""
+    if not 0.0 <= remove_prob <= 1.0:
+        raise DrscalingError(f"remove_prob must be in [0, 1] (got {remove_prob})")
+    pairs = positives(prepared)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for pid, passage in zip(pairs["pid"], pairs["passage"], strict=True):
+        query, _ = ict_pair(passage, rng, remove_prob)
+        if query.strip().lower() == passage.strip().lower():
+            continue  # a one-sentence passage gives no pseudo-query distinct from itself
+        rows.append({"qid": f"ict:{pid}", "pid": pid, "query": query})
+    write_jsonl(out, rows)
+    cost = {"source": "ict", "pairs": len(rows), "usd_per_pair": 0.0, "usd_total": 0.0,
+            "priced_by": "heuristic, no model: free"}
+    write_json(cost_path(out), cost)
+    return cost
+
+
+def cost_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".cost.json")
+
+
+def load_annotations(path: str | Path) -> pd.DataFrame:
+    if not Path(path).exists():
+        raise DrscalingError(f"annotations not found: {path} (run `drscaling annotate` for that source)")
+    return pd.DataFrame(read_jsonl(path, ("qid", "pid", "query"))).astype(str)
+
+
+def validate_annotations(
+    path: str | Path, prepared: str | Path, report: str | Path, limits: AnnotationLimits | None = None
+) -> dict:
+    """GX suite: non-empty queries within length bounds, not equal to their passage, unique qids,
+    every pid a passage of the train split."""
+    from drscaling.validate import run_suite
+
+    limits = limits or AnnotationLimits()
+    ann = load_annotations(path)
+    corpus = load_split(prepared, "train").corpus
+    text_of = dict(zip(corpus["pid"], corpus["text"], strict=True))
+    ann["pid_in_train_corpus"] = ann["pid"].isin(text_of.keys())
+    ann["differs_from_passage"] = [
+        q.strip().lower() != text_of.get(p, "").strip().lower() for q, p in zip(ann["query"], ann["pid"], strict=True)
+    ]
+    import great_expectations as gx
+
+    E = gx.expectations
+    exps = [
+        E.ExpectTableRowCountToBeBetween(min_value=1),
+        E.ExpectColumnValuesToBeUnique(column="qid"),
+        E.ExpectColumnValuesToNotMatchRegex(column="query", regex=r"^\s*$"),
+        E.ExpectColumnValueLengthsToBeBetween(column="query", min_value=limits.min_query_chars, max_value=limits.max_query_chars),
+        E.ExpectColumnValuesToBeInSet(column="pid_in_train_corpus", value_set=[True]),
+        E.ExpectColumnValuesToBeInSet(column="differs_from_passage", value_set=[True]),
+    ]
+    failures, result = run_suite(ann, f"annotations_{Path(path).stem}", exps, str(path))
+    summary = {"success": not failures, "rows": len(ann), "failures": [f.__dict__ for f in failures], "result": result}
+    write_json(report, summary)
+    if failures:
+        lines = "\n  ".join(f.describe() for f in failures)
+        raise DrscalingError(f"annotation validation failed; full GX result in {report}:\n  {lines}")
+    return summary
