@@ -617,10 +617,12 @@ def encode_texts(
         raise DrscalingError(f"batch_size must be >= 1 (got {batch_size})")
     with Client(url, protocol) as client:
         info = client.info(model)
-        max_len = max_len or info.max_passage_len
+        if max_len is None:  # the model's passage length, within what its positions allow
+            max_len = min(info.max_passage_len, info.max_sequence_length)
         if max_len > info.max_sequence_length:
             raise DrscalingError(
-                f"max_len {max_len} exceeds model '{model}''s {info.max_sequence_length} positions"
+                f"max_len {max_len} exceeds the {info.max_sequence_length} positions of model "
+                f"'{model}'"
             )
         tok = _tokenizer_for(client, model, tokenizer)
         out = np.empty((len(texts), info.dim), dtype=np.float32)
@@ -685,7 +687,8 @@ def search(
     pids = json.loads((index_dir / "pids.json").read_text())
     texts = [r["text"] for r in read_jsonl(index_dir / "passages.jsonl", required=("text",))]
     with Client(url, protocol) as client:
-        max_len = client.info(model).max_query_len
+        info = client.info(model)
+        max_len = min(info.max_query_len, info.max_sequence_length)
     q = encode_texts(url, model, [query], protocol=protocol, max_len=max_len, tokenizer=tokenizer)[0]
     scores = emb @ q
     k = min(k, len(pids))

@@ -57,3 +57,8 @@ def file_version(path: str | Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def metric_names(metrics: dict) -> dict[str, float]:
+    """MLflow forbids '@' in names: mrr@10 is logged as mrr_at_10 (files keep the usual spelling)."""
+    return {k.replace("@", "_at_"): float(v) for k, v in metrics.items()}

@@ -1,0 +1,241 @@
+"""drscaling command line: one sub-command per pipeline stage.
+
+dvc.yaml stages and MLproject entry points call these commands, so every way of running a stage goes
+through the same function. Defaults come from params.yaml; flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from drscaling import params
+from drscaling.errors import DrscalingError
+
+A = "artifacts"
+
+
+def _p(args: argparse.Namespace, name: str, section: str, default):
+    """A path or value: the flag if given, else params.yaml[section][name], else the default."""
+    value = getattr(args, name, None)
+    return value if value is not None else params.section(section).get(name, default)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_extract_debian(args) -> None:
+    from drscaling.debian import extract
+
+    n = extract(args.dest, args.lists_dir, fetch=not args.no_fetch)
+    print(f"wrote {n} pairs to {args.dest}")
+
+
+def cmd_import(args) -> None:
+    from drscaling import data
+
+    if args.format == "msmarco":
+        counts = data.import_msmarco(args.src, args.dest)
+    else:
+        d = params.section("data")
+        counts = data.import_pairs(args.src, args.dest, args.dev_size or d.get("dev_size", 1000),
+                                   args.test_size or d.get("test_size", 1000), d.get("seed", 13))
+    print(f"imported into {args.dest}: " + ", ".join(f"{k}={v} pairs" for k, v in counts.items()))
+
+
+def cmd_prepare(args) -> None:
+    from drscaling.data import prepare_debian
+
+    d = params.section("data")
+    counts = prepare_debian(_p(args, "raw", "data", "data/debian/pairs.jsonl"), _p(args, "prepared", "data", f"{A}/prepared"),
+                            d.get("dev_size", 1000), d.get("test_size", 1000), d.get("seed", 13))
+    print("prepared: " + ", ".join(f"{k}={v} pairs" for k, v in counts.items()))
+
+
+def cmd_validate(args) -> None:
+    from drscaling.validate import Bounds, validate_dataset
+
+    bounds = params.build(Bounds, params.section("validate"))
+    prepared = _p(args, "prepared", "data", f"{A}/prepared")
+    summary = validate_dataset(prepared, args.report, bounds)
+    print(f"validation passed: {sum(summary['rows'].values())} rows in {len(summary['rows'])} files; report {args.report}")
+
+
+def cmd_tokenizer(args) -> None:
+    from drscaling.data import load_split
+    from drscaling.model import train_tokenizer
+
+    prepared = _p(args, "prepared", "data", f"{A}/prepared")
+    train = load_split(prepared, "train")
+    vocab = args.vocab_size or params.section("tokenizer").get("vocab_size", 16384)
+    tok = train_tokenizer(list(train.corpus["text"]) + list(train.queries["text"]), vocab, args.out)
+    print(f"WordPiece vocabulary of {len(tok)} tokens in {args.out}")
+
+
+# ---------------------------------------------------------------------------------------------
+# annotations
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_annotate(args) -> None:
+    from drscaling import annotate
+
+    cfg = params.section("annotate")
+    prepared = _p(args, "prepared", "data", f"{A}/prepared")
+    out = Path(args.out or f"{A}/annotations/{args.source}.jsonl")
+    if args.source == "human":
+        cost = annotate.annotate_human(prepared, out, cfg.get("human_usd_per_pair", 0.6))
+    elif args.source == "ict":
+        ict = cfg.get("ict", {})
+        cost = annotate.annotate_ict(prepared, out, ict.get("seed", 0), ict.get("remove_prob", 0.9))
+    else:
+        raise DrscalingError(f"annotation source '{args.source}' is not available yet")
+    report = Path(f"{A}/validation/annotations-{args.source}.json")
+    annotate.validate_annotations(out, prepared, report)
+    print(f"{args.source}: {cost['pairs']} pairs in {out} (validated; ${cost['usd_per_pair']}/pair)")
+
+
+# ---------------------------------------------------------------------------------------------
+# training and evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_paths(args, out: str | Path):
+    from drscaling.train import Paths
+
+    return Paths(
+        prepared=Path(_p(args, "prepared", "data", f"{A}/prepared")),
+        annotations=Path(args.annotations or f"{A}/annotations"),
+        tokenizer=Path(args.tokenizer or f"{A}/tokenizer"),
+        out=Path(out),
+    )
+
+
+def cmd_train(args) -> None:
+    from drscaling.train import TrainConfig, train
+
+    cfg = params.from_args(TrainConfig, args, params.section("train"))
+    out = args.out or f"{A}/runs/{cfg.shape}-D{cfg.train_pairs or 'all'}-{cfg.annotation_source}-{cfg.key()}"
+    m = train(cfg, _train_paths(args, out))
+    if m.get("cached"):
+        print(f"already trained with these parameters and data: {out}/metrics.json")
+    shown = {k: v for k, v in m.items() if k not in ("history", "data_key")}
+    print(json.dumps(shown, indent=2))
+
+
+def cmd_evaluate(args) -> None:
+    from drscaling import tracking
+    from drscaling.evaluate import EvalConfig, evaluate_model
+    from drscaling.files import write_json
+
+    cfg = params.from_args(EvalConfig, args, params.section("train").get("eval", {}))
+    prepared = _p(args, "prepared", "data", f"{A}/prepared")
+    result = evaluate_model(args.model, prepared, args.split, cfg)
+    if args.out:
+        write_json(args.out, result)
+    if not args.no_mlflow:
+        tracking.configure()
+        import mlflow
+
+        mlflow.set_experiment("evaluate")
+        with mlflow.start_run(run_name=f"eval-{result['shape']}-{args.split}"):
+            mlflow.set_tags({"drscaling.stage": "evaluate", "shape": result["shape"]})
+            mlflow.log_params({"model": args.model, "data": prepared, "split": args.split,
+                               "n_non_embedding": result["n_non_embedding"]} | {f"eval_{k}": v for k, v in vars(cfg).items()})
+            mlflow.log_metrics(tracking.metric_names({k: v for k, v in result.items() if isinstance(v, float)}))
+    print(json.dumps(result, indent=2))
+
+
+def cmd_sweep(args) -> None:
+    from drscaling.sweep import format_results, load_preset, run_sweep
+
+    preset = load_preset(args.preset or params.section("sweep").get("preset", "quick"))
+    out = Path(args.out or f"{A}/sweeps/{preset.name}")
+    results = run_sweep(preset, _train_paths(args, out), params.section("train"), out, args.only)
+    print(format_results(results))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from drscaling.evaluate import EvalConfig
+    from drscaling.train import TrainConfig
+
+    ap = argparse.ArgumentParser(prog="drscaling", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    data = cmd("data", None, "dataset tools: rebuild the Debian snapshot, import MS MARCO or pairs")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = dsub.add_parser("extract-debian", help="rebuild data/debian/pairs.jsonl from the Debian archive (needs apt access)")
+    p.add_argument("--dest", default="data/debian/pairs.jsonl")
+    p.add_argument("--lists-dir", default=f"{A}/apt-lists", help="private apt lists folder")
+    p.add_argument("--no-fetch", action="store_true", help="use lists already in --lists-dir")
+    p.set_defaults(func=cmd_extract_debian)
+    p = dsub.add_parser("import", help="import a dataset into the canonical format")
+    p.add_argument("--format", choices=["msmarco", "pairs"], required=True)
+    p.add_argument("src", help="msmarco: folder of collection/queries/qrels TSVs; pairs: JSONL of {query, passage}")
+    p.add_argument("dest", help="output dataset folder (train/dev/test)")
+    p.add_argument("--dev-size", type=int)
+    p.add_argument("--test-size", type=int)
+    p.set_defaults(func=cmd_import)
+
+    p = cmd("prepare", cmd_prepare, "split the Debian snapshot into canonical train/dev/test")
+    p.add_argument("--raw")
+    p.add_argument("--prepared")
+    p = cmd("validate", cmd_validate, "Great Expectations gate over every split")
+    p.add_argument("--prepared")
+    p.add_argument("--report", default=f"{A}/validation/dataset.json")
+    p = cmd("tokenizer", cmd_tokenizer, "train the shared WordPiece vocabulary on the train split")
+    p.add_argument("--prepared")
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--out", default=f"{A}/tokenizer")
+    p = cmd("annotate", cmd_annotate, "produce and validate training pairs from one annotation source")
+    p.add_argument("--source", required=True, choices=["human", "ict", "supervised", "llm"])
+    p.add_argument("--prepared")
+    p.add_argument("--out")
+
+    for name, func, help in (("train", cmd_train, "train one encoder (one MLflow run)"),
+                             ("sweep", cmd_sweep, "run a preset's model/data/source/joint sweeps")):
+        p = cmd(name, func, help)
+        p.add_argument("--prepared")
+        p.add_argument("--annotations", help=f"folder of <source>.jsonl (default {A}/annotations)")
+        p.add_argument("--tokenizer", help=f"shared tokenizer folder (default {A}/tokenizer)")
+        p.add_argument("--out")
+        if name == "train":
+            params.add_flags(p, TrainConfig)
+        else:
+            p.add_argument("--preset", help="preset name in pipelines/ or a YAML path")
+            p.add_argument("--only", choices=["model", "data", "source", "joint"], help="run one sweep of the preset")
+
+    p = cmd("evaluate", cmd_evaluate, "contrastive entropy and ranking metrics of any saved model")
+    p.add_argument("--model", required=True, help="drscaling model folder or any HF encoder folder")
+    p.add_argument("--prepared", help="canonical dataset folder")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--no-mlflow", action="store_true")
+    params.add_flags(p, EvalConfig)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DrscalingError as exc:
+        print(f"drscaling: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

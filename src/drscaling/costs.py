@@ -1,0 +1,438 @@
+"""Measured costs: inference on Triton ($ per token) and training from MLflow runs ($ per step).
+
+Inference: `measure` drives every served model with a tritonclient load generator (threads, each
+with its own client, bounded in time and count) over a grid of (batch size, concurrency), records
+throughput and latency percentiles to MLflow and JSON, converts the best throughput of each model
+to $ per million tokens at the configured $ per device-hour, and fits usd_per_token(N) = a * N**b
+across the measured shapes (least squares in log space; with one shape b is fixed at 1).
+
+Training: `training_costs` reads the training runs' median step time and tokens per step from
+MLflow and fits usd_per_step(N) = a * N**b the same way.
+
+The combined file (`measure_costs`) is what the budget module reads:
+    {"device_hour_usd": float, "device": str,
+     "inference": {"points": [{"shape", "n", "tokens_per_s", "usd_per_million_tokens"}],
+                   "fit": {"a", "b"}},            # usd per token = a * N**b
+     "training":  {"points": [{"shape", "n", "step_s", "tokens_per_step", "usd_per_step"}],
+                   "fit": {"a", "b"}}}            # usd per step = a * N**b
+"training" is absent when no training runs exist yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from drscaling.errors import DrscalingError
+from drscaling.files import write_json
+from drscaling.serving import Client, TritonServer
+
+# The paper's price: $3.93 per device-hour (an A100 on a public cloud at the time of writing).
+DEFAULT_DEVICE_HOUR_USD = 3.93
+STAGE_TAG = "drscaling.stage"
+
+
+@dataclass
+class ServedModel:
+    name: str
+    shape: str
+    n: int  # non-embedding parameters
+
+
+@dataclass
+class LoadConfig:
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    concurrency: tuple[int, ...] = (1, 8)
+    duration_s: float = 5.0
+    warmup_s: float = 0.5
+    seq_len: int = 64
+    max_requests: int = 100_000  # per (batch, concurrency) cell: a hard cap besides the duration
+    protocol: str = "grpc"
+
+    def validate(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise DrscalingError(f"batch_sizes must be >= 1 (got {self.batch_sizes})")
+        if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 256:
+            raise DrscalingError(f"concurrency must lie in 1..256 (got {self.concurrency})")
+        if not 0 < self.duration_s <= 600:
+            raise DrscalingError(f"duration_s must lie in (0, 600] (got {self.duration_s})")
+        if self.seq_len < 2:
+            raise DrscalingError(f"seq_len must be >= 2 (got {self.seq_len})")
+        if self.protocol not in ("http", "grpc"):
+            raise DrscalingError(f"protocol must be 'http' or 'grpc' (got '{self.protocol}')")
+
+
+# ---------------------------------------------------------------------------------------------
+# Power-law fit
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_power(n: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+    """y = a * n**b by least squares on log y = log a + b log n; one distinct n -> b = 1."""
+    n_arr, y_arr = np.asarray(n, dtype=float), np.asarray(y, dtype=float)
+    if len(n_arr) == 0:
+        raise DrscalingError("no cost points to fit")
+    if (n_arr <= 0).any() or (y_arr <= 0).any():
+        raise DrscalingError("cost fit needs positive N and positive costs")
+    if len(np.unique(n_arr)) < 2:
+        # One shape cannot give a slope; proportional to N is the paper's own assumption.
+        return {"a": float(np.mean(y_arr / n_arr)), "b": 1.0}
+    b, log_a = np.polyfit(np.log(n_arr), np.log(y_arr), 1)
+    return {"a": float(np.exp(log_a)), "b": float(b)}
+
+
+def usd_per_million_tokens(tokens_per_s: float, device_hour_usd: float) -> float:
+    return device_hour_usd / 3600.0 / tokens_per_s * 1e6
+
+
+def device_description() -> str:
+    """What the measurements ran on (the client host; the server shares it for a local Triton)."""
+    model = platform.processor() or "cpu"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU {model} x{os.cpu_count()} ({platform.system()})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Load generator
+# ---------------------------------------------------------------------------------------------
+
+
+def run_load(
+    url: str | TritonServer, model: str, batch: int, concurrency: int, cfg: LoadConfig,
+) -> dict:
+    """`concurrency` threads, each with its own client, send fixed [batch, seq_len] requests
+    back to back for cfg.duration_s (after cfg.warmup_s); returns throughput and latency."""
+    rng = np.random.default_rng(0)
+    # Ids below 100 exist in every vocabulary here (train_tokenizer's minimum); inference cost
+    # does not depend on which ids they are.
+    ids = rng.integers(5, 100, size=(batch, cfg.seq_len), dtype=np.int64)
+    mask = np.ones_like(ids)
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors: list[str] = []
+    sent = [0]
+    lock = threading.Lock()
+    window: dict[str, float] = {}
+
+    def open_window() -> None:
+        # Runs once, before any thread passes the barrier: every worker sees the same window.
+        window["start"] = time.perf_counter() + cfg.warmup_s
+        window["end"] = window["start"] + cfg.duration_s
+
+    ready = threading.Barrier(concurrency + 1, action=open_window)
+
+    def worker(slot: int) -> None:
+        # tritonclient.http clients are bound to the thread that made them: one per thread.
+        try:
+            client = Client(url, cfg.protocol)
+            client.check_ready(model)
+            client.infer(model, ids, mask)  # connection set up outside the timed window
+        except Exception as exc:  # reported after the barrier, never left hanging
+            errors.append(str(exc))
+            client = None
+        ready.wait()
+        if client is None:
+            return
+        try:
+            while True:
+                now = time.perf_counter()
+                if now >= window["end"]:
+                    break
+                with lock:
+                    if sent[0] >= cfg.max_requests:
+                        break
+                    sent[0] += 1
+                t0 = time.perf_counter()
+                client.infer(model, ids, mask)
+                t1 = time.perf_counter()
+                if t0 >= window["start"]:  # warm-up requests are not counted
+                    latencies[slot].append(t1 - t0)
+        except Exception as exc:
+            errors.append(str(exc))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    for t in threads:
+        t.join(timeout=cfg.warmup_s + cfg.duration_s + 120)
+    if errors:
+        raise DrscalingError(f"load test on '{model}' failed: {errors[0]}")
+    lat = np.array([x for per in latencies for x in per])
+    if lat.size == 0:
+        raise DrscalingError(f"load test on '{model}' completed no request in {cfg.duration_s} s")
+    # Throughput over the measured window (or until the last request if the count cap hit first).
+    elapsed = min(cfg.duration_s, max(time.perf_counter() - window["start"], 1e-9))
+    inferences = lat.size * batch
+    return {
+        "batch": batch, "concurrency": concurrency, "seq_len": cfg.seq_len,
+        "requests": int(lat.size), "seconds": round(elapsed, 4),
+        "inferences_per_s": inferences / elapsed,
+        "tokens_per_s": inferences * cfg.seq_len / elapsed,
+        "p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "p95_ms": float(np.percentile(lat, 95) * 1e3),
+        "p99_ms": float(np.percentile(lat, 99) * 1e3),
+    }
+
+
+def served_models(url: str | TritonServer, protocol: str = "http") -> list[ServedModel]:
+    """Every ready model on the server, with shape and N from its config (build_model_repository
+    writes them)."""
+    with Client(url, protocol) as client:
+        models = []
+        for name in client.ready_models():
+            params = client.info(name).params
+            models.append(ServedModel(name, params.get("shape", name),
+                                      int(params.get("n_non_embedding", 0))))
+    return models
+
+
+def _as_models(models) -> list[ServedModel]:
+    out = []
+    for m in models:
+        if isinstance(m, ServedModel):
+            out.append(m)
+        elif isinstance(m, dict):
+            out.append(ServedModel(m["name"], m["shape"], int(m["n"])))
+        else:
+            name, shape, n = m
+            out.append(ServedModel(name, shape, int(n)))
+    for m in out:
+        if m.n <= 0:
+            raise DrscalingError(f"model '{m.name}': N (non-embedding parameters) must be > 0")
+    return out
+
+
+@contextlib.contextmanager
+def _mlflow_run(name: str, tags: dict[str, str]) -> Iterator[object]:
+    """The active run if there is one (a stage calling us), else a run of our own."""
+    from drscaling import tracking
+
+    tracking.configure()
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        yield mlflow.active_run()
+        return
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        yield run
+
+
+def measure(
+    url_or_server: str | TritonServer, models: Sequence | None = None,
+    batch_sizes: Sequence[int] = (1, 8, 32), concurrency: Sequence[int] = (1, 8),
+    duration_s: float = 5.0, seq_len: int = 64,
+    device_hour_usd: float = DEFAULT_DEVICE_HOUR_USD, out_path: str | Path | None = None,
+    protocol: str = "grpc", warmup_s: float = 0.5, max_requests: int = 100_000,
+    device: str | None = None, log_mlflow: bool = True,
+) -> dict:
+    """Load-sweep each model ([(name, shape, n)], or None: every ready model on the server).
+
+    Returns {"device_hour_usd", "device", "load": {...}, "sweep": {model: [cells]},
+    "inference": {"points", "fit"}} and writes it to out_path (atomically) when given. Each
+    model's cost point uses its best tokens/s over the sweep (the operating point you would pick).
+    """
+    cfg = LoadConfig(tuple(batch_sizes), tuple(concurrency), float(duration_s), float(warmup_s),
+                     int(seq_len), int(max_requests), protocol)
+    cfg.validate()
+    if device_hour_usd <= 0:
+        raise DrscalingError(f"device_hour_usd must be > 0 (got {device_hour_usd})")
+    served = served_models(url_or_server, protocol) if models is None else _as_models(models)
+    if not served:
+        raise DrscalingError("no models to measure (the server has none ready)")
+    with Client(url_or_server, protocol) as client:
+        for m in served:
+            client.check_ready(m.name)
+            limit = client.info(m.name)
+            if cfg.seq_len > limit.max_sequence_length:
+                raise DrscalingError(
+                    f"seq_len {cfg.seq_len} exceeds the {limit.max_sequence_length} positions of "
+                    f"model '{m.name}'"
+                )
+    grid = [(b, c) for b in cfg.batch_sizes for c in cfg.concurrency]
+    result: dict = {
+        "device_hour_usd": float(device_hour_usd), "device": device or device_description(),
+        "load": asdict(cfg), "sweep": {}, "inference": {"points": []},
+    }
+    ctx = _mlflow_run("measure", {STAGE_TAG: "measure"}) if log_mlflow else contextlib.nullcontext()
+    with ctx:
+        for m in served:
+            cells = []
+            for b, c in tqdm(grid, desc=f"measure {m.name}", leave=False):
+                cells.append(run_load(url_or_server, m.name, b, c, cfg))
+            best = max(cells, key=lambda x: x["tokens_per_s"])
+            result["sweep"][m.name] = cells
+            result["inference"]["points"].append({
+                "shape": m.shape, "n": m.n, "tokens_per_s": best["tokens_per_s"],
+                "usd_per_million_tokens": usd_per_million_tokens(best["tokens_per_s"],
+                                                                 device_hour_usd),
+            })
+            if log_mlflow:
+                _log_model_sweep(m, cells, cfg, result["inference"]["points"][-1])
+        pts = result["inference"]["points"]
+        result["inference"]["fit"] = fit_power(
+            [p["n"] for p in pts], [p["usd_per_million_tokens"] / 1e6 for p in pts]
+        )
+        if log_mlflow:
+            import mlflow
+
+            mlflow.log_metrics({"inference_fit_a": result["inference"]["fit"]["a"],
+                                "inference_fit_b": result["inference"]["fit"]["b"]})
+            mlflow.log_dict(result, "costs/inference_sweep.json")
+    if out_path is not None:
+        write_json(out_path, result)
+    return result
+
+
+def _log_model_sweep(m: ServedModel, cells: list[dict], cfg: LoadConfig, point: dict) -> None:
+    """One nested run per model; each (batch, concurrency) cell is a step of its metrics."""
+    import mlflow
+
+    with mlflow.start_run(run_name=f"measure-{m.name}", nested=True,
+                          tags={STAGE_TAG: "measure", "drscaling.model": m.name}):
+        mlflow.log_params({"model": m.name, "shape": m.shape, "n_non_embedding": m.n,
+                           "seq_len": cfg.seq_len, "protocol": cfg.protocol,
+                           "duration_s": cfg.duration_s})
+        for step, cell in enumerate(cells):
+            mlflow.log_metrics({
+                "batch": cell["batch"], "concurrency": cell["concurrency"],
+                "inferences_per_s": cell["inferences_per_s"], "tokens_per_s": cell["tokens_per_s"],
+                "p50_ms": cell["p50_ms"], "p95_ms": cell["p95_ms"], "p99_ms": cell["p99_ms"],
+            }, step=step)
+            # Also one flat metric per cell, so the UI can compare cells across models directly.
+            key = f"b{cell['batch']}_c{cell['concurrency']}"
+            mlflow.log_metrics({f"{key}_tokens_per_s": cell["tokens_per_s"],
+                                f"{key}_p99_ms": cell["p99_ms"]})
+        mlflow.log_metrics({"best_tokens_per_s": point["tokens_per_s"],
+                            "usd_per_million_tokens": point["usd_per_million_tokens"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Training cost
+# ---------------------------------------------------------------------------------------------
+
+
+def training_costs(
+    experiment_name: str | None = None, runs: Sequence | None = None,
+    device_hour_usd: float = DEFAULT_DEVICE_HOUR_USD,
+) -> dict:
+    """$ per training step per shape from MLflow training runs, and usd_per_step(N) = a * N**b.
+
+    Reads runs tagged drscaling.stage=train (from `experiment_name`, or all experiments when
+    None) or the given `runs` (run ids or mlflow Run objects). Several runs of one shape (other
+    D or seeds) are pooled by the median step time. Raises DrscalingError if none exist.
+    """
+    from drscaling import tracking
+
+    tracking.configure()
+    import mlflow
+
+    if device_hour_usd <= 0:
+        raise DrscalingError(f"device_hour_usd must be > 0 (got {device_hour_usd})")
+    client = mlflow.MlflowClient()
+    if runs is not None:
+        found = [client.get_run(r) if isinstance(r, str) else r for r in runs]
+    else:
+        if experiment_name is not None:
+            exp = client.get_experiment_by_name(experiment_name)
+            if exp is None:
+                raise DrscalingError(
+                    f"no MLflow experiment '{experiment_name}': train first (drscaling train)"
+                )
+            exp_ids = [exp.experiment_id]
+        else:
+            exp_ids = [e.experiment_id for e in client.search_experiments()]
+        found = client.search_runs(
+            exp_ids, filter_string=f"tags.`{STAGE_TAG}` = 'train'", max_results=50_000
+        ) if exp_ids else []
+    per_shape: dict[str, dict] = {}
+    for run in found:
+        if run.data.tags.get(STAGE_TAG) != "train":
+            continue
+        p, m = run.data.params, run.data.metrics
+        if "shape" not in p or "n_non_embedding" not in p:
+            continue
+        if "train_step_seconds" not in m or "train_tokens_per_step" not in m:
+            continue  # an unfinished or failed run: it has no timing to contribute
+        d = per_shape.setdefault(p["shape"], {"n": int(p["n_non_embedding"]), "step_s": [],
+                                              "tokens": []})
+        d["step_s"].append(float(m["train_step_seconds"]))
+        d["tokens"].append(float(m["train_tokens_per_step"]))
+    if not per_shape:
+        where = f"experiment '{experiment_name}'" if experiment_name else "the MLflow store"
+        raise DrscalingError(
+            f"no finished training runs (tag {STAGE_TAG}=train with train_step_seconds) in "
+            f"{where}: train first (drscaling train / dvc repro train)"
+        )
+    points = []
+    for shape, d in sorted(per_shape.items(), key=lambda kv: kv[1]["n"]):
+        step_s = statistics.median(d["step_s"])
+        points.append({"shape": shape, "n": d["n"], "step_s": step_s,
+                       "tokens_per_step": statistics.median(d["tokens"]),
+                       "usd_per_step": step_s * device_hour_usd / 3600.0})
+    fit = fit_power([p["n"] for p in points], [p["usd_per_step"] for p in points])
+    return {"points": points, "fit": fit}
+
+
+# ---------------------------------------------------------------------------------------------
+# The combined file
+# ---------------------------------------------------------------------------------------------
+
+
+def combine(measured: dict, training: dict | None) -> dict:
+    """Keep exactly the contract's keys (the budget module reads this)."""
+    out = {
+        "device_hour_usd": float(measured["device_hour_usd"]),
+        "device": str(measured["device"]),
+        "inference": {
+            "points": [{k: p[k] for k in ("shape", "n", "tokens_per_s", "usd_per_million_tokens")}
+                       for p in measured["inference"]["points"]],
+            "fit": {"a": float(measured["inference"]["fit"]["a"]),
+                    "b": float(measured["inference"]["fit"]["b"])},
+        },
+    }
+    if training is not None:
+        out["training"] = {
+            "points": [{k: p[k] for k in ("shape", "n", "step_s", "tokens_per_step", "usd_per_step")}
+                       for p in training["points"]],
+            "fit": {"a": float(training["fit"]["a"]), "b": float(training["fit"]["b"])},
+        }
+    return out
+
+
+def measure_costs(
+    url_or_server: str | TritonServer, out_path: str | Path, models: Sequence | None = None,
+    experiment_name: str | None = None, device_hour_usd: float = DEFAULT_DEVICE_HOUR_USD,
+    sweep_path: str | Path | None = None, **load: object,
+) -> dict:
+    """Inference sweep + training costs -> the combined costs JSON at out_path (atomic).
+
+    `load` takes measure()'s keywords (batch_sizes, concurrency, duration_s, seq_len, protocol,
+    warmup_s, max_requests, device). Without training runs the inference part is still written,
+    "training" is left out and a note is printed.
+    """
+    measured = measure(url_or_server, models, device_hour_usd=device_hour_usd,
+                       out_path=sweep_path, **load)  # type: ignore[arg-type]
+    try:
+        training = training_costs(experiment_name, device_hour_usd=device_hour_usd)
+    except DrscalingError as exc:
+        print(f"note: training costs left out: {exc}")
+        training = None
+    costs = combine(measured, training)
+    write_json(out_path, costs)
+    return costs

@@ -1,0 +1,178 @@
+"""Contrastive entropy (paper eq. 5) and ranking metrics, for any saved model on any canonical dataset.
+
+Contrastive entropy: for every (query, positive) pair of a split, -log softmax of the positive's score
+among itself and K negatives drawn (fixed seed) from the split's corpus minus the query's relevant
+passages, averaged over R draws. Every distinct passage is encoded once per evaluation and the
+negatives are gathered from one score matrix, so the cost grows with the number of distinct passages,
+not with queries x (K + 1).
+
+Ranking metrics: exact inner-product search over a sub-corpus (all positives of the split plus random
+passages of the whole dataset up to `rank_pool`): MRR@10, NDCG@10, Recall@100, Recall@1000.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from drscaling.data import SPLITS, Split, load_split
+from drscaling.errors import DrscalingError
+from drscaling.model import Encoder, encode
+
+
+@dataclass
+class EvalConfig:
+    negatives: int = 256
+    draws: int = 10
+    seed: int = 1234
+    max_query_len: int = 32
+    max_passage_len: int = 180
+    batch_size: int = 128
+    rank_pool: int = 100_000  # sub-corpus size for ranking metrics (0: skip them)
+
+
+@dataclass
+class EvalSet:
+    """Everything about a split that does not depend on the model, built once per training run."""
+
+    name: str
+    queries: list[str]  # one entry per (query, positive) pair
+    passages: list[str]  # distinct passages: the split's corpus
+    positive: np.ndarray  # [n_pairs] index into passages
+    negatives: np.ndarray  # [draws, n_pairs, K] indices into passages, never a relevant one
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.queries)
+
+
+def build_evalset(split: Split, name: str, cfg: EvalConfig) -> EvalSet:
+    pairs = split.pairs()
+    if pairs["passage"].isna().any() or pairs["query"].isna().any():
+        raise DrscalingError(f"{name}: qrels point at unknown queries or passages (run `drscaling validate`)")
+    pids = list(split.corpus["pid"])
+    index = {pid: i for i, pid in enumerate(pids)}
+    relevant: dict[str, set[int]] = {}
+    for qid, pid in zip(split.qrels["qid"], split.qrels["pid"], strict=True):
+        relevant.setdefault(qid, set()).add(index[pid])
+    worst = max(len(r) for r in relevant.values())
+    if len(pids) - worst < cfg.negatives:
+        raise DrscalingError(
+            f"{name}: the corpus has {len(pids)} passages, too few for {cfg.negatives} negatives"
+            f" (need at least {cfg.negatives + worst}); lower `negatives` or use a larger split"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    negs = np.empty((cfg.draws, len(pairs), cfg.negatives), dtype=np.int64)
+    for i, qid in enumerate(pairs["qid"]):
+        rel = relevant[qid]
+        for r in range(cfg.draws):
+            # Oversample by the number of relevant passages, then drop them: exact, and rarely loops.
+            cand = rng.choice(len(pids), size=cfg.negatives + len(rel), replace=False)
+            negs[r, i] = [c for c in cand if c not in rel][: cfg.negatives]
+    return EvalSet(
+        name=name, queries=list(pairs["query"]), passages=list(split.corpus["text"]),
+        positive=np.array([index[p] for p in pairs["pid"]]), negatives=negs,
+    )
+
+
+def contrastive_entropy_from_scores(scores: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> float:
+    """scores: [n_pairs, n_passages]. Mean over draws and pairs of -log softmax(positive | negatives)."""
+    rows = np.arange(len(positive))
+    pos = scores[rows, positive]  # [n]
+    neg = scores[rows[None, :, None], negatives]  # [draws, n, K]
+    logits = np.concatenate([np.broadcast_to(pos[None, :, None], neg.shape[:2] + (1,)), neg], axis=2)
+    m = logits.max(axis=2, keepdims=True)
+    logz = m[..., 0] + np.log(np.exp(logits - m).sum(axis=2))
+    return float((logz - pos[None, :]).mean())
+
+
+def contrastive_entropy(
+    encoder: Encoder, tokenizer, es: EvalSet, cfg: EvalConfig, device: str = "cpu"
+) -> float:
+    p = encode(encoder, tokenizer, es.passages, cfg.max_passage_len, cfg.batch_size, device)
+    q = encode(encoder, tokenizer, es.queries, cfg.max_query_len, cfg.batch_size, device)
+    return contrastive_entropy_from_scores(q @ p.T, es.positive, es.negatives)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def rank_pool(prepared: str | Path, split: Split, size: int, seed: int) -> pd.DataFrame:
+    """The split's corpus plus random passages from the other splits, up to `size` passages."""
+    pool = split.corpus
+    if size <= len(pool):
+        return pool
+    others = pd.concat(
+        [load_split(prepared, s).corpus for s in SPLITS], ignore_index=True
+    ).drop_duplicates("pid")
+    others = others[~others["pid"].isin(set(pool["pid"]))]
+    extra = others.sample(n=min(size - len(pool), len(others)), random_state=seed)
+    return pd.concat([pool, extra], ignore_index=True)
+
+
+def ranking_metrics(scores: np.ndarray, relevant: list[set[int]]) -> dict[str, float]:
+    """scores: [n_queries, n_passages]; relevant[i]: indices relevant to query i (binary relevance)."""
+    k_max = min(1000, scores.shape[1])
+    top = np.argpartition(-scores, k_max - 1, axis=1)[:, :k_max]
+    order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
+    mrr, ndcg, r100, r1000 = [], [], [], []
+    discounts = 1.0 / np.log2(np.arange(2, 12))
+    for ranked, rel in zip(order, relevant, strict=True):
+        hits = np.array([d in rel for d in ranked])
+        first = np.flatnonzero(hits[:10])
+        mrr.append(1.0 / (first[0] + 1) if len(first) else 0.0)
+        ideal = discounts[: min(len(rel), 10)].sum()
+        ndcg.append(float((hits[:10] * discounts[: len(hits[:10])]).sum() / ideal))
+        r100.append(hits[:100].sum() / len(rel))
+        r1000.append(hits[:1000].sum() / len(rel))
+    return {"mrr@10": float(np.mean(mrr)), "ndcg@10": float(np.mean(ndcg)),
+            "recall@100": float(np.mean(r100)), "recall@1000": float(np.mean(r1000))}
+
+
+def rank_split(
+    encoder: Encoder, tokenizer, prepared: str | Path, split: Split, cfg: EvalConfig, device: str = "cpu"
+) -> dict[str, float]:
+    pool = rank_pool(prepared, split, cfg.rank_pool, cfg.seed)
+    index = {pid: i for i, pid in enumerate(pool["pid"])}
+    rel: dict[str, set[int]] = {}
+    for qid, pid in zip(split.qrels["qid"], split.qrels["pid"], strict=True):
+        rel.setdefault(qid, set()).add(index[pid])
+    qids = list(rel)
+    qtext = dict(zip(split.queries["qid"], split.queries["text"], strict=True))
+    p = encode(encoder, tokenizer, list(pool["text"]), cfg.max_passage_len, cfg.batch_size, device,
+               desc=f"encoding {len(pool)} passages")
+    q = encode(encoder, tokenizer, [qtext[x] for x in qids], cfg.max_query_len, cfg.batch_size, device)
+    out: dict[str, list[float]] = {}
+    for start in range(0, len(qids), 1024):  # chunks keep the score matrix small for big pools
+        m = ranking_metrics(q[start : start + 1024] @ p.T, [rel[x] for x in qids[start : start + 1024]])
+        for k, v in m.items():
+            out.setdefault(k, []).append(v * len(qids[start : start + 1024]))
+    metrics = {k: float(sum(v) / len(qids)) for k, v in out.items()}
+    return metrics | {"rank_pool": float(len(pool))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The `evaluate` command: any saved model (or plain HF encoder folder) on any canonical dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_model(model_dir: str | Path, prepared: str | Path, split: str, cfg: EvalConfig) -> dict:
+    from drscaling.model import check_lengths, load_model
+
+    encoder, tokenizer, meta = load_model(model_dir)
+    check_lengths(meta, cfg.max_query_len, cfg.max_passage_len)
+    data = load_split(prepared, split)
+    es = build_evalset(data, split, cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder.to(device)
+    metrics = {"ce": contrastive_entropy(encoder, tokenizer, es, cfg, device)}
+    if cfg.rank_pool:
+        metrics |= rank_split(encoder, tokenizer, prepared, data, cfg, device)
+    return {"model": str(model_dir), "shape": meta.shape, "n_non_embedding": meta.n_non_embedding,
+            "split": split, "pairs": es.n_pairs, **metrics}

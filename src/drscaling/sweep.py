@@ -1,0 +1,182 @@
+"""Sweeps: turn single training runs into the points scaling laws are fitted on.
+
+A preset (pipelines/<name>.yaml) names the training settings and four sweeps:
+    model:  shapes at one data size            -> L(N)
+    data:   data sizes at one shape            -> L(D)
+    source: annotation sources x data sizes    -> L(D) per source (paper Fig. 5)
+    joint:  shapes x data sizes                -> L(N, D)
+Each point is one training run (an MLflow child run of the sweep's parent run). A point that appears
+in several sweeps is trained once; a point already finished with the same parameters and data is
+never trained again, so an interrupted sweep picks up where it stopped.
+
+Output: <out>/results.jsonl, one row per (sweep, point) in the format laws.fit_sweep reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from drscaling import params, tracking
+from drscaling.errors import DrscalingError
+from drscaling.files import read_json, write_json, write_jsonl
+from drscaling.model import parse_shape
+from drscaling.train import Paths, TrainConfig, train
+
+PRESETS = tracking.REPO / "pipelines"
+RESULT_KEYS = ("ce_test_min", "ce_test_at_best_dev", "ce_dev_best", "mrr@10", "ndcg@10", "recall@100", "recall@1000")
+
+
+@dataclass
+class Preset:
+    name: str
+    train: dict = field(default_factory=dict)  # TrainConfig overrides shared by every point
+    model: dict = field(default_factory=dict)  # {shapes: [...], train_pairs: int}
+    data: dict = field(default_factory=dict)  # {shape: str, train_pairs: [...]}
+    source: dict = field(default_factory=dict)  # {shape: str, sources: [...], train_pairs: [...]}
+    joint: dict = field(default_factory=dict)  # {shapes: [...], train_pairs: [...]}
+
+
+def load_preset(name_or_path: str) -> Preset:
+    path = Path(name_or_path)
+    if not path.exists():
+        path = PRESETS / f"{name_or_path}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise DrscalingError(f"unknown preset '{name_or_path}'; presets: {', '.join(names)} (or a YAML path)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.setdefault("name", path.stem)
+    return params.build(Preset, raw)
+
+
+def points(preset: Preset, base: dict) -> list[tuple[str, TrainConfig]]:
+    """(sweep name, config) for every point, in a cheap-first order; shapes are checked up front."""
+    common = base | preset.train
+    out: list[tuple[str, TrainConfig]] = []
+
+    def add(sweep: str, shape: str, d: int, source: str = "human") -> None:
+        parse_shape(shape)
+        if d < 0:
+            raise DrscalingError(f"preset {preset.name}: train_pairs must be >= 0 (got {d})")
+        out.append((sweep, params.build(TrainConfig, common | {"shape": shape, "train_pairs": d, "annotation_source": source})))
+
+    for shape in preset.model.get("shapes", []):
+        add("model", shape, preset.model.get("train_pairs", 0))
+    for d in preset.data.get("train_pairs", []):
+        add("data", preset.data["shape"], d)
+    for source in preset.source.get("sources", []):
+        for d in preset.source.get("train_pairs", []):
+            add("source", preset.source["shape"], d, source)
+    for shape in preset.joint.get("shapes", []):
+        for d in preset.joint.get("train_pairs", []):
+            add("joint", shape, d)
+    if not out:
+        raise DrscalingError(f"preset {preset.name} defines no points")
+    return out
+
+
+SWEEPS = ("model", "data", "source", "joint")
+
+
+def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | None = None) -> Path:
+    """Train every point of one sweep (or all), each distinct config once; write the results file.
+
+    `out`/runs/<config key>/ is a cache shared by all sweeps of the preset: a point finished by one
+    sweep is reused by another, and gets a child run here that points at the run that trained it.
+    """
+    if only and only not in SWEEPS:
+        raise DrscalingError(f"unknown sweep '{only}'; choose from {', '.join(SWEEPS)}")
+    todo = [(s, c) for s, c in points(preset, base) if only in (None, s)]
+    if not todo:
+        raise DrscalingError(f"preset {preset.name} has no '{only}' sweep")
+    unique: dict[str, TrainConfig] = {}
+    for _, cfg in todo:
+        unique.setdefault(cfg.key(), cfg)
+    tracking.configure()
+    import mlflow
+
+    mlflow.set_experiment("sweeps")
+    label = f"{preset.name}-{only or 'all'}"
+    state_file = out / f"parent-{label}.json"
+    parent_id = read_json(state_file).get("run_id") if state_file.exists() else None
+    if parent_id and not _run_exists(parent_id):
+        parent_id = None
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{label}") as parent:
+        write_json(state_file, {"run_id": parent.info.run_id, "preset": preset.name, "sweep": only or "all"})
+        mlflow.set_tags({"drscaling.stage": "sweep", "preset": preset.name, "sweep": only or "all"})
+        mlflow.log_dict(dataclasses.asdict(preset), "preset.json")
+        results: dict[str, dict] = {}
+        for key, cfg in tqdm(sorted(unique.items(), key=lambda kv: _cost(kv[1])), desc=f"sweep {label}"):
+            run_paths = dataclasses.replace(paths, out=out / "runs" / key)
+            r = train(cfg, run_paths, tags={"preset": preset.name, "sweep": only or "all"})
+            if r.get("cached") and r.get("run_id") not in _children(parent.info.run_id):
+                _reference_child(cfg, r, preset.name, only or "all")
+            results[key] = r
+        rows = []
+        for sweep, cfg in todo:
+            r = results[cfg.key()]
+            rows.append({"sweep": sweep, "shape": cfg.shape, "n": r["n"], "d": r["d"], "source": cfg.annotation_source,
+                         "steps": cfg.steps, "run_id": r["run_id"], **{k: r.get(k) for k in RESULT_KEYS}})
+        path = out / (f"results-{only}.jsonl" if only else "results.jsonl")
+        write_jsonl(path, rows)
+        mlflow.log_artifact(str(path))
+        mlflow.log_metric("points", len(unique))
+    return path
+
+
+def _children(parent_id: str) -> set[str]:
+    import mlflow
+
+    runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list")
+    return {r.info.run_id for r in runs} | {r.data.tags.get("cached_from") for r in runs}
+
+
+def _reference_child(cfg: TrainConfig, r: dict, preset: str, sweep: str) -> None:
+    """A point trained by another sweep: a child run holding its metrics and the original run id."""
+    import mlflow
+
+    with mlflow.start_run(run_name=f"{cfg.shape}-D{r['d']}-{cfg.annotation_source} (cached)", nested=True):
+        mlflow.set_tags({"drscaling.stage": "train-reference", "cached_from": str(r.get("run_id")),
+                         "shape": cfg.shape, "source": cfg.annotation_source, "preset": preset, "sweep": sweep})
+        mlflow.log_params({"shape": cfg.shape, "n_non_embedding": r["n"], "d": r["d"],
+                           "annotation_source": cfg.annotation_source, "steps": cfg.steps, "config_key": cfg.key()})
+        mlflow.log_metrics(tracking.metric_names({k: r[k] for k in RESULT_KEYS if r.get(k) is not None}))
+
+
+def merge_results(folder: Path) -> list[dict]:
+    """All rows of a preset's per-sweep results files."""
+    rows = []
+    for f in sorted(folder.glob("results-*.jsonl")):
+        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise DrscalingError(f"no sweep results in {folder} (run `drscaling sweep` first)")
+    return rows
+
+
+def _cost(cfg: TrainConfig) -> float:
+    s = parse_shape(cfg.shape)
+    return s.layers * s.hidden**2 * cfg.steps
+
+
+def _run_exists(run_id: str) -> bool:
+    import mlflow
+
+    try:
+        mlflow.get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001 - a missing or foreign run id just means: start a new parent
+        return False
+
+
+def format_results(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [f"{'sweep':7} {'shape':14} {'N':>10} {'D':>7} {'source':10} {'CE min':>7} {'MRR@10':>7}"]
+    for r in rows:
+        lines.append(f"{r['sweep']:7} {r['shape']:14} {r['n']:>10} {r['d']:>7} {r['source']:10} "
+                     f"{r['ce_test_min']:>7.3f} {r.get('mrr@10') or 0:>7.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""Costs: a short real load sweep on the shared Triton server, real MLflow (sqlite in tmp)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_export import mlflow_store, tiny_model, tiny_onnx, tiny_root  # noqa: F401
+from test_serving import MODEL, triton  # noqa: F401
+
+from drscaling.costs import (
+    combine, fit_power, measure, measure_costs, served_models, training_costs,
+    usd_per_million_tokens,
+)
+from drscaling.errors import DrscalingError
+
+SHORT = {"batch_sizes": (1, 4), "concurrency": (1, 2), "duration_s": 0.5, "warmup_s": 0.1,
+         "seq_len": 16}
+
+
+def test_fit_power():
+    n = np.array([1e5, 1e6, 1e7])
+    fit = fit_power(n, 3e-12 * n**0.8)
+    assert fit["a"] == pytest.approx(3e-12, rel=1e-6) and fit["b"] == pytest.approx(0.8)
+    one = fit_power([4e5], [2e-7])
+    assert one == {"a": pytest.approx(0.5e-12), "b": 1.0}
+    with pytest.raises(DrscalingError):
+        fit_power([], [])
+    # 1M tokens per hour at $3.6 per hour: $3.6 per million tokens.
+    assert usd_per_million_tokens(1e6 / 3600, 3.6) == pytest.approx(3.6)
+
+
+def _log_train_runs(mlflow, experiment: str) -> None:
+    # By id, not set_experiment: the fluent API's active experiment would outlive this store.
+    exp_id = mlflow.create_experiment(experiment)
+    for shape, n, step_s in [("bert-L2-H128", 400_000, 0.2), ("bert-L2-H128", 400_000, 0.4),
+                             ("bert-L4-H256", 3_200_000, 1.2)]:
+        with mlflow.start_run(experiment_id=exp_id, tags={"drscaling.stage": "train"}):
+            mlflow.log_params({"shape": shape, "n_non_embedding": n})
+            mlflow.log_metrics({"train_step_seconds": step_s, "train_tokens_per_step": 5120})
+    with mlflow.start_run(experiment_id=exp_id, tags={"drscaling.stage": "evaluate"}):  # not a training run: ignored
+        mlflow.log_params({"shape": "bert-L12-H768", "n_non_embedding": 85_000_000})
+        mlflow.log_metrics({"train_step_seconds": 99.0, "train_tokens_per_step": 5120})
+
+
+def test_training_costs(mlflow_store):  # noqa: F811
+    with pytest.raises(DrscalingError, match="train first"):
+        training_costs("exp", device_hour_usd=3.6)
+    _log_train_runs(mlflow_store, "exp")
+    tc = training_costs("exp", device_hour_usd=3.6)
+    assert [p["shape"] for p in tc["points"]] == ["bert-L2-H128", "bert-L4-H256"]
+    small = tc["points"][0]
+    assert small["step_s"] == pytest.approx(0.3)  # median of the two runs of that shape
+    assert small["usd_per_step"] == pytest.approx(0.3 * 3.6 / 3600)
+    assert tc["fit"]["b"] == pytest.approx(np.log(1.2 / 0.3) / np.log(8))
+
+
+def test_measure_sweep_json_and_mlflow(triton, mlflow_store, tmp_path):  # noqa: F811
+    assert [(m.name, m.n > 0) for m in served_models(triton)] == [(MODEL, True)]
+    out = tmp_path / "sweep.json"
+    result = measure(triton, [(MODEL, "bert-L2-H128", 405_000)], out_path=out,
+                     device_hour_usd=2.0, **SHORT)
+    saved = json.loads(out.read_text())
+    cells = saved["sweep"][MODEL]
+    assert [(c["batch"], c["concurrency"]) for c in cells] == [(1, 1), (1, 2), (4, 1), (4, 2)]
+    for c in cells:
+        assert c["requests"] > 0 and c["tokens_per_s"] == pytest.approx(
+            c["inferences_per_s"] * 16)
+        assert 0 < c["p50_ms"] <= c["p95_ms"] <= c["p99_ms"]
+    point = result["inference"]["points"][0]
+    assert point["tokens_per_s"] == max(c["tokens_per_s"] for c in cells)
+    assert result["inference"]["fit"]["b"] == 1.0  # one shape: proportional
+    assert result["inference"]["fit"]["a"] * 405_000 == pytest.approx(
+        point["usd_per_million_tokens"] / 1e6)
+    runs = mlflow_store.search_runs(search_all_experiments=True, output_format="list")
+    child = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(child) == 1 and child[0].data.params["shape"] == "bert-L2-H128"
+    history = mlflow_store.MlflowClient().get_metric_history(child[0].info.run_id, "p99_ms")
+    assert len(history) == 4
+
+
+def test_measure_costs_contract(triton, mlflow_store, tmp_path):  # noqa: F811
+    # No training runs yet: inference only, "training" absent.
+    out = tmp_path / "costs.json"
+    costs = measure_costs(triton, out, models=[(MODEL, "bert-L2-H128", 405_000)],
+                          experiment_name="exp", device_hour_usd=1.5, **SHORT)
+    assert set(costs) == {"device_hour_usd", "device", "inference"}
+    assert json.loads(out.read_text()) == costs
+    # With training runs: the exact contract the budget module reads.
+    _log_train_runs(mlflow_store, "exp")
+    costs = combine(json.loads(out.read_text()) | {"inference": costs["inference"]},
+                    training_costs("exp", device_hour_usd=1.5))
+    assert set(costs) == {"device_hour_usd", "device", "inference", "training"}
+    assert set(costs["inference"]) == {"points", "fit"} == set(costs["training"])
+    assert set(costs["inference"]["points"][0]) == {"shape", "n", "tokens_per_s",
+                                                    "usd_per_million_tokens"}
+    assert set(costs["training"]["points"][0]) == {"shape", "n", "step_s", "tokens_per_step",
+                                                   "usd_per_step"}
+    assert set(costs["training"]["fit"]) == {"a", "b"}
+    assert isinstance(costs["device"], str) and costs["device_hour_usd"] == 1.5
+
+
+def test_measure_bad_input(triton, mlflow_store):  # noqa: F811
+    with pytest.raises(DrscalingError, match="not ready"):
+        measure(triton, [("nope", "bert-L2-H128", 1)], log_mlflow=False, **SHORT)
+    with pytest.raises(DrscalingError, match="exceeds the 128 positions"):
+        measure(triton, [(MODEL, "bert-L2-H128", 1)], log_mlflow=False,
+                **(SHORT | {"seq_len": 512}))
+    with pytest.raises(DrscalingError, match="concurrency"):
+        measure(triton, [(MODEL, "bert-L2-H128", 1)], log_mlflow=False,
+                **(SHORT | {"concurrency": (0,)}))
+    with pytest.raises(DrscalingError, match="not reachable"):
+        measure("127.0.0.1:1", [(MODEL, "bert-L2-H128", 1)], log_mlflow=False, **SHORT)

@@ -1,0 +1,150 @@
+"""ONNX export: real torch, real onnxruntime, a real MLflow store (sqlite in tmp)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from drscaling.errors import DrscalingError
+from drscaling.export import (
+    PARITY_TEXTS, _check_variant, export_onnx, ort_encode_fn, ort_session, quality_delta,
+)
+from drscaling.model import build_model, encode, load_model, save_model, train_tokenizer
+
+CORPUS = [
+    "rsync is a fast, versatile, remote and local file-copying tool",
+    "the GNU C compiler, a fairly portable optimising compiler for C",
+    "0 A.D. is a free real-time strategy game of ancient warfare",
+    "a tool to manage Debian packages and their dependencies",
+    "Python bindings for the ONNX runtime inference engine",
+    "an HTTP server with support for virtual hosts and modules",
+] * 20
+
+_CACHE: dict[str, Path] = {}
+
+
+def make_tiny_model(root: Path) -> Path:
+    """One tiny random-weight encoder (bert-L2-H128, dim 32) per test session."""
+    if "model" not in _CACHE:
+        tok = train_tokenizer(CORPUS, 200, root / "tok")
+        encoder, meta = build_model("bert-L2-H128", tok, dim=32, max_positions=128)
+        save_model(encoder, tok, meta, root / "model")
+        _CACHE["model"] = root / "model"
+    return _CACHE["model"]
+
+
+def make_tiny_export(root: Path) -> Path:
+    if "onnx" not in _CACHE:
+        export_onnx(make_tiny_model(root), root / "onnx", variants=("fp32", "opt", "int8"))
+        _CACHE["onnx"] = root / "onnx"
+    return _CACHE["onnx"]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return _CACHE.setdefault("root", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_root) -> Path:
+    return make_tiny_model(tiny_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_root) -> Path:
+    return make_tiny_export(tiny_root)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    from drscaling import tracking
+
+    tracking.configure()
+    import mlflow
+
+    yield mlflow
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def test_export_parity_and_layout(tiny_model, tiny_onnx):
+    record = json.loads((tiny_onnx / "export.json").read_text())
+    assert record["opset"] == 17 and record["output"] == "embedding"
+    assert record["inputs"] == ["input_ids", "attention_mask"]
+    for name in ("model.onnx", "model.opt.onnx", "model.int8.onnx", "drscaling.json"):
+        assert (tiny_onnx / name).exists()
+    assert (tiny_onnx / "tokenizer" / "tokenizer.json").exists()
+    assert record["variants"]["fp32"]["parity"]["max_abs_diff"] <= 1e-4
+    assert record["variants"]["opt"]["parity"]["max_abs_diff"] <= 1e-4
+    assert record["variants"]["int8"]["parity"]["min_cosine"] > 0.95
+
+    # Dynamic batch and sequence: other sizes than the export trace, against PyTorch directly.
+    encoder, tok, _ = load_model(tiny_model)
+    texts = CORPUS[:5] + ["x"]
+    ref = encode(encoder, tok, texts, max_len=40)
+    for file in ("model.onnx", "model.opt.onnx"):
+        got = ort_encode_fn(ort_session(tiny_onnx / file), tok, batch_size=3)(texts, 40)
+        assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_opt_graph_is_fused(tiny_onnx):
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tiny_onnx / "model.opt.onnx")).graph.node}
+    assert {"SkipLayerNormalization", "Attention"} & ops, ops
+
+
+def test_parity_gate_refuses_a_mismatch(tiny_onnx):
+    from drscaling.model import load_tokenizer
+
+    tok = load_tokenizer(tiny_onnx / "tokenizer")
+    good = ort_encode_fn(ort_session(tiny_onnx / "model.onnx"), tok)(PARITY_TEXTS, 64)
+    with pytest.raises(DrscalingError, match="differs from PyTorch"):
+        _check_variant("fp32", tiny_onnx / "model.onnx", tok, good + 1e-3, 64)
+
+
+def test_export_bad_input(tmp_path, tiny_model):
+    with pytest.raises(DrscalingError, match="model not found"):
+        export_onnx(tmp_path / "nope", tmp_path / "out")
+    with pytest.raises(DrscalingError, match="unknown ONNX variant"):
+        export_onnx(tiny_model, tmp_path / "out", variants=("fp32", "bf8"))
+    with pytest.raises(DrscalingError, match="opset"):
+        export_onnx(tiny_model, tmp_path / "out", opset=9)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_from_mlflow_run_logs_parity(tmp_path, tiny_model, mlflow_store):
+    mlflow = mlflow_store
+    with mlflow.start_run(tags={"drscaling.stage": "train"}) as train:
+        mlflow.log_artifacts(str(tiny_model), artifact_path="model")
+    with mlflow.start_run() as run:
+        record = export_onnx(f"runs:/{train.info.run_id}/model", tmp_path / "a")
+    assert record["variants"]["fp32"]["parity"]["max_abs_diff"] <= 1e-4
+    logged = mlflow.get_run(run.info.run_id)
+    assert logged.data.metrics["onnx_fp32_max_abs_diff"] <= 1e-4
+    assert logged.data.params["onnx_opset"] == "17"
+    # A bare run id works too; an unknown one is a clear error.
+    export_onnx(train.info.run_id, tmp_path / "b")
+    assert (tmp_path / "b" / "model.onnx").exists()
+    with pytest.raises(DrscalingError, match="MLflow"):
+        export_onnx("0" * 32, tmp_path / "c")
+
+
+def test_quality_delta(tiny_model, tiny_onnx, tmp_path):
+    import shutil
+
+    onnx_dir = tmp_path / "onnx"
+    shutil.copytree(tiny_onnx, onnx_dir)
+
+    def mean_norm(encode_fn) -> float:  # a stand-in quality metric: any number from embeddings
+        return float(np.linalg.norm(encode_fn(CORPUS[:6], 32), axis=1).mean())
+
+    result = quality_delta(onnx_dir, mean_norm, model_dir=tiny_model)
+    assert set(result["variants"]) == {"fp32", "opt", "int8"}
+    assert abs(result["variants"]["fp32"]["delta"]) < 1e-4
+    assert abs(result["variants"]["int8"]["delta"]) < 0.05 * result["torch"]
+    assert json.loads((onnx_dir / "export.json").read_text())["quality"] == result
