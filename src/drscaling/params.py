@@ -16,11 +16,14 @@ import yaml
 from drscaling.errors import DrscalingError
 from drscaling.tracking import REPO
 
-PARAMS = REPO / "params.yaml"
+def default_path() -> Path:
+    """The working directory's params.yaml (DVC runs stages at the repo root), else the project's."""
+    here = Path.cwd() / "params.yaml"
+    return here if here.exists() else REPO / "params.yaml"
 
 
 def load(path: str | Path | None = None) -> dict[str, Any]:
-    path = Path(path) if path else PARAMS
+    path = Path(path) if path else default_path()
     if not path.exists():
         return {}
     try:
