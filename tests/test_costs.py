@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_export import mlflow_store, tiny_model, tiny_onnx, tiny_root  # noqa: F401
+from test_export import mlflow_tmp, tiny_model, tiny_onnx, tiny_root  # noqa: F401
 from test_serving import MODEL, triton  # noqa: F401
 
 from drscaling.costs import (
@@ -44,10 +44,10 @@ def _log_train_runs(mlflow, experiment: str) -> None:
         mlflow.log_metrics({"train_step_seconds": 99.0, "train_tokens_per_step": 5120})
 
 
-def test_training_costs(mlflow_store):  # noqa: F811
+def test_training_costs(mlflow_tmp):  # noqa: F811
     with pytest.raises(DrscalingError, match="train first"):
         training_costs("exp", device_hour_usd=3.6)
-    _log_train_runs(mlflow_store, "exp")
+    _log_train_runs(mlflow_tmp, "exp")
     tc = training_costs("exp", device_hour_usd=3.6)
     assert [p["shape"] for p in tc["points"]] == ["bert-L2-H128", "bert-L4-H256"]
     small = tc["points"][0]
@@ -56,7 +56,7 @@ def test_training_costs(mlflow_store):  # noqa: F811
     assert tc["fit"]["b"] == pytest.approx(np.log(1.2 / 0.3) / np.log(8))
 
 
-def test_measure_sweep_json_and_mlflow(triton, mlflow_store, tmp_path):  # noqa: F811
+def test_measure_sweep_json_and_mlflow(triton, mlflow_tmp, tmp_path):  # noqa: F811
     assert [(m.name, m.n > 0) for m in served_models(triton)] == [(MODEL, True)]
     out = tmp_path / "sweep.json"
     result = measure(triton, [(MODEL, "bert-L2-H128", 405_000)], out_path=out,
@@ -73,14 +73,14 @@ def test_measure_sweep_json_and_mlflow(triton, mlflow_store, tmp_path):  # noqa:
     assert result["inference"]["fit"]["b"] == 1.0  # one shape: proportional
     assert result["inference"]["fit"]["a"] * 405_000 == pytest.approx(
         point["usd_per_million_tokens"] / 1e6)
-    runs = mlflow_store.search_runs(search_all_experiments=True, output_format="list")
+    runs = mlflow_tmp.search_runs(search_all_experiments=True, output_format="list")
     child = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(child) == 1 and child[0].data.params["shape"] == "bert-L2-H128"
-    history = mlflow_store.MlflowClient().get_metric_history(child[0].info.run_id, "p99_ms")
+    history = mlflow_tmp.MlflowClient().get_metric_history(child[0].info.run_id, "p99_ms")
     assert len(history) == 4
 
 
-def test_measure_costs_contract(triton, mlflow_store, tmp_path):  # noqa: F811
+def test_measure_costs_contract(triton, mlflow_tmp, tmp_path):  # noqa: F811
     # No training runs yet: inference only, "training" absent.
     out = tmp_path / "costs.json"
     costs = measure_costs(triton, out, models=[(MODEL, "bert-L2-H128", 405_000)],
@@ -88,7 +88,7 @@ def test_measure_costs_contract(triton, mlflow_store, tmp_path):  # noqa: F811
     assert set(costs) == {"device_hour_usd", "device", "inference"}
     assert json.loads(out.read_text()) == costs
     # With training runs: the exact contract the budget module reads.
-    _log_train_runs(mlflow_store, "exp")
+    _log_train_runs(mlflow_tmp, "exp")
     costs = combine(json.loads(out.read_text()) | {"inference": costs["inference"]},
                     training_costs("exp", device_hour_usd=1.5))
     assert set(costs) == {"device_hour_usd", "device", "inference", "training"}
@@ -101,7 +101,7 @@ def test_measure_costs_contract(triton, mlflow_store, tmp_path):  # noqa: F811
     assert isinstance(costs["device"], str) and costs["device_hour_usd"] == 1.5
 
 
-def test_measure_bad_input(triton, mlflow_store):  # noqa: F811
+def test_measure_bad_input(triton, mlflow_tmp):  # noqa: F811
     with pytest.raises(DrscalingError, match="not ready"):
         measure(triton, [("nope", "bert-L2-H128", 1)], log_mlflow=False, **SHORT)
     with pytest.raises(DrscalingError, match="exceeds the 128 positions"):

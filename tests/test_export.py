@@ -59,7 +59,7 @@ def tiny_onnx(tiny_root) -> Path:
 
 
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
+def mlflow_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     from drscaling import tracking
 
@@ -117,8 +117,8 @@ def test_export_bad_input(tmp_path, tiny_model):
     assert not (tmp_path / "out").exists()
 
 
-def test_export_from_mlflow_run_logs_parity(tmp_path, tiny_model, mlflow_store):
-    mlflow = mlflow_store
+def test_export_from_mlflow_run_logs_parity(tmp_path, tiny_model, mlflow_tmp):
+    mlflow = mlflow_tmp
     with mlflow.start_run(tags={"drscaling.stage": "train"}) as train:
         mlflow.log_artifacts(str(tiny_model), artifact_path="model")
     with mlflow.start_run() as run:
