@@ -18,6 +18,7 @@ bootstrap samples are kept so the budget model can propagate them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -501,6 +502,17 @@ def _flags(
     return out
 
 
+def _single_threaded_blas() -> contextlib.AbstractContextManager[Any]:
+    """L-BFGS-B calls BLAS on 3-5 element vectors thousands of times; a multi-threaded BLAS
+    spends far more on waking its threads than on the work (13x slower on a loaded 2-core box).
+    threadpoolctl ships with the scientific stack; without it, fitting is just slower."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional speed-up
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def fit_law(
     kind: str,
     loss: Sequence[float],
@@ -520,11 +532,11 @@ def fit_law(
     logd = None if d_arr is None else np.log(d_arr)
     logy = np.log(y)
 
-    theta, fun, converged = _best_of_grid(kind, logn, logd, logy, cfg)
+    with _single_threaded_blas():
+        theta, fun, converged = _best_of_grid(kind, logn, logd, logy, cfg)
+        samples, failed = _bootstrap(kind, theta, logn, logd, logy, cfg)
     pred = np.exp(_log_pred(kind, theta, logn, logd))
     r2 = _r2(y, pred)
-
-    samples, failed = _bootstrap(kind, theta, logn, logd, logy, cfg)
     names = PARAM_NAMES[kind]
     ci95: dict[str, list[float]] = {}
     if len(samples):
@@ -696,11 +708,16 @@ def _select(rows: list[dict[str, Any]], sweep: str, source: str | None = None) -
     ]
 
 
-def _extra(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {
+def _extra(rows: list[dict[str, Any]], with_n: bool = False) -> dict[str, list[Any]]:
+    """Per-point bookkeeping kept with a fit: shapes and sources (the budget model reads them)."""
+    out: dict[str, list[Any]] = {
         "shape": [str(r.get("shape", "")) for r in rows],
+        "source": [str(r.get("source", "")) for r in rows],
         "run_id": [str(r.get("run_id", "")) for r in rows],
     }
+    if with_n:  # a data-size law is fitted at a fixed model: keep its N
+        out["n"] = [r["n"] for r in rows]
+    return out
 
 
 def fit_sweep(
@@ -748,7 +765,7 @@ def fit_sweep(
         data_rows,
         lambda: fit_law(
             "D", [r[LOSS_FIELD] for r in data_rows], d=[r["d"] for r in data_rows], config=cfg,
-            extra_points=_extra(data_rows),
+            extra_points=_extra(data_rows, with_n=True),
         ),
         "data",
     )
@@ -762,7 +779,7 @@ def fit_sweep(
             src_rows,
             lambda src_rows=src_rows: fit_law(
                 "D", [r[LOSS_FIELD] for r in src_rows], d=[r["d"] for r in src_rows], config=cfg,
-                extra_points=_extra(src_rows),
+                extra_points=_extra(src_rows, with_n=True),
             ),
             "source",
         )
@@ -781,7 +798,14 @@ def fit_sweep(
         reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         raise DrscalingError(f"no law could be fitted from {results} ({reasons})")
 
+    # Figures and plot data first, laws.json last: a later stage that finds laws.json can trust that
+    # everything it lists is complete.
+    plots = write_plot_data(rows, fits, out_dir / "plots")
+    metrics_path = out_dir / "metrics.json"
+    write_json(metrics_path, law_metrics(fits))
+    figures = make_figures(rows, fits, out_dir / "figures")
     meta = {
+        "figures": [p.relative_to(out_dir).as_posix() for p in figures],
         "results": str(results),
         "loss": LOSS_FIELD,
         "n_bootstrap": n_bootstrap,
@@ -791,10 +815,6 @@ def fit_sweep(
         "skipped": skipped,
     }
     laws_path = save_laws(out_dir / "laws.json", fits, meta=meta)
-    plots = write_plot_data(rows, fits, out_dir / "plots")
-    metrics_path = out_dir / "metrics.json"
-    write_json(metrics_path, law_metrics(fits))
-    figures = make_figures(rows, fits, out_dir / "figures")
     return {
         "laws_path": str(laws_path),
         "metrics_path": str(metrics_path),
@@ -921,7 +941,7 @@ def _pyplot():
 
 def _save(fig: Any, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=120)
     _pyplot().close(fig)
     return path
 
@@ -933,7 +953,7 @@ def _grid(values: Sequence[float], pad: float = 1.5, num: int = 200) -> np.ndarr
 
 def _fig_single(fit: FitResult, axis: str, title: str, xlabel: str, path: Path) -> Path:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(5, 4), layout="constrained")
     x = fit.points[axis]
     ax.scatter(x, fit.points["loss"], color="tab:blue", zorder=3, label="observed")
     xs = _grid(x)
@@ -950,7 +970,9 @@ def _fig_single(fit: FitResult, axis: str, title: str, xlabel: str, path: Path) 
 
 def _fig_metrics(rows: list[dict[str, Any]], path: Path) -> Path | None:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(RANKING_METRICS), figsize=(4 * len(RANKING_METRICS), 3.5))
+    fig, axes = plt.subplots(
+        1, len(RANKING_METRICS), figsize=(4 * len(RANKING_METRICS), 3.5), layout="constrained"
+    )
     drawn = False
     for ax, metric in zip(axes, RANKING_METRICS, strict=True):
         for sweep in SWEEPS:
@@ -976,7 +998,7 @@ def _fig_metrics(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 def _fig_sources(fits: dict[str, FitResult], path: Path) -> Path:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4), layout="constrained")
     for i, (name, fit) in enumerate(sorted((k, v) for k, v in fits.items() if "@" in k)):
         color = f"C{i}"
         source = name.split("@", 1)[1]
@@ -998,7 +1020,7 @@ def _fig_sources(fits: dict[str, FitResult], path: Path) -> Path:
 
 def _fig_joint(fit: FitResult, path: Path) -> Path:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
     held = (fit.heldout or {}).get("points", [])
     all_n = sorted(set(fit.points["n"]) | {p["n"] for p in held})
     all_d = list(fit.points["d"]) + [p["d"] for p in held]
@@ -1019,6 +1041,7 @@ def _fig_joint(fit: FitResult, path: Path) -> Path:
     if held:
         ax.scatter([], [], color="red", marker="*", s=90, label="held out (predicted)")
     ax.set_xscale("log")
+    ax.set_yscale("log")  # the loss spans orders of magnitude over D; curves per N separate here
     ax.set_xlabel("annotated query-passage pairs D")
     ax.set_ylabel("contrastive entropy (test)")
     ax.set_title(fit.formula(), fontsize=8)
