@@ -174,6 +174,10 @@ def test_compare_sources_uses_each_law_and_price() -> None:
     assert by["llm"]["rank"] == 1 and by["human"]["rank"] == 2  # cheap pairs win here
     assert by["human"]["loss_ci95"] is not None
     assert "no $/pair for source 'ict'" in by["ict"]["note"]
+    free = {r["source"]: r for r in compare_sources(laws, PAPER, 10_000, {"ict": 0.0})}
+    assert free["ict"]["loss"] == 0.1 and "free annotation" in free["ict"]["note"]
+    with pytest.raises(DrscalingError, match="must be > 0 for the budget trade-off"):
+        build_cost_model("paper", usd_per_pair=0.0)
 
 
 def _laws_file(tmp_path: Path) -> Path:

@@ -618,7 +618,10 @@ def build_cost_model(
         source, pair_cost = read_annotation_cost(annotation_cost_path)
         notes.append(f"Zdata from {annotation_cost_path} (source '{source}')")
     if pair_cost is not None and not (math.isfinite(pair_cost) and pair_cost > 0):
-        raise DrscalingError(f"$ per pair must be > 0 (got {pair_cost})")
+        raise DrscalingError(
+            f"$ per annotated pair must be > 0 for the budget trade-off (got {pair_cost}); free "
+            "annotation (e.g. ICT) is not limited by the budget: compare it with source_cost_paths"
+        )
     base = paper or PaperCosts()
     overrides: dict[str, Any] = {}
     if steps is not None:
