@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import tempfile
 import time
@@ -227,6 +228,13 @@ def export_onnx(
 
 
 def _export_fp32(encoder: nn.Module, tokenizer, path: Path, opset: int) -> None:
+    # Eager attention (explicit MatMul/Softmax) instead of SDPA: numerically the same, but the
+    # SDPA trace carries IsNaN/Where mask guards that stop onnxruntime's optimiser from fusing
+    # attention, and the eager graph ran ~20% faster in onnxruntime on CPU here.
+    backbone = getattr(encoder, "backbone", None)
+    if backbone is not None and hasattr(backbone, "set_attn_implementation"):
+        with contextlib.suppress(ValueError, ImportError):
+            backbone.set_attn_implementation("eager")
     wrapper = _Wrapper(encoder)
     wrapper.eval()  # export restores the wrapper's flag onto the whole model: it must be eval
     enc = _feeds(tokenizer, PARITY_TEXTS[:2], 16)
@@ -266,10 +274,16 @@ def _make_variant(variant: str, folder: Path) -> None:
 
         # Fused ops (com.microsoft domain) defeat ORT's shape inference; the default type tells the
         # quantiser their outputs are float32 (they are).
-        quantize_dynamic(
-            str(src), str(folder / VARIANT_FILES["int8"]), weight_type=QuantType.QInt8,
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its "consider pre-processing" hint is for static quantisation
+        try:
+            quantize_dynamic(
+                str(src), str(folder / VARIANT_FILES["int8"]), weight_type=QuantType.QInt8,
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+        finally:
+            root.setLevel(level)
 
 
 def _optimize(path: Path):
