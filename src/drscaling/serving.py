@@ -40,6 +40,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -229,6 +230,7 @@ class TritonServer:
         self.proc: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self.log_path: Path | None = None
+        self.last_log = ""
         self.http_port = self.grpc_port = self.metrics_port = 0
 
     # URLs as tritonclient wants them (host:port, no scheme)
@@ -339,6 +341,9 @@ class TritonServer:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self._env(), preexec_fn=_die_with_parent, cwd=self._workdir,
+                # Own session: a terminal's Ctrl-C reaches only us, and stop() sends the one
+                # SIGINT (a second SIGINT mid-shutdown makes Triton exit without draining).
+                start_new_session=True,
             )
         except OSError as exc:
             raise DrscalingError(f"cannot start tritonserver: {exc}") from exc
@@ -372,7 +377,7 @@ class TritonServer:
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path or not self.log_path.exists():
-            return ""
+            return "\n".join(self.last_log.splitlines()[-lines:])
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
@@ -402,10 +407,14 @@ class TritonServer:
             self.proc.wait(timeout=30)
 
     def _cleanup(self) -> None:
-        # Keep the workdir while the log lives inside it and someone may still read it: remove
-        # only the copied backends.
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        """Remove the private temp dir (backend copy, and the log unless log_path was given);
+        the log's tail stays in `last_log` so a failure can still be reported."""
+        if self._workdir is None:
+            return
+        if self.log_path is not None and self.log_path.exists():
+            self.last_log = self.log_tail(200)
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        self._workdir = None
 
 
 def serve(
@@ -415,6 +424,12 @@ def serve(
     """Foreground server for the CLI: prints URLs and the log path, runs until Ctrl-C."""
     server = TritonServer(repo_dir, http_port, grpc_port, metrics_port, log_path=log_path,
                           startup_timeout_s=startup_timeout_s)
+
+    def on_term(signum, frame):  # SIGTERM (kill, systemd, docker stop) stops as Ctrl-C does
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
     server.start()
     models = sorted(p.parent.name for p in Path(repo_dir).glob("*/config.pbtxt"))
     print(f"Triton is serving {', '.join(models)} from {repo_dir}")
