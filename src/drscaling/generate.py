@@ -29,6 +29,7 @@ run started again with the same settings skips what is done. Only a complete run
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import logging
@@ -152,7 +153,7 @@ class FinetuneConfig:
     """Fine-tuning the `supervised` generator on human pairs (small CPU defaults)."""
 
     base_model: str = DEFAULT_MODEL
-    steps: int = 60
+    steps: int = 50  # ~40 s/step on 2 loaded cores (batch 8, 128-token passages): ~30 min
     lr: float = 5e-5
     batch_size: int = 8
     max_passage_tokens: int = 128
@@ -344,12 +345,12 @@ def ensure_local_model(model: str, cache_dir: str | Path | None = None) -> str:
         if path.exists():
             if not (path / "config.json").exists():
                 raise DrscalingError(f"{path} is not a model folder (no config.json)")
-            return str(path)
+            return str(path.resolve())
         if model.startswith((".", "/", "~")) or model.count("/") != 1:
             raise DrscalingError(f"model path does not exist: {model}")
         return model  # "org/name": a hub id, loadable only when online or already cached
     stat = gguf.stat()
-    folder = Path(cache_dir or default_cache_dir()) / f"{gguf.stem}-{stat.st_size}"
+    folder = (Path(cache_dir or default_cache_dir()) / f"{gguf.stem}-{stat.st_size}").resolve()
     if not (folder / "config.json").exists():
         log.info("converting %s to %s (once)", gguf, folder)
         model_obj, tokenizer = _load_gguf(gguf)
@@ -424,7 +425,7 @@ class LocalGenerator:
         self.model, self.tokenizer, self.seq2seq = model, tokenizer, seq2seq
         self.name, self.prompt_kind = name, prompt_kind
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.device = str(next(model.parameters()).device)
+        self.device = device_name(str(next(model.parameters()).device))
         self.tokenizer.padding_side = "right" if seq2seq else "left"
 
     @classmethod
@@ -644,9 +645,12 @@ def read_partial(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DrscalingError(f"{path}: line {lineno} is corrupt ({exc.msg}); delete the file to start over") from exc
+        if not isinstance(row, dict) or "pid" not in row:
+            raise DrscalingError(f"{path}: line {lineno} is not a generation row; delete the file to start over")
+        rows.append(row)
     return rows
 
 
@@ -738,13 +742,15 @@ def run_generation(
         log.info("resuming %s: %d of %d passages already done", part, len(passages) - len(todo), len(passages))
     bar = tqdm(total=len(passages), initial=len(passages) - len(todo), desc=f"generate {source}", unit="passage")
     session_start = time.perf_counter()
+    kept = sum(1 for r in done.values() if not r.get("failed"))
     try:
         for batch in _batches(todo, max(1, cfg.batch_size)):
             rows = generate_batch(generator, batch, prompt_kind, cfg, source)
-            _append(part, rows)
+            _append(part, rows)  # durable before it counts as done
             done.update((r["pid"], r) for r in rows)
+            kept += sum(1 for r in rows if not r.get("failed"))
             bar.update(len(batch))
-            bar.set_postfix(kept=sum(1 for r in done.values() if not r.get("failed")))
+            bar.set_postfix(kept=kept)
     finally:
         bar.close()
     rows = [done[p] for p in passages["pid"]]
@@ -788,7 +794,8 @@ def price(totals: dict, cfg: GenerationConfig, fixed_usd: float = 0.0) -> dict:
     }
 
 
-def _log_mlflow(source: str, cost: dict, prompt_text: str, extra_params: dict) -> str | None:
+def _log_mlflow(source: str, cost: dict, prompt_text: str, extra_params: dict,
+                finetune_losses: Sequence[float] = ()) -> str | None:
     """Log to the active run, or to a new run in experiment "annotate". Returns the run id."""
     from drscaling import tracking
 
@@ -809,6 +816,8 @@ def _log_mlflow(source: str, cost: dict, prompt_text: str, extra_params: dict) -
             "tokens_out", "generation_seconds", "session_wall_seconds", "usd_per_1k_pairs", "usd_per_pair",
             "usd_total", "usd_fixed", "queries_per_second") if isinstance(cost.get(k), int | float)}
         mlflow.log_metrics(metrics)
+        for step, loss in enumerate(finetune_losses, start=1):
+            mlflow.log_metric(f"generate.{source}.finetune_loss", loss, step=step)
         mlflow.set_tags({"drscaling.stage": "annotate", "source": source,
                          f"generate.{source}.prompt_kind": cost["prompt_kind"],
                          f"generate.{source}.model": cost["model"]})
@@ -931,10 +940,12 @@ def annotate_generated(
     cost JSON; return the cost dict.
 
     source="llm": config.endpoint set -> chat-completions endpoint (config.model is the served
-    model name); otherwise the local model config.model. source="supervised": fine-tune
-    finetune.base_model into `generator_dir` (default <out dir>/<source>-generator) unless
-    config.model names an already trained generator other than the default, then generate.
-    `generator` injects a ready Generator (tests, benchmarks)."""
+    model name); otherwise the local model config.model.
+    source="supervised": when config.model is the default or `finetune` is given, fine-tune
+    finetune.base_model into `generator_dir` (default: <out without .jsonl>-generator/, reused
+    when its settings match) and generate with it; otherwise config.model is taken as an already
+    trained generator (a folder, or castorini/doc2query-t5-base-msmarco online).
+    `generator` injects a ready Generator (tests, benchmarks); `track=False` skips MLflow."""
     if source not in GENERATED_SOURCES:
         raise DrscalingError(f"source must be one of {', '.join(GENERATED_SOURCES)} (got {source!r})")
     cfg = config or GenerationConfig()
@@ -953,6 +964,8 @@ def annotate_generated(
             gdir = Path(generator_dir) if generator_dir else out.with_name(out.name.removesuffix(".jsonl") + "-generator")
             finetune_info = finetune_generator(prepared, gdir, ft, exclude, cfg.cache_dir)
             model, fixed_usd = str(gdir), float(finetune_info["usd"])
+            # prompt the generator with passages cut exactly as in fine-tuning
+            cfg = dataclasses.replace(cfg, max_passage_tokens=ft.max_passage_tokens)
     if generator is None:
         if cfg.endpoint:
             kind = resolve_prompt(cfg.prompt, source, seq2seq=False, local=False)
@@ -967,7 +980,7 @@ def annotate_generated(
     settings_keys = ("prompt", "seed", "max_new_tokens", "max_passage_tokens", "do_sample", "temperature",
                      "top_p", "pick", "copy_min_words", "max_retries")
     settings = {k: getattr(cfg, k) for k in settings_keys} | {
-        "source": source, "model": generator.name, "prompt_kind": kind, "template": _digest(PROMPTS[kind]),
+        "source": source, "model": model, "prompt_kind": kind, "template": _digest(PROMPTS[kind]),
         "endpoint": redact_url(cfg.endpoint) if cfg.endpoint else None, "limits": asdict(cfg.limits),
         "generator_key": finetune_info["key"] if finetune_info else None,
     }
@@ -976,9 +989,11 @@ def annotate_generated(
     if totals["queries_kept"] == 0:
         raise DrscalingError(
             f"no usable query for any of {totals['passages']} passage(s) after {cfg.max_retries} retries "
-            f"(model {generator.name!r}, prompt {kind!r}); see 'last_output' in {partial_path(out)}")
+            f"(model {generator.name!r}, prompt {kind!r}); see 'last_output' in {partial_path(out)}, and pass "
+            "restart=True to try again")
     cost = {
-        "source": source, "pairs": totals["queries_kept"], "model": generator.name, "device": generator.device,
+        "source": source, "pairs": totals["queries_kept"], "model": generator.name, "model_spec": model,
+        "device": generator.device,
         "prompt_kind": kind, "prompt_template": PROMPTS[kind], "seed": cfg.seed, "limit": cfg.limit,
         "batch_size": cfg.batch_size, "max_new_tokens": getattr(generator, "max_new_tokens", cfg.max_new_tokens),
         "pick": cfg.pick, **totals, **price(totals, cfg, fixed_usd),
@@ -987,7 +1002,8 @@ def annotate_generated(
         cost["finetune"] = {k: v for k, v in finetune_info.items() if k != "losses"} | {
             "final_loss": finetune_info["losses"][-1] if finetune_info["losses"] else None}
     if track:
-        cost["mlflow_run_id"] = _log_mlflow(source, cost, PROMPTS[kind], settings | {"limit": cfg.limit, "batch_size": cfg.batch_size})
+        cost["mlflow_run_id"] = _log_mlflow(source, cost, PROMPTS[kind], settings | {"limit": cfg.limit, "batch_size": cfg.batch_size},
+                                            finetune_info["losses"] if finetune_info else ())
     final = [{"qid": r["qid"], "pid": r["pid"], "query": r["query"]} for r in rows if not r.get("failed")]
     # Cost first, then the data: the .jsonl appearing is what marks the run complete.
     write_json(cost_path(out), cost)
