@@ -136,12 +136,16 @@ def run_load(
 
     def worker(slot: int) -> None:
         # tritonclient.http clients are bound to the thread that made them: one per thread.
+        client = None
         try:
             client = Client(url, cfg.protocol)
             client.check_ready(model)
-            client.infer(model, ids, mask)  # connection set up outside the timed window
+            send = client.prepare(model, ids, mask)
+            send()  # connection set up outside the timed window
         except Exception as exc:  # reported after the barrier, never left hanging
             errors.append(str(exc))
+            if client is not None:
+                client.close()  # an open HTTP connection would delay the server's shutdown
             client = None
         ready.wait()
         if client is None:
@@ -156,7 +160,7 @@ def run_load(
                         break
                     sent[0] += 1
                 t0 = time.perf_counter()
-                client.infer(model, ids, mask)
+                send()
                 t1 = time.perf_counter()
                 if t0 >= window["start"]:  # warm-up requests are not counted
                     latencies[slot].append(t1 - t0)

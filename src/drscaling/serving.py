@@ -565,6 +565,11 @@ class Client:
 
     def infer(self, model: str, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """One inference request with arrays sent as they are (the server validates them)."""
+        return self.prepare(model, input_ids, attention_mask)()
+
+    def prepare(self, model: str, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """A zero-argument callable that sends this request again and again: the inputs are
+        serialised once, so a load generator spends its CPU on requests, not on encoding."""
         from tritonclient.utils import np_to_triton_dtype
 
         if input_ids.ndim >= 1 and input_ids.shape[0] == 0:
@@ -582,9 +587,13 @@ class Client:
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
         outputs = [self.mod.InferRequestedOutput("embedding")]
-        result = self._call(f"an inference on '{model}'", self.client.infer, model, inputs,
-                            outputs=outputs)
-        return result.as_numpy("embedding")
+
+        def send() -> np.ndarray:
+            result = self._call(f"an inference on '{model}'", self.client.infer, model, inputs,
+                                outputs=outputs)
+            return result.as_numpy("embedding")
+
+        return send
 
 
 def _tokenizer_for(client: Client, model: str, tokenizer: str | Path | None):
