@@ -93,10 +93,30 @@ def cmd_annotate(args) -> None:
         ict = cfg.get("ict", {})
         cost = annotate.annotate_ict(prepared, out, ict.get("seed", 0), ict.get("remove_prob", 0.9))
     else:
-        raise DrscalingError(f"annotation source '{args.source}' is not available yet")
+        from drscaling import generate
+
+        gen = cfg.get(args.source, {})
+        shipped = Path(gen.get("pregenerated", f"data/generated/{args.source}.jsonl"))
+        if not args.regenerate and shipped.exists():
+            cost = generate.use_pregenerated(args.source, shipped, prepared, out)
+        elif not args.regenerate:
+            raise DrscalingError(
+                f"no pre-generated {args.source} annotations at {shipped}; generate them with "
+                f"`drscaling annotate --source {args.source} --regenerate [--limit N]` (slow on CPU)"
+            )
+        else:
+            config = params.build(generate.GenerationConfig, gen.get("generation", {}))
+            if args.limit is not None:
+                config.limit = args.limit
+            if args.endpoint:
+                config.endpoint, config.model = args.endpoint, args.model or config.model
+            elif args.model:
+                config.model = args.model
+            finetune = params.build(generate.FinetuneConfig, gen.get("finetune", {})) if args.source == "supervised" else None
+            cost = generate.annotate_generated(args.source, prepared, out, config, finetune=finetune)
     report = Path(f"{A}/validation/annotations-{args.source}.json")
     annotate.validate_annotations(out, prepared, report)
-    print(f"{args.source}: {cost['pairs']} pairs in {out} (validated; ${cost['usd_per_pair']}/pair)")
+    print(f"{args.source}: {cost['pairs']} pairs in {out} (validated; ${cost['usd_per_pair']:.3g}/pair)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,12 +158,10 @@ def cmd_evaluate(args) -> None:
     if args.out:
         write_json(args.out, result)
     if not args.no_mlflow:
-        tracking.configure()
         import mlflow
 
-        mlflow.set_experiment("evaluate")
-        with mlflow.start_run(run_name=f"eval-{result['shape']}-{args.split}"):
-            mlflow.set_tags({"drscaling.stage": "evaluate", "shape": result["shape"]})
+        with tracking.stage_run("evaluate", f"eval-{result['shape']}-{args.split}",
+                                {"drscaling.stage": "evaluate", "shape": result["shape"]}):
             mlflow.log_params({"model": args.model, "data": prepared, "split": args.split,
                                "n_non_embedding": result["n_non_embedding"]} | {f"eval_{k}": v for k, v in vars(cfg).items()})
             mlflow.log_metrics(tracking.metric_names({k: v for k, v in result.items() if isinstance(v, float)}))
@@ -157,6 +175,106 @@ def cmd_sweep(args) -> None:
     out = Path(args.out or f"{A}/sweeps/{preset.name}")
     results = run_sweep(preset, _train_paths(args, out), params.section("train"), out, args.only)
     print(format_results(results))
+
+
+# ---------------------------------------------------------------------------------------------
+# laws, report, budget
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_fit(args) -> None:
+    from drscaling import laws, tracking
+    from drscaling.files import write_jsonl
+    from drscaling.sweep import merge_results
+
+    preset = args.preset or params.section("sweep").get("preset", "quick")
+    fit = params.section("fit")
+    out = Path(args.out or f"{A}/laws")
+    points = out / "points.jsonl"
+    write_jsonl(points, merge_results(Path(f"{A}/sweeps/{preset}")))
+    summary = laws.fit_sweep(points, out, n_bootstrap=args.n_bootstrap or fit.get("n_bootstrap", 1000),
+                             seed=fit.get("seed", 0), holdout_largest=fit.get("holdout_largest", 1))
+    with tracking.stage_run("laws", f"fit-{preset}", {"drscaling.stage": "fit", "preset": preset}):
+        laws.log_to_mlflow(summary)
+    print(format_laws(summary["laws_path"]))
+    for name, why in (summary.get("skipped") or {}).items():
+        print(f"  skipped {name}: {why}")
+
+
+def format_laws(laws_path) -> str:
+    from drscaling.laws import load_laws
+
+    lines = ["fitted scaling laws (contrastive entropy):"]
+    for name, fit in load_laws(laws_path).items():
+        ci = fit.ci95 or {}
+        coef = ", ".join(
+            f"{k}={v:.3g}" + (f" [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci and ci[k] else "")
+            for k, v in fit.params.items()
+        )
+        flags = f"  FLAGS: {'; '.join(fit.flags)}" if fit.flags else ""
+        lines.append(f"  L{'(N,D)' if name == 'ND' else f'({name})'}: {coef}  R^2={fit.r2:.3f}  n={fit.n_points}{flags}")
+    return "\n".join(lines)
+
+
+def cmd_report(args) -> None:
+    from drscaling import report, tracking
+
+    laws_path = Path(args.laws or f"{A}/laws/laws.json")
+    budget = Path(args.budget_json or f"{A}/budget/budget.json")
+    out = report.write_report(laws_path, args.out, budget if budget.exists() else None)
+    with tracking.stage_run("laws", "report", {"drscaling.stage": "report"}):
+        report.log_report(out, laws_path, budget if budget.exists() else None)
+    print(f"report written to {out}")
+
+
+def cmd_budget(args) -> None:
+    from drscaling import budget as B
+    from drscaling import tracking
+    from drscaling.files import read_json
+
+    cfg = params.section("budget")
+    pick = lambda name, default=None: v if (v := getattr(args, name, None)) is not None else cfg.get(name, default)  # noqa: E731
+    mode = pick("costs", "paper")
+    if args.show_derivation or mode == "paper":
+        print("\n".join(B.paper_derivation()))
+    source = pick("source", "human")
+    ann_cost = Path(f"{A}/annotations/{source}.cost.json")
+    shapes = None
+    points = Path(f"{A}/laws/points.jsonl")
+    if points.exists():
+        shapes = {r["shape"]: r["n"] for r in map(json.loads, points.read_text().splitlines()) if r.get("shape")}
+    result = B.run_budget(
+        args.laws or f"{A}/laws/laws.json", float(pick("budget", 20000)), bool(pick("include_inference", False)),
+        mode, pick("costs_path", f"{A}/costs/costs.json") if mode == "measured" else None, args.out or f"{A}/budget",
+        annotation_cost_path=ann_cost if mode == "measured" and ann_cost.exists() else None,
+        source_cost_paths=[p for p in sorted(Path(f"{A}/annotations").glob("*.cost.json"))],
+        steps=pick("steps"), corpus_pages=pick("corpus_pages"), tokens_per_page=pick("tokens_per_page"),
+        shapes=shapes,
+    )
+    import mlflow
+
+    with tracking.stage_run("budget", f"budget-{mode}-{pick('budget', 20000)}", {"drscaling.stage": "budget", "costs": mode}):
+        out = Path(args.out or f"{A}/budget")
+        mlflow.log_artifacts(str(out), artifact_path="budget")
+        rec = read_json(out / "budget.json")
+        flat = {k: v for k, v in (rec.get("recommendation") or {}).items() if isinstance(v, (int, float))}
+        mlflow.log_metrics({f"optimum_{k}": float(v) for k, v in flat.items()})
+    print(B.format_recommendation(result))
+
+
+def cmd_summary(args) -> None:
+    """What the default pipeline produced, from its files (also when `dvc repro` had nothing to do)."""
+    from drscaling.budget import format_recommendation
+    from drscaling.files import read_json
+
+    laws_path = Path(f"{A}/laws/laws.json")
+    if not laws_path.exists():
+        raise DrscalingError(f"{laws_path} not found: run `dvc repro` (or `drscaling fit`) first")
+    print(format_laws(laws_path))
+    budget = Path(f"{A}/budget/budget.json")
+    if budget.exists():
+        print(format_recommendation(read_json(budget)))
+    print("MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, choices=["human", "ict", "supervised", "llm"])
     p.add_argument("--prepared")
     p.add_argument("--out")
+    p.add_argument("--regenerate", action="store_true",
+                   help="llm/supervised: generate now instead of using the shipped data/generated/<source>.jsonl")
+    p.add_argument("--limit", type=int, help="llm/supervised: annotate only the first N passages (seeded order)")
+    p.add_argument("--model", help="llm: local folder, .gguf, hub name, or the endpoint's model name")
+    p.add_argument("--endpoint", help="llm: OpenAI-compatible base URL (key from DRSCALING_LLM_API_KEY / OPENAI_API_KEY)")
 
     for name, func, help in (("train", cmd_train, "train one encoder (one MLflow run)"),
                              ("sweep", cmd_sweep, "run a preset's model/data/source/joint sweeps")):
@@ -224,11 +347,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--no-mlflow", action="store_true")
     params.add_flags(p, EvalConfig)
+
+    p = cmd("fit", cmd_fit, "fit L(N), L(D), L(D) per source and L(N,D) to a preset's sweep results")
+    p.add_argument("--preset")
+    p.add_argument("--n-bootstrap", type=int)
+    p.add_argument("--out", help=f"default {A}/laws")
+    p = cmd("report", cmd_report, "write the Markdown report (coefficient tables, figures, budget)")
+    p.add_argument("--laws")
+    p.add_argument("--budget-json")
+    p.add_argument("--out", default=f"{A}/report/report.md")
+    p = cmd("budget", cmd_budget, "optimal model size and annotation amount for a budget (paper section 5)")
+    p.add_argument("--budget", type=float, help="dollars (default: params.yaml budget.budget)")
+    p.add_argument("--include-inference", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--costs", choices=["paper", "measured"])
+    p.add_argument("--costs-path", help=f"measured costs JSON (default {A}/costs/costs.json)")
+    p.add_argument("--source", help="annotation source whose $/pair is Zdata (measured mode)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--corpus-pages", type=float)
+    p.add_argument("--tokens-per-page", type=float)
+    p.add_argument("--laws")
+    p.add_argument("--out")
+    p.add_argument("--show-derivation", action="store_true", help="print eq. 12-14 from their parts")
+    cmd("summary", cmd_summary, "print the fitted laws and the budget recommendation")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from drscaling import tracking
+
+    tracking.attach_project_run()
     try:
         args.func(args)
     except DrscalingError as exc:

@@ -100,13 +100,15 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
     tracking.configure()
     import mlflow
 
-    mlflow.set_experiment("sweeps")
+    nested = mlflow.active_run() is not None  # e.g. under `mlflow run`
+    if not nested:
+        mlflow.set_experiment("sweeps")
     label = f"{preset.name}-{only or 'all'}"
     state_file = out / f"parent-{label}.json"
     parent_id = read_json(state_file).get("run_id") if state_file.exists() else None
     if parent_id and not _run_exists(parent_id):
         parent_id = None
-    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{label}") as parent:
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{label}", nested=nested) as parent:
         write_json(state_file, {"run_id": parent.info.run_id, "preset": preset.name, "sweep": only or "all"})
         mlflow.set_tags({"drscaling.stage": "sweep", "preset": preset.name, "sweep": only or "all"})
         mlflow.log_dict(dataclasses.asdict(preset), "preset.json")

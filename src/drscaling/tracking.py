@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,3 +64,31 @@ def file_version(path: str | Path) -> str:
 def metric_names(metrics: dict) -> dict[str, float]:
     """MLflow forbids '@' in names: mrr@10 is logged as mrr_at_10 (files keep the usual spelling)."""
     return {k.replace("@", "_at_"): float(v) for k, v in metrics.items()}
+
+
+def attach_project_run() -> None:
+    """Under `mlflow run`, make the project's run (MLFLOW_RUN_ID) the active parent: every stage's
+    own run then becomes its child instead of clashing with it."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    configure()
+    import mlflow
+
+    if mlflow.active_run() is None:
+        mlflow.start_run(run_id=run_id)
+
+
+@contextlib.contextmanager
+def stage_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator:
+    """A stage's MLflow run: a child when a run is already active (a sweep, `mlflow run`), else a
+    top-level run in `experiment`."""
+    configure()
+    import mlflow
+
+    nested = mlflow.active_run() is not None
+    if not nested:
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+        mlflow.set_tags(tags)
+        yield run

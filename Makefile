@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh clone (see README):
+#   make run    environment + data (dvc pull, offline) + the whole pipeline (dvc repro) + summary
+#   make test   environment + data + the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup data run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+# The embedded snapshot lives in the repository's own DVC store (dvc-store/): no network needed.
+data: setup
+	dvc pull -q data.dvc
+
+run: data
+	dvc repro
+	drscaling summary
+
+test: data
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf artifacts mlflow.db mlruns
