@@ -1,7 +1,7 @@
 """Serving and inference-speed benchmark (not a test): medians of repeats, reported as ratios.
 
     (a) Triton (python backend running onnxruntime) at batch 32 vs onnxruntime in-process,
-        same model.onnx, same pre-tokenised batch                       target >= 0.85x
+        same model.onnx, same pre-tokenised batch, same onnxruntime threads  target >= 0.85x
     (b) 8 concurrent batch-1 clients vs one sequential batch-1 client
         on Triton (dynamic batching)                                    target >= 2x
     (c) optimised onnxruntime (transformer fusions, and dynamic int8) vs PyTorch eager,
@@ -79,7 +79,8 @@ def rate(fn, rows: int, min_s: float) -> float:
 
 
 def bench_triton_vs_ort(server: TritonServer, model: str, onnx: Path, feeds, args) -> dict:
-    session = ort_session(onnx)
+    # Same onnxruntime thread count as inside Triton: the ratio is then Triton's own overhead.
+    session = ort_session(onnx, threads=args.server_threads)
     client = Client(server, args.protocol)
     # Serialised once, as session.run gets its numpy feeds ready-made: both sides do the same.
     send = client.prepare(model, feeds["input_ids"], feeds["attention_mask"])
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--server-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="onnxruntime threads inside Triton (default: cores - 1, since the load\n"
+                        "generator shares this host; all cores made both (a) and (b) slower on 2)")
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         feeds = batch_ids(tok, corpus, args.batch, args.seq_len)
         # (a), (b): the small model on Triton
         serve = make_model(args.serve_shape, tok, root, ("fp32",))
-        build_model_repository(serve / "onnx", root / "repo", "enc", max_batch_size=64)
+        build_model_repository(serve / "onnx", root / "repo", "enc", max_batch_size=64,
+                               intra_op_threads=args.server_threads)
         with TritonServer(root / "repo") as server:
             results["a_triton_vs_ort"] = bench_triton_vs_ort(
                 server, "enc", serve / "onnx" / "model.onnx", feeds, args)
