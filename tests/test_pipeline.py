@@ -1,0 +1,154 @@
+"""The pipeline as users drive it: the CLI, real DVC commands, an MLflow project run, sweep -> fit -> budget -> report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from drscaling.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    commands = [a for a in parser._subparsers._group_actions[0].choices]
+    assert {"prepare", "validate", "train", "evaluate", "sweep", "fit", "budget", "report", "annotate"} <= set(commands)
+    for name in commands + ["data import", "data extract-debian"]:
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(name.split() + ["--help"])
+        assert exit_.value.code == 0
+        assert "usage: drscaling" in capsys.readouterr().out
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    proc = run([sys.executable, "-m", "drscaling", "validate", "--prepared", str(tmp_path / "none")], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "drscaling: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture()
+def dvc_repo(tmp_path, raw_pairs) -> Path:
+    """A fresh git + DVC repository with the sample data tracked and pushed to a local remote."""
+    repo = tmp_path / "repo"
+    (repo / "data" / "debian").mkdir(parents=True)
+    shutil.copy(raw_pairs, repo / "data" / "debian" / "pairs.jsonl")
+    params = {"data": {"raw": "data/debian/pairs.jsonl", "prepared": "artifacts/prepared", "dev_size": 300,
+                       "test_size": 300, "seed": 13}, "validate": {"min_test_corpus": 257}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    stages = {"stages": {
+        "prepare": {"cmd": "drscaling prepare", "deps": ["data"], "params": ["data"], "outs": ["artifacts/prepared"]},
+        "validate": {"cmd": "drscaling validate --report artifacts/validation.json", "deps": ["artifacts/prepared"],
+                     "params": ["validate"], "outs": [{"artifacts/validation.json": {"cache": False}}]},
+        "annotate": {"cmd": "drscaling annotate --source human", "deps": ["artifacts/validation.json"],
+                     "outs": ["artifacts/annotations/human.jsonl"]},
+    }}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "store")], repo)
+    run(["dvc", "add", "-q", "data"], repo)
+    run(["dvc", "push", "-q"], repo)
+    return repo
+
+
+def test_dvc_repro_is_idempotent_and_pull_restores(dvc_repo, tmp_path):
+    first = run(["dvc", "repro"], dvc_repo)
+    assert "Running stage 'validate'" in first.stdout and "validation passed" in first.stdout
+    second = run(["dvc", "repro"], dvc_repo)
+    assert "Running stage" not in second.stdout
+    assert "up to date" in run(["dvc", "status"], dvc_repo).stdout
+
+    run(["dvc", "push", "-q"], dvc_repo)  # stage outputs join the snapshot in the remote
+    before = (dvc_repo / "data/debian/pairs.jsonl").read_bytes()
+    ann = (dvc_repo / "artifacts/annotations/human.jsonl").read_bytes()
+    shutil.rmtree(dvc_repo / "artifacts")
+    shutil.rmtree(dvc_repo / "data")
+    shutil.rmtree(dvc_repo / ".dvc" / "cache")
+    run(["dvc", "pull", "-q"], dvc_repo)
+    assert (dvc_repo / "data/debian/pairs.jsonl").read_bytes() == before
+    assert (dvc_repo / "artifacts/annotations/human.jsonl").read_bytes() == ann
+
+
+def test_bad_data_stops_the_pipeline(dvc_repo):
+    path = dvc_repo / "data/debian/pairs.jsonl"
+    lines = path.read_text().splitlines()
+    bad = json.loads(lines[5]) | {"passage": " "}  # an empty passage must not reach training
+    path.write_text("\n".join(lines[:5] + [json.dumps(bad)] + lines[6:]) + "\n")
+    proc = run(["dvc", "repro"], dvc_repo, check=False)
+    assert proc.returncode != 0
+    assert "expect_column_values_to_not_match_regex on column 'text'" in proc.stdout + proc.stderr
+    assert not (dvc_repo / "artifacts/annotations/human.jsonl").exists()
+    report = json.loads((dvc_repo / "artifacts/validation.json").read_text())
+    assert report["success"] is False
+
+
+def test_mlflow_project_entry_point(prepared, tmp_path, mlflow_store):
+    proc = run([str(BIN / "mlflow"), "run", str(REPO), "-e", "validate", "-P", f"prepared={prepared}",
+                "-P", f"report={tmp_path / 'report.json'}", "--env-manager", "local", "--experiment-name", "entry"], tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["success"]
+    runs = mlflow.search_runs(experiment_names=["entry"], output_format="list")
+    assert runs and runs[0].info.status == "FINISHED", proc.stderr[-2000:]
+    assert runs[0].data.params["prepared"] == str(prepared)
+
+
+def test_sweep_fit_budget_report(prepared, annotations, tokenizer_dir, tmp_path):
+    preset = {
+        "name": "tiny",
+        "train": {"steps": 8, "batch_size": 8, "negatives": 16, "max_query_len": 16, "max_passage_len": 24,
+                  "lr": 0.001, "warmup_steps": 2, "eval_every": 8, "checkpoint_every": 8, "dim": 32,
+                  "eval": {"negatives": 64, "draws": 2, "max_query_len": 16, "max_passage_len": 24, "rank_pool": 400}},
+        "model": {"shapes": ["bert-L2-H128", "bert-L4-H128", "bert-L6-H128", "bert-L2-H256"], "train_pairs": 200},
+        "data": {"shape": "bert-L2-H128", "train_pairs": [50, 100, 200, 400]},
+        "source": {"shape": "bert-L2-H128", "sources": ["human", "ict"], "train_pairs": [50, 100, 200, 400]},
+        "joint": {"shapes": ["bert-L2-H128", "bert-L4-H128"], "train_pairs": [100, 200, 400]},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(preset))
+    common = ["--prepared", str(prepared), "--annotations", str(annotations), "--tokenizer", str(tokenizer_dir)]
+    drs = [sys.executable, "-m", "drscaling"]
+    for sweep in ("model", "data", "source", "joint"):
+        run(drs + ["sweep", "--preset", str(tmp_path / "tiny.yaml"), "--only", sweep] + common, tmp_path)
+    results = tmp_path / "artifacts/sweeps/tiny"
+    rows = [json.loads(x) for f in results.glob("results-*.jsonl") for x in f.read_text().splitlines()]
+    assert len(rows) == 4 + 4 + 8 + 6
+    assert len({r["run_id"] for r in rows}) == len(list((results / "runs").iterdir()))  # shared points trained once
+
+    # an interrupted sweep picks up where it stopped: rerunning trains nothing new
+    stamps = {p: p.stat().st_mtime for p in results.glob("runs/*/metrics.json")}
+    run(drs + ["sweep", "--preset", str(tmp_path / "tiny.yaml"), "--only", "joint"] + common, tmp_path)
+    assert {p: p.stat().st_mtime for p in results.glob("runs/*/metrics.json")} == stamps
+
+    fit = run(drs + ["fit", "--preset", "tiny", "--n-bootstrap", "30"], tmp_path)
+    assert "L(N)" in fit.stdout and "L(N,D)" in fit.stdout
+    laws = json.loads((tmp_path / "artifacts/laws/laws.json").read_text())
+    assert {"N", "D", "ND", "D@human", "D@ict"} <= set(laws["laws"])
+    assert list((tmp_path / "artifacts/laws/figures").glob("*.png"))
+
+    budget = run(drs + ["budget", "--budget", "20000", "--include-inference", "--costs", "paper"], tmp_path)
+    assert "Recommended" in budget.stdout and "3.22e-08" in budget.stdout
+    run(drs + ["report", "--out", str(tmp_path / "report.md")], tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "Table 1" in text and "α" in text and "Budget allocation" in text
+
+    parents = mlflow.search_runs(experiment_names=["sweeps"], filter_string="tags.`drscaling.stage` = 'sweep'", output_format="list")
+    assert {p.data.tags["sweep"] for p in parents} >= {"model", "data", "source", "joint"}
+    for parent in parents:
+        children = mlflow.search_runs(experiment_names=["sweeps"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list")
+        assert children, parent.data.tags["sweep"]
