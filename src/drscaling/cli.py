@@ -196,9 +196,29 @@ def cmd_fit(args) -> None:
                              seed=fit.get("seed", 0), holdout_largest=fit.get("holdout_largest", 1))
     with tracking.stage_run("laws", f"fit-{preset}", {"drscaling.stage": "fit", "preset": preset}):
         laws.log_to_mlflow(summary)
+    _figures_to_sweep_parents(Path(f"{A}/sweeps/{preset}"), summary.get("figures") or {})
     print(format_laws(summary["laws_path"]))
     for name, why in (summary.get("skipped") or {}).items():
         print(f"  skipped {name}: {why}")
+
+
+FIGURE_OF_SWEEP = {"model": ("fig3", "fig2"), "data": ("fig4",), "source": ("fig5",), "joint": ("fig6",)}
+
+
+def _figures_to_sweep_parents(sweeps: Path, figures) -> None:
+    """Each sweep's parent run also gets the figure of its law, so the UI shows it where the points are."""
+    import mlflow
+
+    paths = list(figures.values()) if isinstance(figures, dict) else list(figures)
+    client = mlflow.MlflowClient()
+    for sweep, prefixes in FIGURE_OF_SWEEP.items():
+        state = sweeps / f"parent-{sweeps.name}-{sweep}.json"
+        if not state.exists():
+            continue
+        run_id = json.loads(state.read_text())["run_id"]
+        for fig in paths:
+            if Path(fig).name.startswith(prefixes):
+                client.log_artifact(run_id, str(fig), artifact_path="figures")
 
 
 def format_laws(laws_path) -> str:
@@ -238,6 +258,7 @@ def cmd_budget(args) -> None:
     if args.show_derivation or mode == "paper":
         print("\n".join(B.paper_derivation()))
     source = pick("source", "human")
+    scale = cfg.get("measured") or {}
     ann_cost = Path(f"{A}/annotations/{source}.cost.json")
     shapes = None
     points = Path(f"{A}/laws/points.jsonl")
@@ -248,7 +269,10 @@ def cmd_budget(args) -> None:
         mode, pick("costs_path", f"{A}/costs/costs.json") if mode == "measured" else None, args.out or f"{A}/budget",
         annotation_cost_path=ann_cost if mode == "measured" and ann_cost.exists() else None,
         source_cost_paths=[p for p in sorted(Path(f"{A}/annotations").glob("*.cost.json"))],
-        steps=pick("steps"), corpus_pages=pick("corpus_pages"), tokens_per_page=pick("tokens_per_page"),
+        # paper mode keeps the paper's own corpus and steps unless given on the command line
+        steps=args.steps if mode == "paper" else args.steps or scale.get("steps"),
+        corpus_pages=args.corpus_pages if mode == "paper" else args.corpus_pages or scale.get("corpus_pages"),
+        tokens_per_page=args.tokens_per_page if mode == "paper" else args.tokens_per_page or scale.get("tokens_per_page"),
         shapes=shapes,
     )
     import mlflow
@@ -275,6 +299,146 @@ def cmd_summary(args) -> None:
     if budget.exists():
         print(format_recommendation(read_json(budget)))
     print("MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)")
+
+
+# ---------------------------------------------------------------------------------------------
+# export, serving, measured cost
+# ---------------------------------------------------------------------------------------------
+
+
+def _ce_metric(prepared: str | Path, cfg):
+    """Contrastive entropy on the test split for any encode(texts, max_len) function (export variants)."""
+    from drscaling.data import load_split
+    from drscaling.evaluate import build_evalset, contrastive_entropy_from_scores
+
+    es = build_evalset(load_split(prepared, "test"), "test", cfg)
+
+    def metric(encode_fn) -> float:
+        p = encode_fn(es.passages, cfg.max_passage_len)
+        q = encode_fn(es.queries, cfg.max_query_len)
+        return contrastive_entropy_from_scores(q @ p.T, es.positive, es.negatives)
+
+    return metric
+
+
+def export_one(model: str | Path, out: Path, variants: list[str], prepared, eval_cfg, repo: Path | None, name: str,
+               serve_cfg: dict) -> dict:
+    from drscaling import export, serving, tracking
+
+    with tracking.stage_run("export", f"export-{name}", {"drscaling.stage": "export", "model": name}):
+        record = export.export_onnx(model, out, variants=tuple(variants))
+        quality = export.quality_delta(out, _ce_metric(prepared, eval_cfg), model_dir=model)
+    if repo is not None:
+        serving.build_model_repository(out, repo, name, variant=serve_cfg.get("variant", "fp32"),
+                                       max_batch_size=serve_cfg.get("max_batch_size", 64),
+                                       instances=serve_cfg.get("instances", 1),
+                                       intra_op_threads=serve_cfg.get("intra_op_threads", 0))
+    return {"record": record, "quality": quality}
+
+
+def cmd_export(args) -> None:
+    from drscaling.evaluate import EvalConfig
+    from drscaling.sweep import merge_results
+
+    eval_cfg = params.build(EvalConfig, params.section("train").get("eval", {}))
+    serve_cfg = params.section("serving")
+    variants = args.variants or serve_cfg.get("variants", ["fp32", "int8"])
+    prepared = _p(args, "prepared", "data", f"{A}/prepared")
+    repo = Path(args.repo) if args.repo else None
+    if args.from_sweep:
+        rows = [r for r in merge_results(Path(f"{A}/sweeps/{args.from_sweep}")) if r["sweep"] == "model"]
+        if not rows:
+            raise DrscalingError(f"the {args.from_sweep} preset has no model sweep results to export")
+        targets = {r["shape"]: r["model_dir"] for r in rows}
+    elif args.model:
+        targets = {args.name or Path(str(args.model)).parent.name or "model": args.model}
+    else:
+        raise DrscalingError("give --model (a model folder or runs:/<id>/model) or --from-sweep PRESET")
+    out_root = Path(args.out or f"{A}/export")
+    for name, model in targets.items():
+        result = export_one(model, out_root / name if len(targets) > 1 or args.from_sweep else out_root, variants,
+                            prepared, eval_cfg, repo, name, serve_cfg)
+        q = result["quality"]
+        deltas = ", ".join(f"{v}: CE {d['value']:.4f} ({d['delta']:+.4f})" for v, d in q["variants"].items())
+        print(f"{name}: exported {', '.join(variants)}; torch CE {q['torch']:.4f}; {deltas}")
+    if repo is not None:
+        print(f"Triton model repository: {repo}  (start it with `drscaling serve --repo {repo}`)")
+
+
+def cmd_serve(args) -> None:
+    from drscaling.serving import serve
+
+    raise SystemExit(serve(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
+                           metrics_port=args.metrics_port, log_path=args.log))
+
+
+def _read_texts(args) -> list[str]:
+    texts = list(args.texts or [])
+    if args.file:
+        texts += [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
+    if not texts:
+        raise DrscalingError("no texts given (pass them as arguments or with --file)")
+    return texts
+
+
+def cmd_encode(args) -> None:
+    import numpy as np
+
+    from drscaling.serving import encode_texts
+
+    emb = encode_texts(args.url, args.model, _read_texts(args), protocol=args.protocol, tokenizer=args.tokenizer)
+    if args.out:
+        from drscaling.files import atomic_open
+
+        with atomic_open(args.out, "wb") as fh:
+            np.save(fh, emb)
+        print(f"{emb.shape[0]} embeddings of dimension {emb.shape[1]} written to {args.out}")
+    else:
+        for row in emb:
+            print(json.dumps([round(float(x), 6) for x in row]))
+
+
+def cmd_index(args) -> None:
+    from drscaling.serving import build_index
+
+    info = build_index(args.url, args.model, args.corpus, args.out, protocol=args.protocol, tokenizer=args.tokenizer)
+    print(f"indexed {info.get('passages', info)} passages into {args.out}")
+
+
+def cmd_search(args) -> None:
+    from drscaling.serving import search
+
+    for rank, (pid, score, text) in enumerate(
+        search(args.url, args.model, args.index, args.query, k=args.k, protocol=args.protocol, tokenizer=args.tokenizer), 1
+    ):
+        print(f"{rank:>3}. {score:8.3f}  {pid}  {text[:100].replace(chr(10), ' ')}")
+
+
+def cmd_measure(args) -> None:
+    from drscaling import costs, tracking
+    from drscaling.serving import TritonServer
+
+    cfg = params.section("measure")
+    out = Path(args.out or f"{A}/costs/costs.json")
+    load = {k: cfg[k] for k in ("batch_sizes", "concurrency", "duration_s", "seq_len", "protocol") if k in cfg}
+    price = cfg.get("device_hour_usd", 3.93)
+    with tracking.stage_run("measure", "measure", {"drscaling.stage": "measure"}):
+        if args.url:
+            result = costs.measure_costs(args.url, out, experiment_name=args.train_experiment,
+                                         device_hour_usd=price, sweep_path=out.with_name("load.json"), **load)
+        else:
+            with TritonServer(args.repo, log_path=Path(f"{A}/costs/triton.log")) as server:
+                print(f"Triton ready at {server.http_url} (HTTP), {server.grpc_url} (gRPC); log {server.log_path}")
+                result = costs.measure_costs(server, out, experiment_name=args.train_experiment,
+                                             device_hour_usd=price, sweep_path=out.with_name("load.json"), **load)
+    for p in result["inference"]["points"]:
+        print(f"  {p['shape']:14} N={p['n']:>10}  {p['tokens_per_s']:>10.0f} tokens/s  ${p['usd_per_million_tokens']:.4f} per 1M tokens")
+    f = result["inference"]["fit"]
+    print(f"inference cost fit: $/token = {f['a']:.3g} * N^{f['b']:.3f}")
+    if "training" in result:
+        t = result["training"]["fit"]
+        print(f"training cost fit:  $/step  = {t['a']:.3g} * N^{t['b']:.3f}")
+    print(f"costs written to {out}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +533,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.add_argument("--show-derivation", action="store_true", help="print eq. 12-14 from their parts")
     cmd("summary", cmd_summary, "print the fitted laws and the budget recommendation")
+
+    p = cmd("export", cmd_export, "export trained encoders to ONNX (+ optimised variants) and a Triton repository")
+    p.add_argument("--model", help="model folder, runs:/<run id>/model, or a run id")
+    p.add_argument("--name", help="model name in the repository (default: from the folder)")
+    p.add_argument("--from-sweep", metavar="PRESET", help="export every shape of that preset's model sweep")
+    p.add_argument("--variants", nargs="+", choices=["fp32", "opt", "fp16", "int8"])
+    p.add_argument("--out", help=f"default {A}/export")
+    p.add_argument("--repo", help="also write a Triton model repository here")
+    p.add_argument("--prepared")
+    p = cmd("serve", cmd_serve, "run Triton on a model repository (127.0.0.1) until Ctrl-C")
+    p.add_argument("--repo", default=f"{A}/serving/repo")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log", help="server log file")
+    for name, func, help in (("encode", cmd_encode, "embed texts with a served encoder"),
+                             ("index", cmd_index, "embed a corpus (JSONL pid,text) with a served encoder"),
+                             ("search", cmd_search, "top-k passages of an index for a query")):
+        p = cmd(name, func, help)
+        p.add_argument("--url", default="127.0.0.1:8000", help="host:port of Triton (HTTP or gRPC port)")
+        p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+        p.add_argument("--model", required=True, help="model name in the repository")
+        p.add_argument("--tokenizer", help="tokenizer folder (default: <repo>/<model>/1/tokenizer)")
+        if name == "encode":
+            p.add_argument("texts", nargs="*")
+            p.add_argument("--file", help="one text per line")
+            p.add_argument("--out", help="write embeddings as .npy")
+        elif name == "index":
+            p.add_argument("--corpus", required=True)
+            p.add_argument("--out", required=True)
+        else:
+            p.add_argument("--index", required=True)
+            p.add_argument("-k", type=int, default=10)
+            p.add_argument("query")
+    p = cmd("measure", cmd_measure, "load-test served encoders on Triton and fit $ per token (and $ per step) against N")
+    p.add_argument("--repo", default=f"{A}/serving/repo", help="start Triton on this repository")
+    p.add_argument("--url", help="measure an already running server instead")
+    p.add_argument("--train-experiment", default="sweeps", help="MLflow experiment holding the training runs")
+    p.add_argument("--out", help=f"default {A}/costs/costs.json")
     return ap
 
 

@@ -123,7 +123,8 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
         for sweep, cfg in todo:
             r = results[cfg.key()]
             rows.append({"sweep": sweep, "shape": cfg.shape, "n": r["n"], "d": r["d"], "source": cfg.annotation_source,
-                         "steps": cfg.steps, "run_id": r["run_id"], **{k: r.get(k) for k in RESULT_KEYS}})
+                         "steps": cfg.steps, "run_id": r["run_id"], "model_dir": str(out / "runs" / cfg.key() / "model"),
+                         **{k: r.get(k) for k in RESULT_KEYS}})
         path = out / (f"results-{only}.jsonl" if only else "results.jsonl")
         write_jsonl(path, rows)
         mlflow.log_artifact(str(path))
