@@ -68,6 +68,71 @@ def tokenizer_dir(prepared, tmp_path_factory) -> Path:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# A tiny random-weight encoder and its ONNX export, shared by the export, serving and cost tests
+# ---------------------------------------------------------------------------------------------
+
+CORPUS = [
+    "rsync is a fast, versatile, remote and local file-copying tool",
+    "the GNU C compiler, a fairly portable optimising compiler for C",
+    "0 A.D. is a free real-time strategy game of ancient warfare",
+    "a tool to manage Debian packages and their dependencies",
+    "Python bindings for the ONNX runtime inference engine",
+    "an HTTP server with support for virtual hosts and modules",
+] * 20
+
+_CACHE: dict[str, Path] = {}
+
+
+def make_tiny_model(root: Path) -> Path:
+    """One tiny random-weight encoder (bert-L2-H128, dim 32) per test session."""
+    if "model" not in _CACHE:
+        from drscaling.model import build_model, save_model, train_tokenizer
+
+        tok = train_tokenizer(CORPUS, 200, root / "tok")
+        encoder, meta = build_model("bert-L2-H128", tok, dim=32, max_positions=128)
+        save_model(encoder, tok, meta, root / "model")
+        _CACHE["model"] = root / "model"
+    return _CACHE["model"]
+
+
+def make_tiny_export(root: Path) -> Path:
+    if "onnx" not in _CACHE:
+        from drscaling.export import export_onnx
+
+        export_onnx(make_tiny_model(root), root / "onnx", variants=("fp32", "opt", "int8"))
+        _CACHE["onnx"] = root / "onnx"
+    return _CACHE["onnx"]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return _CACHE.setdefault("root", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_root) -> Path:
+    return make_tiny_model(tiny_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_root) -> Path:
+    return make_tiny_export(tiny_root)
+
+
+@pytest.fixture
+def mlflow_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    from drscaling import tracking
+
+    tracking.configure()
+    import mlflow
+
+    yield mlflow
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
 def write_lines(path: Path, lines: list[str | dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from test_export import mlflow_tmp, tiny_model, tiny_onnx, tiny_root  # noqa: F401
 from test_serving import MODEL, triton  # noqa: F401
 
 from drscaling.costs import (

@@ -13,63 +13,7 @@ from drscaling.export import (
     PARITY_TEXTS, _check_variant, export_onnx, ort_encode_fn, ort_session, quality_delta,
 )
 from drscaling.model import build_model, encode, load_model, save_model, train_tokenizer
-
-CORPUS = [
-    "rsync is a fast, versatile, remote and local file-copying tool",
-    "the GNU C compiler, a fairly portable optimising compiler for C",
-    "0 A.D. is a free real-time strategy game of ancient warfare",
-    "a tool to manage Debian packages and their dependencies",
-    "Python bindings for the ONNX runtime inference engine",
-    "an HTTP server with support for virtual hosts and modules",
-] * 20
-
-_CACHE: dict[str, Path] = {}
-
-
-def make_tiny_model(root: Path) -> Path:
-    """One tiny random-weight encoder (bert-L2-H128, dim 32) per test session."""
-    if "model" not in _CACHE:
-        tok = train_tokenizer(CORPUS, 200, root / "tok")
-        encoder, meta = build_model("bert-L2-H128", tok, dim=32, max_positions=128)
-        save_model(encoder, tok, meta, root / "model")
-        _CACHE["model"] = root / "model"
-    return _CACHE["model"]
-
-
-def make_tiny_export(root: Path) -> Path:
-    if "onnx" not in _CACHE:
-        export_onnx(make_tiny_model(root), root / "onnx", variants=("fp32", "opt", "int8"))
-        _CACHE["onnx"] = root / "onnx"
-    return _CACHE["onnx"]
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory) -> Path:
-    return _CACHE.setdefault("root", tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_root) -> Path:
-    return make_tiny_model(tiny_root)
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx(tiny_root) -> Path:
-    return make_tiny_export(tiny_root)
-
-
-@pytest.fixture
-def mlflow_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    from drscaling import tracking
-
-    tracking.configure()
-    import mlflow
-
-    yield mlflow
-    while mlflow.active_run():
-        mlflow.end_run()
-
+from conftest import CORPUS  # noqa: E402  (shared tiny model and export fixtures live in conftest)
 
 def test_export_parity_and_layout(tiny_model, tiny_onnx):
     record = json.loads((tiny_onnx / "export.json").read_text())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_export import CORPUS, make_tiny_export, tiny_model, tiny_onnx, tiny_root  # noqa: F401
+from conftest import CORPUS, make_tiny_export
 
 from drscaling.errors import DrscalingError
 from drscaling.export import ort_encode_fn, ort_session

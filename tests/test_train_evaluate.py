@@ -195,3 +195,16 @@ def test_evaluate_zero_shot_pretrained_baseline(prepared):
                                                                           max_query_len=16, max_passage_len=32))
     assert result["n_non_embedding"] > 10_000_000
     assert 0.0 < result["ce"] < 1.5  # a strong retriever: far below log(65) = 4.17
+
+
+def test_pretrained_series_truncates_layers():
+    """minilm-L{k}: the packaged all-MiniLM-L6-v2 cut to k pretrained layers, with its own tokenizer."""
+    from drscaling.model import check_shape, load_tokenizer, tokenizer_source
+
+    tok = load_tokenizer(tokenizer_source("minilm-L2", "", "unused"))
+    enc, meta = build_model("minilm-L2", tok, dim=768)
+    assert len(enc.backbone.encoder.layer) == 2 and enc.backbone.config.num_hidden_layers == 2
+    per_layer = 4 * (384 * 384 + 384) + 2 * 384 * 1536 + 1536 + 384 + 4 * 384
+    assert meta.n_non_embedding == 2 * per_layer + 2 * 384 + 384 * 768 + 768
+    with pytest.raises(DrscalingError, match="layers 1..6"):
+        check_shape("minilm-L7")

@@ -414,6 +414,35 @@ def cmd_search(args) -> None:
         print(f"{rank:>3}. {score:8.3f}  {pid}  {text[:100].replace(chr(10), ' ')}")
 
 
+def _cost_figure(costs: dict, path: Path) -> None:
+    """$ per million tokens (inference) and $ per step (training) against N, points and fitted curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    import numpy as np
+
+    parts = [("inference", "usd_per_million_tokens", 1e6, "$ per 1M tokens (served)"),
+             ("training", "usd_per_step", 1.0, "$ per training step")]
+    parts = [p for p in parts if p[0] in costs]
+    fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 4), squeeze=False)
+    for ax, (key, field, scale, label) in zip(axes[0], parts, strict=True):
+        pts = costs[key]["points"]
+        n = np.array([p["n"] for p in pts], dtype=float)
+        ax.scatter(n, [p[field] for p in pts], label="measured")
+        grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 50)
+        f = costs[key]["fit"]
+        ax.plot(grid, scale * f["a"] * grid ** f["b"], "--", label=f"fit: {f['a'] * scale:.3g} N^{f['b']:.2f}")
+        ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel=label, title=key)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    mlflow.log_artifact(str(path), artifact_path="figures")
+
+
 def cmd_measure(args) -> None:
     from drscaling import costs, tracking
     from drscaling.serving import TritonServer
@@ -431,6 +460,7 @@ def cmd_measure(args) -> None:
                 print(f"Triton ready at {server.http_url} (HTTP), {server.grpc_url} (gRPC); log {server.log_path}")
                 result = costs.measure_costs(server, out, experiment_name=args.train_experiment,
                                              device_hour_usd=price, sweep_path=out.with_name("load.json"), **load)
+        _cost_figure(result, out.with_name("cost_vs_n.png"))
     for p in result["inference"]["points"]:
         print(f"  {p['shape']:14} N={p['n']:>10}  {p['tokens_per_s']:>10.0f} tokens/s  ${p['usd_per_million_tokens']:.4f} per 1M tokens")
     f = result["inference"]["fit"]

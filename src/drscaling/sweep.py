@@ -25,7 +25,7 @@ from tqdm import tqdm
 from drscaling import params, tracking
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_json, write_jsonl
-from drscaling.model import parse_shape
+from drscaling.model import check_shape, shape_cost
 from drscaling.train import Paths, TrainConfig, train
 
 PRESETS = tracking.REPO / "pipelines"
@@ -60,7 +60,7 @@ def points(preset: Preset, base: dict) -> list[tuple[str, TrainConfig]]:
     out: list[tuple[str, TrainConfig]] = []
 
     def add(sweep: str, shape: str, d: int, source: str = "human") -> None:
-        parse_shape(shape)
+        check_shape(shape)
         if d < 0:
             raise DrscalingError(f"preset {preset.name}: train_pairs must be >= 0 (got {d})")
         out.append((sweep, params.build(TrainConfig, common | {"shape": shape, "train_pairs": d, "annotation_source": source})))
@@ -162,8 +162,7 @@ def merge_results(folder: Path) -> list[dict]:
 
 
 def _cost(cfg: TrainConfig) -> float:
-    s = parse_shape(cfg.shape)
-    return s.layers * s.hidden**2 * cfg.steps
+    return shape_cost(cfg.shape) * cfg.steps
 
 
 def _run_exists(run_id: str) -> bool:

@@ -36,7 +36,7 @@ from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, build_evalset, contrastive_entropy, rank_split
 from drscaling.files import atomic_path, write_json
 from drscaling.model import (
-    Encoder, ModelMeta, build_model, check_lengths, load_tokenizer, resolve, save_model, tokenize,
+    Encoder, ModelMeta, build_model, check_lengths, load_tokenizer, save_model, tokenize, tokenizer_source,
 )
 
 
@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
     cindex = {p: i for i, p in enumerate(corpus_pids)}
     pos_idx = np.array([cindex[p] for p in pos_pids])
 
-    tokenizer = load_tokenizer(resolve(cfg.init)) if cfg.init else load_tokenizer(paths.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.shape, cfg.init, paths.tokenizer))
     encoder, meta = build_model(cfg.shape, tokenizer, cfg.dim, seed=cfg.seed, init=cfg.init or None)
     meta.max_query_len, meta.max_passage_len = cfg.eval.max_query_len, cfg.max_passage_len
     check_lengths(meta, cfg.max_query_len, cfg.max_passage_len, cfg.eval.max_query_len, cfg.eval.max_passage_len)
