@@ -25,6 +25,19 @@ def mlflow_store(tmp_path_factory) -> str:
     return uri
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uri_per_test(mlflow_store):
+    """Some tests point MLflow at their own store; mlflow keeps the URI in a process global that
+    outlives their monkeypatched environment. Every test starts from the session store again."""
+    import mlflow
+
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_store
+    mlflow.set_tracking_uri(mlflow_store)
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
 @pytest.fixture(scope="session")
 def raw_pairs(tmp_path_factory) -> Path:
     """The first 1,400 packages of the snapshot (restored by `dvc pull` in the test command)."""

@@ -57,14 +57,17 @@ def _split(names: list[str]) -> Split:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _offline_env(request):
+def _offline_env(request, tmp_path_factory):
     """No hub access, no API key from the caller's shell, the converted GGUF kept across test
     runs (MLflow goes to conftest's throwaway store)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("TRANSFORMERS_OFFLINE", "1")
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        mp.setenv("DRSCALING_GENERATOR_CACHE", str(request.config.cache.mkdir("drscaling-generator-cache")))
+        # pytest's cache folder keeps the converted GGUF across runs; CI disables the cache provider
+        cache = getattr(request.config, "cache", None)
+        folder = cache.mkdir("drscaling-generator-cache") if cache else tmp_path_factory.mktemp("generator-cache")
+        mp.setenv("DRSCALING_GENERATOR_CACHE", str(folder))
         for name in gen.API_KEY_ENV:
             mp.delenv(name, raising=False)
         yield

@@ -451,14 +451,15 @@ def cmd_measure(args) -> None:
     out = Path(args.out or f"{A}/costs/costs.json")
     load = {k: cfg[k] for k in ("batch_sizes", "concurrency", "duration_s", "seq_len", "protocol") if k in cfg}
     price = cfg.get("device_hour_usd", 3.93)
+    preset = args.preset or params.section("sweep").get("preset")
     with tracking.stage_run("measure", "measure", {"drscaling.stage": "measure"}):
         if args.url:
-            result = costs.measure_costs(args.url, out, experiment_name=args.train_experiment,
+            result = costs.measure_costs(args.url, out, experiment_name=args.train_experiment, preset=preset,
                                          device_hour_usd=price, sweep_path=out.with_name("load.json"), **load)
         else:
             with TritonServer(args.repo, log_path=Path(f"{A}/costs/triton.log")) as server:
                 print(f"Triton ready at {server.http_url} (HTTP), {server.grpc_url} (gRPC); log {server.log_path}")
-                result = costs.measure_costs(server, out, experiment_name=args.train_experiment,
+                result = costs.measure_costs(server, out, experiment_name=args.train_experiment, preset=preset,
                                              device_hour_usd=price, sweep_path=out.with_name("load.json"), **load)
         _cost_figure(result, out.with_name("cost_vs_n.png"))
     for p in result["inference"]["points"]:
@@ -601,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", default=f"{A}/serving/repo", help="start Triton on this repository")
     p.add_argument("--url", help="measure an already running server instead")
     p.add_argument("--train-experiment", default="sweeps", help="MLflow experiment holding the training runs")
+    p.add_argument("--preset", help="training cost from this sweep preset's runs (default: params sweep.preset)")
     p.add_argument("--out", help=f"default {A}/costs/costs.json")
     return ap
 

@@ -333,7 +333,7 @@ def _log_model_sweep(m: ServedModel, cells: list[dict], cfg: LoadConfig, point: 
 
 def training_costs(
     experiment_name: str | None = None, runs: Sequence | None = None,
-    device_hour_usd: float = DEFAULT_DEVICE_HOUR_USD,
+    device_hour_usd: float = DEFAULT_DEVICE_HOUR_USD, preset: str | None = None,
 ) -> dict:
     """$ per training step per shape from MLflow training runs, and usd_per_step(N) = a * N**b.
 
@@ -361,9 +361,10 @@ def training_costs(
             exp_ids = [exp.experiment_id]
         else:
             exp_ids = [e.experiment_id for e in client.search_experiments()]
-        found = client.search_runs(
-            exp_ids, filter_string=f"tags.`{STAGE_TAG}` = 'train'", max_results=50_000
-        ) if exp_ids else []
+        # One preset's runs share a step shape (batch, negatives, lengths): pooling runs of other
+        # presets would mix $/step of different steps.
+        where = f"tags.`{STAGE_TAG}` = 'train'" + (f" and tags.preset = '{preset}'" if preset else "")
+        found = client.search_runs(exp_ids, filter_string=where, max_results=50_000) if exp_ids else []
     per_shape: dict[str, dict] = {}
     for run in found:
         if run.data.tags.get(STAGE_TAG) != "train":
@@ -422,7 +423,7 @@ def combine(measured: dict, training: dict | None) -> dict:
 def measure_costs(
     url_or_server: str | TritonServer, out_path: str | Path, models: Sequence | None = None,
     experiment_name: str | None = None, device_hour_usd: float = DEFAULT_DEVICE_HOUR_USD,
-    sweep_path: str | Path | None = None, **load: object,
+    sweep_path: str | Path | None = None, preset: str | None = None, **load: object,
 ) -> dict:
     """Inference sweep + training costs -> the combined costs JSON at out_path (atomic).
 
@@ -433,7 +434,7 @@ def measure_costs(
     measured = measure(url_or_server, models, device_hour_usd=device_hour_usd,
                        out_path=sweep_path, **load)  # type: ignore[arg-type]
     try:
-        training = training_costs(experiment_name, device_hour_usd=device_hour_usd)
+        training = training_costs(experiment_name, device_hour_usd=device_hour_usd, preset=preset)
     except DrscalingError as exc:
         print(f"note: training costs left out: {exc}")
         training = None
