@@ -446,20 +446,25 @@ def _cost_figure(costs: dict, path: Path) -> None:
 def cmd_measure(args) -> None:
     from drscaling import costs, tracking
     from drscaling.serving import TritonServer
+    from drscaling.sweep import merge_results
 
     cfg = params.section("measure")
     out = Path(args.out or f"{A}/costs/costs.json")
     load = {k: cfg[k] for k in ("batch_sizes", "concurrency", "duration_s", "seq_len", "protocol") if k in cfg}
     price = cfg.get("device_hour_usd", 3.93)
     preset = args.preset or params.section("sweep").get("preset")
+    # Training $/step from exactly the runs behind this preset's results (an older preset of the same
+    # name may have used another step shape); without results, every training run of the experiment.
+    sweeps = Path(f"{A}/sweeps/{preset}")
+    runs = sorted({r["run_id"] for r in merge_results(sweeps)}) if list(sweeps.glob("results-*.jsonl")) else None
     with tracking.stage_run("measure", "measure", {"drscaling.stage": "measure"}):
         if args.url:
-            result = costs.measure_costs(args.url, out, experiment_name=args.train_experiment, preset=preset,
+            result = costs.measure_costs(args.url, out, experiment_name=args.train_experiment, preset=preset, runs=runs,
                                          device_hour_usd=price, sweep_path=out.with_name("load.json"), **load)
         else:
             with TritonServer(args.repo, log_path=Path(f"{A}/costs/triton.log")) as server:
                 print(f"Triton ready at {server.http_url} (HTTP), {server.grpc_url} (gRPC); log {server.log_path}")
-                result = costs.measure_costs(server, out, experiment_name=args.train_experiment, preset=preset,
+                result = costs.measure_costs(server, out, experiment_name=args.train_experiment, preset=preset, runs=runs,
                                              device_hour_usd=price, sweep_path=out.with_name("load.json"), **load)
         _cost_figure(result, out.with_name("cost_vs_n.png"))
     for p in result["inference"]["points"]:

@@ -423,7 +423,8 @@ def combine(measured: dict, training: dict | None) -> dict:
 def measure_costs(
     url_or_server: str | TritonServer, out_path: str | Path, models: Sequence | None = None,
     experiment_name: str | None = None, device_hour_usd: float = DEFAULT_DEVICE_HOUR_USD,
-    sweep_path: str | Path | None = None, preset: str | None = None, **load: object,
+    sweep_path: str | Path | None = None, preset: str | None = None, runs: Sequence | None = None,
+    **load: object,
 ) -> dict:
     """Inference sweep + training costs -> the combined costs JSON at out_path (atomic).
 
@@ -434,7 +435,7 @@ def measure_costs(
     measured = measure(url_or_server, models, device_hour_usd=device_hour_usd,
                        out_path=sweep_path, **load)  # type: ignore[arg-type]
     try:
-        training = training_costs(experiment_name, device_hour_usd=device_hour_usd, preset=preset)
+        training = training_costs(experiment_name, runs=runs, device_hour_usd=device_hour_usd, preset=preset)
     except DrscalingError as exc:
         print(f"note: training costs left out: {exc}")
         training = None
