@@ -65,10 +65,9 @@ def main() -> None:
     print(f"ours : {ours_s:.2f} s per evaluation (median of {args.repeats}); {(len(es.passages) + es.n_pairs) / ours_s:.0f} texts encoded/s; CE {ce:.4f}")
     print(f"naive: {naive_per_query:.2f} s per query (measured on {args.naive_queries}) -> {naive_total:.0f} s for {es.n_pairs}")
     print(f"speed-up: {naive_total / ours_s:.0f}x")
-    sub = EvalConfig(draws=args.draws, max_query_len=32, max_passage_len=128)
     # the two implementations agree on the queries both scored (same negatives)
-    p = encode(enc, tok, es.passages, sub.max_passage_len)
-    q = encode(enc, tok, es.queries[: args.naive_queries], sub.max_query_len)
+    p = encode(enc, tok, es.passages, cfg.max_passage_len)
+    q = encode(enc, tok, es.queries[: args.naive_queries], cfg.max_query_len)
     from drscaling.evaluate import contrastive_entropy_from_scores
 
     ours_subset = contrastive_entropy_from_scores(q @ p.T, es.positive[: args.naive_queries], es.negatives[:, : args.naive_queries])

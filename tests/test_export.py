@@ -12,7 +12,7 @@ from drscaling.errors import DrscalingError
 from drscaling.export import (
     PARITY_TEXTS, _check_variant, export_onnx, ort_encode_fn, ort_session, quality_delta,
 )
-from drscaling.model import build_model, encode, load_model, save_model, train_tokenizer
+from drscaling.model import encode, load_model
 from conftest import CORPUS  # noqa: E402  (shared tiny model and export fixtures live in conftest)
 
 def test_export_parity_and_layout(tiny_model, tiny_onnx):

@@ -14,6 +14,7 @@ and the minimum test contrastive entropy over training (the paper's figure of me
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -224,7 +225,7 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.bf16 else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.bf16 else contextlib.nullcontext()
 
     ckpt_dir = paths.out / "checkpoint"
     state = load_checkpoint(ckpt_dir, cfg, encoder, opt, sched) or {
@@ -286,14 +287,6 @@ def finished(out: Path, cfg: TrainConfig, data_key: str) -> dict | None:
     if done.get("config_key") == cfg.key() and done.get("data_key") == data_key:
         return done
     return None
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _evaluate_step(encoder, tokenizer, dev, test, cfg, state, paths, meta, device, mlflow) -> None:
