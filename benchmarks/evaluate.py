@@ -20,7 +20,7 @@ import torch
 
 from drscaling.data import load_split
 from drscaling.evaluate import EvalConfig, build_evalset, contrastive_entropy
-from drscaling.model import build_model, encode, load_tokenizer
+from drscaling.model import Retriever, Tower, build_model, encode, load_tokenizer
 
 
 def naive_ce(encoder, tok, es, cfg: EvalConfig, queries: int) -> float:
@@ -46,14 +46,15 @@ def main() -> None:
     args = ap.parse_args()
     cfg = EvalConfig(draws=args.draws, max_query_len=32, max_passage_len=128)
     tok = load_tokenizer(args.tokenizer)
-    enc, _ = build_model(args.shape, tok)
+    enc, meta = build_model(args.shape, tok)
+    retriever = Retriever.single(Tower(enc, tok, meta))
     es = build_evalset(load_split(args.prepared, "test"), "test", cfg)
     torch.manual_seed(0)
 
     ours = []
     for _ in range(args.repeats):
         t = time.perf_counter()
-        ce = contrastive_entropy(enc, tok, es, cfg)
+        ce = contrastive_entropy(retriever, es, cfg)
         ours.append(time.perf_counter() - t)
     t = time.perf_counter()
     naive_value = naive_ce(enc, tok, es, cfg, args.naive_queries)

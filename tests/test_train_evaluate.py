@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
@@ -20,7 +21,7 @@ from drscaling.evaluate import (
     EvalConfig, build_evalset, contrastive_entropy, contrastive_entropy_from_scores, evaluate_model,
     ranking_metrics,
 )
-from drscaling.model import build_model, load_tokenizer, parse_shape
+from drscaling.model import Retriever, Tower, build_model, load_model, load_retriever, load_tokenizer, parse_shape
 from drscaling.train import Paths, TrainConfig, train
 
 EVAL = EvalConfig(negatives=64, draws=3, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=500)
@@ -86,9 +87,9 @@ def test_non_embedding_parameter_count():
 def test_training_lowers_contrastive_entropy_and_logs_to_mlflow(prepared, annotations, tokenizer_dir, tmp_path):
     cfg = small_cfg(steps=100, eval_every=25, checkpoint_every=50)
     tok = load_tokenizer(tokenizer_dir)
-    untrained, _ = build_model(cfg.shape, tok, cfg.dim, seed=cfg.seed)
+    untrained, meta = build_model(cfg.shape, tok, cfg.dim, seed=cfg.seed)
     es = build_evalset(load_split(prepared, "test"), "test", EVAL)
-    ce_untrained = contrastive_entropy(untrained, tok, es, EVAL)
+    ce_untrained = contrastive_entropy(Retriever.single(Tower(untrained, tok, meta)), es, EVAL)
 
     m = train(cfg, paths(prepared, annotations, tokenizer_dir, tmp_path / "run"), tags={"purpose": "test"})
     assert m["ce_test_min"] < ce_untrained - 0.3, (m["ce_test_min"], ce_untrained)
@@ -158,6 +159,7 @@ def test_resume_after_kill_reaches_the_same_metrics(prepared, annotations, token
         ({"negatives": 10**6}, "too few for 1000000 negatives"),
         ({"annotation_source": "llm"}, "run `drscaling annotate`"),
         ({"steps": 0}, "must be positive"),
+        ({"towers": "triple"}, "towers must be one of shared, dual"),
     ],
 )
 def test_bad_parameters_fail_before_compute(prepared, annotations, tokenizer_dir, tmp_path, kw, message):
@@ -208,3 +210,43 @@ def test_pretrained_series_truncates_layers():
     assert meta.n_non_embedding == 2 * per_layer + 2 * 384 + 384 * 768 + 768
     with pytest.raises(DrscalingError, match="layers 1..6"):
         check_shape("minilm-L7")
+
+
+def test_dual_towers_train_save_and_evaluate(prepared, annotations, tokenizer_dir, tmp_path):
+    cfg = small_cfg(towers="dual", steps=20, eval_every=10, checkpoint_every=10)
+    m = train(cfg, paths(prepared, annotations, tokenizer_dir, tmp_path / "run"))
+    model = tmp_path / "run/model"
+    assert (model / "towers.json").exists() and (model / "query/drscaling.json").exists()
+    retriever = load_retriever(model)
+    assert not retriever.shared
+    q_w = retriever.query.encoder.projection.weight
+    p_w = retriever.passage.encoder.projection.weight
+    assert not torch.equal(q_w, p_w)  # same start, different updates: the towers parted ways
+    with pytest.raises(DrscalingError, match="dual towers"):
+        load_model(model)
+    result = evaluate_model(model, prepared, "test", EVAL)
+    assert result["ce"] == pytest.approx(m["ce_test_at_best_dev"], abs=1e-4)
+    assert result["query_shape"] == "bert-L2-H128"
+    run = mlflow.get_run(m["run_id"])
+    assert run.data.tags["towers"] == "dual"
+    assert int(run.data.params["n_non_embedding_total"]) == 2 * m["n"]
+
+
+def test_ddp_two_cpu_processes_with_torchrun(prepared, annotations, tokenizer_dir, tmp_path):
+    """DistributedDataParallel (gloo on CPU): each rank embeds its slice of the batch in one forward."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "drscaling", "train", "--prepared", str(prepared), "--annotations", str(annotations),
+           "--tokenizer", str(tokenizer_dir), "--shape", "bert-L2-H128", "--steps", "6", "--batch-size", "8",
+           "--negatives", "16", "--max-query-len", "16", "--max-passage-len", "32", "--dim", "32",
+           "--eval-every", "6", "--eval-negatives", "32", "--eval-draws", "2", "--eval-rank-pool", "0",
+           "--eval-max-query-len", "16", "--eval-max-passage-len", "32", "--out", str(out)]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and np.isfinite(metrics["ce_test_min"])
+    run = mlflow.get_run(metrics["run_id"])
+    assert run.info.status == "FINISHED"
+    # every step counted both ranks' tokens
+    assert metrics["train_tokens_per_step"] > 8 * 16

@@ -308,17 +308,10 @@ def cmd_summary(args) -> None:
 
 def _ce_metric(prepared: str | Path, cfg):
     """Contrastive entropy on the test split for any encode(texts, max_len) function (export variants)."""
-    from drscaling.data import load_split
-    from drscaling.evaluate import build_evalset, contrastive_entropy_from_scores
+    from drscaling.evaluate import cached_evalset, embed_evalset
 
-    es = build_evalset(load_split(prepared, "test"), "test", cfg)
-
-    def metric(encode_fn) -> float:
-        p = encode_fn(es.passages, cfg.max_passage_len)
-        q = encode_fn(es.queries, cfg.max_query_len)
-        return contrastive_entropy_from_scores(q @ p.T, es.positive, es.negatives)
-
-    return metric
+    es = cached_evalset(prepared, "test", cfg)
+    return lambda encode_fn: embed_evalset(encode_fn, encode_fn, es, cfg).ce()
 
 
 def export_one(model: str | Path, out: Path, variants: list[str], prepared, eval_cfg, repo: Path | None, name: str,

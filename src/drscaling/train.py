@@ -34,17 +34,21 @@ from drscaling import tracking
 from drscaling.annotate import load_annotations
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
-from drscaling.evaluate import EvalConfig, build_evalset, contrastive_entropy, rank_split
+from drscaling.evaluate import EvalConfig, cached_evalset, embed_evalset, encode_fns, rank_split
 from drscaling.files import atomic_path, write_json
 from drscaling.model import (
-    Encoder, ModelMeta, build_model, check_lengths, load_tokenizer, save_model, tokenize, tokenizer_source,
+    ModelMeta, Retriever, Tower, Towers, build_model, check_lengths, load_retriever, save_retriever,
+    shape_tokenizer, tokenize,
 )
+
+TOWER_KINDS = ("shared", "dual")
 
 
 @dataclass
 class TrainConfig:
     shape: str = "bert-L2-H128"
     init: str = ""  # "" = from config with the shared tokenizer; else a folder or hub name
+    towers: str = "shared"  # shared: one encoder (the paper); dual: separate query and passage towers
     annotation_source: str = "human"
     train_pairs: int = 0  # D; 0 = all available pairs
     steps: int = 200
@@ -105,6 +109,8 @@ def training_pairs(paths: Paths, cfg: TrainConfig) -> tuple[list[str], list[str]
 
 
 def check_config(cfg: TrainConfig, n_corpus: int) -> None:
+    if cfg.towers not in TOWER_KINDS:
+        raise DrscalingError(f"towers must be one of {', '.join(TOWER_KINDS)} (got '{cfg.towers}')")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise DrscalingError(f"steps, batch_size and lr must be positive (got {cfg.steps}, {cfg.batch_size}, {cfg.lr})")
     if cfg.negatives < 1:
@@ -144,17 +150,17 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, in_batch
 # ---------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, encoder: Encoder, opt, sched, state: dict) -> None:
+def save_checkpoint(path: Path, towers: Towers, opt, sched, state: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.mkdir()
         torch.save(
-            {"model": encoder.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            {"model": towers.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
              "torch_rng": torch.get_rng_state(), "state": state},
             tmp / "checkpoint.pt",
         )
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, encoder: Encoder, opt, sched) -> dict | None:
+def load_checkpoint(path: Path, cfg: TrainConfig, towers: Towers, opt, sched) -> dict | None:
     file = path / "checkpoint.pt"
     if not file.exists():
         return None
@@ -166,7 +172,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig, encoder: Encoder, opt, sched) 
             " use another output folder or delete the checkpoint"
         )
     try:
-        encoder.load_state_dict(ck["model"])
+        towers.load_state_dict(ck["model"])
     except RuntimeError as exc:
         raise DrscalingError(f"checkpoint {path} does not fit shape {cfg.shape}: {exc}") from exc
     opt.load_state_dict(ck["opt"])
@@ -205,22 +211,28 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
     cindex = {p: i for i, p in enumerate(corpus_pids)}
     pos_idx = np.array([cindex[p] for p in pos_pids])
 
-    tokenizer = load_tokenizer(tokenizer_source(cfg.shape, cfg.init, paths.tokenizer))
+    tokenizer = shape_tokenizer(cfg.shape, cfg.init, paths.tokenizer)
     encoder, meta = build_model(cfg.shape, tokenizer, cfg.dim, seed=cfg.seed, init=cfg.init or None)
     meta.max_query_len, meta.max_passage_len = cfg.eval.max_query_len, cfg.max_passage_len
     check_lengths(meta, cfg.max_query_len, cfg.max_passage_len, cfg.eval.max_query_len, cfg.eval.max_passage_len)
-    dev = build_evalset(load_split(paths.prepared, "dev"), "dev", cfg.eval)
-    test = build_evalset(load_split(paths.prepared, "test"), "test", cfg.eval)
+    # Dual towers start as two copies of the same checkpoint (ScalingNote stage 1), then part ways.
+    passage = build_model(cfg.shape, tokenizer, cfg.dim, seed=cfg.seed, init=cfg.init or None)[0] if cfg.towers == "dual" else None
+    towers = Towers(encoder, passage)
+    query_tower = Tower(encoder, tokenizer, meta)
+    retriever = Retriever(query_tower, Tower(passage, tokenizer, meta) if passage is not None else query_tower)
+    dev = cached_evalset(paths.prepared, "dev", cfg.eval)
+    test = cached_evalset(paths.prepared, "test", cfg.eval)
 
     device = _device()
-    encoder.to(device)
+    towers.to(device)
     if cfg.gradient_checkpointing:
-        encoder.backbone.gradient_checkpointing_enable()
-    model = encoder
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(encoder, device_ids=[rank] if device == "cuda" else None)
-    decay = [p for n, p in encoder.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in encoder.named_parameters() if p.ndim <= 1]
+        for module in {id(m): m for m in (encoder, towers.passage_encoder())}.values():
+            module.backbone.gradient_checkpointing_enable()
+    model = towers
+    if world > 1:  # one forward per step embeds both sides, as DDP requires
+        model = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[rank] if device == "cuda" else None)
+    decay = [p for p in towers.parameters() if p.ndim > 1]
+    no_decay = [p for p in towers.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
@@ -228,13 +240,14 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.bf16 else contextlib.nullcontext()
 
     ckpt_dir = paths.out / "checkpoint"
-    state = load_checkpoint(ckpt_dir, cfg, encoder, opt, sched) or {
+    state = load_checkpoint(ckpt_dir, cfg, towers, opt, sched) or {
         "step": 0, "config_key": cfg.key(), "shape": cfg.shape, "run_id": None, "history": [],
         "best_dev": float("inf"), "test_at_best_dev": float("inf"), "test_min": float("inf"),
         "best_step": 0, "step_seconds": [], "tokens": [], "data_key": data_key,
     }
     resumed = state["step"] > 0
     mlflow = _start_mlflow(cfg, meta, len(queries), state, tags, rank)
+    best_test: dict = {}  # the best-dev model's test embeddings, reused by the final ranking metrics
     if rank == 0:
         state["run_id"] = mlflow.active_run().info.run_id if mlflow else None
     try:
@@ -248,8 +261,8 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
             q = tokenize(tokenizer, [queries[i] for i in batch], cfg.max_query_len)
             p = tokenize(tokenizer, [pos_texts[i] for i in batch] + [corpus_texts[i] for i in negs], cfg.max_passage_len)
             with autocast:
-                qe = model(**{k: v.to(device) for k, v in q.items()})
-                pe = model(**{k: v.to(device) for k, v in p.items()})
+                qe, pe = model(q["input_ids"].to(device), q["attention_mask"].to(device),
+                               p["input_ids"].to(device), p["attention_mask"].to(device))
                 loss = contrastive_loss(qe, pe[: len(batch)], pe[len(batch):], cfg.in_batch_negatives)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -263,10 +276,10 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
                 mlflow.log_metric("train_loss", loss.item(), step=step + 1)
             last = step + 1 == cfg.steps
             if rank == 0 and ((step + 1) % cfg.eval_every == 0 or last):
-                _evaluate_step(encoder, tokenizer, dev, test, cfg, state, paths, meta, device, mlflow)
+                _evaluate_step(retriever, dev, test, cfg, state, paths, device, mlflow, best_test)
             if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or last):
-                save_checkpoint(ckpt_dir, encoder, opt, sched, state)
-        metrics = _finish(cfg, paths, state, meta, len(queries), device, mlflow) if rank == 0 else {}
+                save_checkpoint(ckpt_dir, towers, opt, sched, state)
+        metrics = _finish(cfg, paths, state, meta, len(queries), device, mlflow, best_test) if rank == 0 else {}
     except BaseException as exc:
         if mlflow and rank == 0:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -289,15 +302,18 @@ def finished(out: Path, cfg: TrainConfig, data_key: str) -> dict | None:
     return None
 
 
-def _evaluate_step(encoder, tokenizer, dev, test, cfg, state, paths, meta, device, mlflow) -> None:
-    ce_dev = contrastive_entropy(encoder, tokenizer, dev, cfg.eval, device)
-    ce_test = contrastive_entropy(encoder, tokenizer, test, cfg.eval, device)
+def _evaluate_step(retriever: Retriever, dev, test, cfg, state, paths, device, mlflow, best_test: dict) -> None:
+    fns = encode_fns(retriever, cfg.eval, device)
+    ce_dev = embed_evalset(*fns, dev, cfg.eval).ce()
+    embedded_test = embed_evalset(*fns, test, cfg.eval)
+    ce_test = embedded_test.ce()
     step = state["step"]
     state["history"].append({"step": step, "ce_dev": ce_dev, "ce_test": ce_test})
     state["test_min"] = min(state["test_min"], ce_test)
     if ce_dev < state["best_dev"]:
         state.update(best_dev=ce_dev, test_at_best_dev=ce_test, best_step=step)
-        save_model(encoder, tokenizer, meta, paths.out / "model")  # the best-dev model is the artifact
+        save_retriever(retriever, paths.out / "model")  # the best-dev model is the artifact
+        best_test["embedded"] = embedded_test
     if mlflow:
         mlflow.log_metrics({"ce_dev": ce_dev, "ce_test": ce_test}, step=step)
 
@@ -318,20 +334,20 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "eval"}
     params |= {f"eval_{k}": v for k, v in dataclasses.asdict(cfg.eval).items()}
     params |= {"n_non_embedding": meta.n_non_embedding, "d": d, "config_key": cfg.key(),
+               "n_non_embedding_total": meta.n_non_embedding * (2 if cfg.towers == "dual" else 1),
                "git_commit": tracking.git_commit(), "data_version": tracking.data_version(),
                "device": _device()}
     mlflow.log_params(params)
-    mlflow.set_tags({"drscaling.stage": "train", "shape": cfg.shape, "source": cfg.annotation_source,
+    mlflow.set_tags({"drscaling.stage": "train", "shape": cfg.shape, "source": cfg.annotation_source, "towers": cfg.towers,
                      "n": str(meta.n_non_embedding), "d": str(d), **(tags or {})})
     return mlflow
 
 
-def _finish(cfg, paths, state, meta, d, device, mlflow) -> dict:
-    from drscaling.model import load_model
-
-    best, tokenizer, _ = load_model(paths.out / "model")
-    best.to(device)
-    ranks = rank_split(best, tokenizer, paths.prepared, load_split(paths.prepared, "test"), cfg.eval, device) if cfg.eval.rank_pool else {}
+def _finish(cfg, paths, state, meta, d, device, mlflow, best_test: dict) -> dict:
+    # A resumed run may not hold the best model's test embeddings: then the ranking encodes them.
+    best = load_retriever(paths.out / "model").to(device)
+    test = load_split(paths.prepared, "test")
+    ranks = rank_split(best, paths.prepared, test, cfg.eval, device, known=best_test.get("embedded")) if cfg.eval.rank_pool else {}
     secs = state["step_seconds"]
     metrics = {
         "ce_dev_best": state["best_dev"], "ce_test_at_best_dev": state["test_at_best_dev"],
