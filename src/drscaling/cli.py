@@ -254,6 +254,8 @@ def cmd_budget(args) -> None:
 
     cfg = params.section("budget")
     pick = lambda name, default=None: v if (v := getattr(args, name, None)) is not None else cfg.get(name, default)  # noqa: E731
+    if args.towers:
+        return cmd_budget_towers(args, pick)
     mode = pick("costs", "paper")
     if args.show_derivation or mode == "paper":
         print("\n".join(B.paper_derivation()))
@@ -286,6 +288,41 @@ def cmd_budget(args) -> None:
     print(B.format_recommendation(result))
 
 
+def cmd_budget_towers(args, pick) -> None:
+    """Which dual-tower deployment for the budget: large / large passage + distilled query / small."""
+    import dataclasses
+
+    import mlflow
+
+    from drscaling import budget as B
+    from drscaling import tracking
+
+    # Each workload number: the flag, else params budget.towers, else budget.measured (the corpus), else the default.
+    layers = (vars(args), params.section("budget").get("towers") or {}, params.section("budget").get("measured") or {})
+
+    def value(name: str, default: float) -> float:
+        return float(next((d[name] for d in layers if d.get(name) is not None), default))
+
+    workload = B.TowerWorkload(**{f.name: value(f.name, f.default) for f in dataclasses.fields(B.TowerWorkload)})
+    mode = pick("costs", "measured")
+    out = Path(args.out or f"{A}/budget-towers")
+    costs_path = pick("costs_path", f"{A}/costs/costs.json") if mode == "measured" else None
+    result = B.run_tower_budget(args.towers, float(pick("budget", 20000)), mode, costs_path, out, workload)
+    with tracking.stage_run("budget", f"budget-towers-{mode}-{result['budget']:g}",
+                            {"drscaling.stage": "budget", "costs": mode, "drscaling.towers": "true"}):
+        mlflow.log_params({"budget": result["budget"], "costs": mode, "towers": args.towers}
+                          | {f"workload_{k}": v for k, v in result["workload"].items()})
+        for r in result["deployments"]:
+            if "cost" in r:
+                mlflow.log_metrics({f"{r['name']}_{k}_usd": v for k, v in r["cost"].items()
+                                    if isinstance(v, float)} | {f"{r['name']}_ce": r["ce"],
+                                                                f"{r['name']}_fits": float(r["fits"])})
+        mlflow.set_tag("best_deployment", result["best"] or "none")
+        mlflow.log_artifact(str(out / "towers.json"), artifact_path="budget")
+    print(B.format_tower_comparison(result))
+    print(f"written to {out / 'towers.json'}")
+
+
 def cmd_summary(args) -> None:
     """What the default pipeline produced, from its files (also when `dvc repro` had nothing to do)."""
     from drscaling.budget import format_recommendation
@@ -307,11 +344,12 @@ def cmd_summary(args) -> None:
 
 
 def _ce_metric(prepared: str | Path, cfg):
-    """Contrastive entropy on the test split for any encode(texts, max_len) function (export variants)."""
+    """Contrastive entropy on the test split for any encode(texts, max_len) function (export variants),
+    or for a query and a passage encode function (dual towers)."""
     from drscaling.evaluate import cached_evalset, embed_evalset
 
     es = cached_evalset(prepared, "test", cfg)
-    return lambda encode_fn: embed_evalset(encode_fn, encode_fn, es, cfg).ce()
+    return lambda query_fn, passage_fn=None: embed_evalset(query_fn, passage_fn or query_fn, es, cfg).ce()
 
 
 def export_one(model: str | Path, out: Path, variants: list[str], prepared, eval_cfg, repo: Path | None, name: str,
@@ -322,10 +360,13 @@ def export_one(model: str | Path, out: Path, variants: list[str], prepared, eval
         record = export.export_onnx(model, out, variants=tuple(variants))
         quality = export.quality_delta(out, _ce_metric(prepared, eval_cfg), model_dir=model)
     if repo is not None:
-        serving.build_model_repository(out, repo, name, variant=serve_cfg.get("variant", "fp32"),
-                                       max_batch_size=serve_cfg.get("max_batch_size", 64),
-                                       instances=serve_cfg.get("instances", 1),
-                                       intra_op_threads=serve_cfg.get("intra_op_threads", 0))
+        from drscaling.model import is_dual
+
+        # Dual towers become two models, <name>-query and <name>-passage.
+        build = serving.build_tower_repository if is_dual(out) else serving.build_model_repository
+        build(out, repo, name, variant=serve_cfg.get("variant", "fp32"),
+              max_batch_size=serve_cfg.get("max_batch_size", 64), instances=serve_cfg.get("instances", 1),
+              intra_op_threads=serve_cfg.get("intra_op_threads", 0))
     return {"record": record, "quality": quality}
 
 
@@ -352,8 +393,14 @@ def cmd_export(args) -> None:
         result = export_one(model, out_root / name if len(targets) > 1 or args.from_sweep else out_root, variants,
                             prepared, eval_cfg, repo, name, serve_cfg)
         q = result["quality"]
-        deltas = ", ".join(f"{v}: CE {d['value']:.4f} ({d['delta']:+.4f})" for v, d in q["variants"].items())
+        deltas = ", ".join(f"{v}: CE {d['value']:.4f} ({d['delta']:+.4f})" for v, d in q["variants"].items()
+                           if d.get("value") is not None)
         print(f"{name}: exported {', '.join(variants)}; torch CE {q['torch']:.4f}; {deltas}")
+        for side, rec in (result["record"].get("towers") or {}).items():
+            fp32 = rec["variants"]["fp32"]
+            print(f"  {side} tower {rec['shape']} (N={rec['n_non_embedding']:,}): fp32 max |diff| "
+                  f"{fp32['parity']['max_abs_diff']:.2g}, {fp32['size_bytes'] / 2**20:.0f} MiB"
+                  + (f"; served as {name}-{side}" if repo is not None else ""))
     if repo is not None:
         print(f"Triton model repository: {repo}  (start it with `drscaling serve --repo {repo}`)")
 
@@ -379,7 +426,8 @@ def cmd_encode(args) -> None:
 
     from drscaling.serving import encode_texts
 
-    emb = encode_texts(args.url, args.model, _read_texts(args), protocol=args.protocol, tokenizer=args.tokenizer)
+    emb = encode_texts(args.url, args.model, _read_texts(args), protocol=args.protocol, tokenizer=args.tokenizer,
+                       role=args.role)
     if args.out:
         from drscaling.files import atomic_open
 
@@ -443,7 +491,8 @@ def cmd_measure(args) -> None:
 
     cfg = params.section("measure")
     out = Path(args.out or f"{A}/costs/costs.json")
-    load = {k: cfg[k] for k in ("batch_sizes", "concurrency", "duration_s", "seq_len", "protocol") if k in cfg}
+    load = {k: cfg[k] for k in ("batch_sizes", "concurrency", "duration_s", "seq_len", "protocol", "query_seq_len",
+                                "query_concurrency", "passage_batch", "passage_seq_len", "passage_concurrency") if k in cfg}
     price = cfg.get("device_hour_usd", 3.93)
     preset = args.preset or params.section("sweep").get("preset")
     # Training $/step from exactly the runs behind this preset's results (an older preset of the same
@@ -462,6 +511,14 @@ def cmd_measure(args) -> None:
         _cost_figure(result, out.with_name("cost_vs_n.png"))
     for p in result["inference"]["points"]:
         print(f"  {p['shape']:14} N={p['n']:>10}  {p['tokens_per_s']:>10.0f} tokens/s  ${p['usd_per_million_tokens']:.4f} per 1M tokens")
+    for t in result.get("towers", []):
+        if t["tower"] == "query":
+            lat = ", ".join(f"c={x['concurrency']}: p50 {x['p50_ms']:.2f} ms, p99 {x['p99_ms']:.2f} ms, "
+                            f"{x['queries_per_s']:.0f} q/s" for x in t["latency"])
+            print(f"  query tower   {t['model']:22} {t['shape']:14} batch 1 x {t['seq_len']} tokens: {lat}")
+        else:
+            print(f"  passage tower {t['model']:22} {t['shape']:14} batch {t['batch']} x {t['seq_len']} tokens: "
+                  f"{t['passages_per_s']:.0f} passages/s, {t['tokens_per_s']:.0f} tokens/s")
     f = result["inference"]["fit"]
     print(f"inference cost fit: $/token = {f['a']:.3g} * N^{f['b']:.3f}")
     if "training" in result:
@@ -561,10 +618,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--laws")
     p.add_argument("--out")
     p.add_argument("--show-derivation", action="store_true", help="print eq. 12-14 from their parts")
+    p.add_argument("--towers", metavar="METRICS_JSON",
+                   help="compare dual-tower deployments instead (large; large passage + distilled query; small) "
+                        "from `drscaling distill`'s metrics.json; writes <out>/towers.json (default out "
+                        f"{A}/budget-towers); uses --budget, --costs, --costs-path, --corpus-pages, --tokens-per-page")
+    p.add_argument("--query-volume", type=float, help="--towers: queries served over the deployment's life")
+    p.add_argument("--tokens-per-query", type=float, help="--towers: tokens per query")
+    p.add_argument("--usd-per-pair", type=float,
+                   help="--towers: $/pair for entries that record 'pairs' but no 'annotation_usd'")
     cmd("summary", cmd_summary, "print the fitted laws and the budget recommendation")
 
     p = cmd("export", cmd_export, "export trained encoders to ONNX (+ optimised variants) and a Triton repository")
-    p.add_argument("--model", help="model folder, runs:/<run id>/model, or a run id")
+    p.add_argument("--model", help="model folder, runs:/<run id>/model, or a run id; a dual-tower folder "
+                                   "(query/ + passage/) exports to <out>/query and <out>/passage and is "
+                                   "served as <name>-query and <name>-passage")
     p.add_argument("--name", help="model name in the repository (default: from the folder)")
     p.add_argument("--from-sweep", metavar="PRESET", help="export every shape of that preset's model sweep")
     p.add_argument("--variants", nargs="+", choices=["fp32", "opt", "fp16", "int8"])
@@ -583,9 +650,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = cmd(name, func, help)
         p.add_argument("--url", default="127.0.0.1:8000", help="host:port of Triton (HTTP or gRPC port)")
         p.add_argument("--protocol", choices=["http", "grpc"], default="http")
-        p.add_argument("--model", required=True, help="model name in the repository")
+        p.add_argument("--model", required=True,
+                       help="model name in the repository; for dual towers the pair's name NAME (queries go "
+                            "through NAME-query, passages through NAME-passage) or a tower's own name")
         p.add_argument("--tokenizer", help="tokenizer folder (default: <repo>/<model>/1/tokenizer)")
         if name == "encode":
+            p.add_argument("--role", choices=["query", "passage"],
+                           help="embed the texts as queries or passages: picks the pair's tower and the "
+                                "truncation length (default: the model as named, passage length)")
             p.add_argument("texts", nargs="*")
             p.add_argument("--file", help="one text per line")
             p.add_argument("--out", help="write embeddings as .npy")
@@ -596,7 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--index", required=True)
             p.add_argument("-k", type=int, default=10)
             p.add_argument("query")
-    p = cmd("measure", cmd_measure, "load-test served encoders on Triton and fit $ per token (and $ per step) against N")
+    p = cmd("measure", cmd_measure, "load-test served encoders on Triton and fit $ per token (and $ per step) against N; "
+            "query towers: latency at batch 1 (concurrency 1 and 8), passage towers: throughput at batch 32")
     p.add_argument("--repo", default=f"{A}/serving/repo", help="start Triton on this repository")
     p.add_argument("--url", help="measure an already running server instead")
     p.add_argument("--train-experiment", default="sweeps", help="MLflow experiment holding the training runs")

@@ -16,6 +16,20 @@ The combined file (`measure_costs`) is what the budget module reads:
      "training":  {"points": [{"shape", "n", "step_s", "tokens_per_step", "usd_per_step"}],
                    "fit": {"a", "b"}}}            # usd per step = a * N**b
 "training" is absent when no training runs exist yet.
+
+Dual towers (models labelled `tower` = query / passage in their config, see serving.py) are not
+swept over the grid but measured at their own operating point: a query tower answers one query at
+a time, so its cost is latency at batch 1 (concurrency 1 and under concurrent load); a passage
+tower encodes the corpus in bulk, so its cost is throughput at batch `passage_batch`. The combined
+file then also holds
+    "towers": [{"tower": "query", "retriever", "model", "shape", "n", "seq_len", "batch": 1,
+                "latency": [{"concurrency", "p50_ms", "p99_ms", "queries_per_s"}],
+                "tokens_per_s", "usd_per_million_tokens"},     # best tokens/s over the concurrencies
+               {"tower": "passage", "retriever", "model", "shape", "n", "seq_len", "batch",
+                "concurrency", "passages_per_s", "tokens_per_s", "p50_ms", "p99_ms",
+                "usd_per_million_tokens"}]
+The inference fit is over the throughput points (shared models and passage towers); query towers
+join it only when nothing else was measured.
 """
 
 from __future__ import annotations
@@ -42,11 +56,21 @@ DEFAULT_DEVICE_HOUR_USD = 3.93
 STAGE_TAG = "drscaling.stage"
 
 
+TOWER_KEYS = {
+    "query": ("tower", "retriever", "model", "shape", "n", "seq_len", "batch", "latency", "tokens_per_s",
+              "usd_per_million_tokens"),
+    "passage": ("tower", "retriever", "model", "shape", "n", "seq_len", "batch", "concurrency",
+                "passages_per_s", "tokens_per_s", "p50_ms", "p99_ms", "usd_per_million_tokens"),
+}
+
+
 @dataclass
 class ServedModel:
     name: str
     shape: str
     n: int  # non-embedding parameters
+    tower: str = "shared"  # "query" / "passage": one tower of a dual pair, measured at its operating point
+    retriever: str = ""
 
 
 @dataclass
@@ -58,6 +82,12 @@ class LoadConfig:
     seq_len: int = 64
     max_requests: int = 100_000  # per (batch, concurrency) cell: a hard cap besides the duration
     protocol: str = "grpc"
+    # Dual towers: queries one at a time (latency), passages in bulk (throughput).
+    query_seq_len: int = 32
+    query_concurrency: tuple[int, ...] = (1, 8)
+    passage_batch: int = 32
+    passage_seq_len: int = 128
+    passage_concurrency: tuple[int, ...] = (1,)
 
     def validate(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -66,8 +96,23 @@ class LoadConfig:
             raise DrscalingError(f"concurrency must lie in 1..256 (got {self.concurrency})")
         if not 0 < self.duration_s <= 600:
             raise DrscalingError(f"duration_s must lie in (0, 600] (got {self.duration_s})")
-        if self.seq_len < 2:
-            raise DrscalingError(f"seq_len must be >= 2 (got {self.seq_len})")
+        for name in ("seq_len", "query_seq_len", "passage_seq_len"):
+            if getattr(self, name) < 2:
+                raise DrscalingError(f"{name} must be >= 2 (got {getattr(self, name)})")
+        if self.passage_batch < 1:
+            raise DrscalingError(f"passage_batch must be >= 1 (got {self.passage_batch})")
+        for name in ("query_concurrency", "passage_concurrency"):
+            values = getattr(self, name)
+            if not values or min(values) < 1 or max(values) > 256:
+                raise DrscalingError(f"{name} must lie in 1..256 (got {values})")
+
+    def cells(self, tower: str) -> list[tuple[int, int, int]]:
+        """(batch, concurrency, seq_len) of every load cell a model of this role is measured at."""
+        if tower == "query":
+            return [(1, c, self.query_seq_len) for c in self.query_concurrency]
+        if tower == "passage":
+            return [(self.passage_batch, c, self.passage_seq_len) for c in self.passage_concurrency]
+        return [(b, c, self.seq_len) for b in self.batch_sizes for c in self.concurrency]
         if self.protocol not in ("http", "grpc"):
             raise DrscalingError(f"protocol must be 'http' or 'grpc' (got '{self.protocol}')")
 
@@ -113,13 +158,16 @@ def device_description() -> str:
 
 def run_load(
     url: str | TritonServer, model: str, batch: int, concurrency: int, cfg: LoadConfig,
+    seq_len: int | None = None,
 ) -> dict:
     """`concurrency` threads, each with its own client, send fixed [batch, seq_len] requests
-    back to back for cfg.duration_s (after cfg.warmup_s); returns throughput and latency."""
+    back to back for cfg.duration_s (after cfg.warmup_s); returns throughput and latency.
+    seq_len defaults to cfg.seq_len."""
+    seq_len = seq_len or cfg.seq_len
     rng = np.random.default_rng(0)
     # Ids below 100 exist in every vocabulary here (train_tokenizer's minimum); inference cost
     # does not depend on which ids they are.
-    ids = rng.integers(5, 100, size=(batch, cfg.seq_len), dtype=np.int64)
+    ids = rng.integers(5, 100, size=(batch, seq_len), dtype=np.int64)
     mask = np.ones_like(ids)
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors: list[str] = []
@@ -184,10 +232,10 @@ def run_load(
     elapsed = min(cfg.duration_s, max(time.perf_counter() - window["start"], 1e-9))
     inferences = lat.size * batch
     return {
-        "batch": batch, "concurrency": concurrency, "seq_len": cfg.seq_len,
+        "batch": batch, "concurrency": concurrency, "seq_len": seq_len,
         "requests": int(lat.size), "seconds": round(elapsed, 4),
         "inferences_per_s": inferences / elapsed,
-        "tokens_per_s": inferences * cfg.seq_len / elapsed,
+        "tokens_per_s": inferences * seq_len / elapsed,
         "p50_ms": float(np.percentile(lat, 50) * 1e3),
         "p95_ms": float(np.percentile(lat, 95) * 1e3),
         "p99_ms": float(np.percentile(lat, 99) * 1e3),
@@ -200,9 +248,10 @@ def served_models(url: str | TritonServer, protocol: str = "http") -> list[Serve
     with Client(url, protocol) as client:
         models = []
         for name in client.ready_models():
-            params = client.info(name).params
-            models.append(ServedModel(name, params.get("shape", name),
-                                      int(params.get("n_non_embedding", 0))))
+            info = client.info(name)
+            models.append(ServedModel(name, info.params.get("shape", name),
+                                      int(info.params.get("n_non_embedding", 0)), info.tower,
+                                      info.retriever))
     return models
 
 
@@ -212,10 +261,14 @@ def _as_models(models) -> list[ServedModel]:
         if isinstance(m, ServedModel):
             out.append(m)
         elif isinstance(m, dict):
-            out.append(ServedModel(m["name"], m["shape"], int(m["n"])))
+            out.append(ServedModel(m["name"], m["shape"], int(m["n"]), m.get("tower", "shared"),
+                                   m.get("retriever", "")))
         else:
-            name, shape, n = m
-            out.append(ServedModel(name, shape, int(n)))
+            out.append(ServedModel(*m[:3], *m[3:]))
+    for m in out:
+        m.n = int(m.n)
+        if m.tower not in ("shared", "query", "passage"):
+            raise DrscalingError(f"model '{m.name}': tower must be shared, query or passage (got '{m.tower}')")
     for m in out:
         if m.n <= 0:
             raise DrscalingError(f"model '{m.name}': N (non-embedding parameters) must be > 0")
@@ -243,16 +296,22 @@ def measure(
     duration_s: float = 5.0, seq_len: int = 64,
     device_hour_usd: float = DEFAULT_DEVICE_HOUR_USD, out_path: str | Path | None = None,
     protocol: str = "grpc", warmup_s: float = 0.5, max_requests: int = 100_000,
-    device: str | None = None, log_mlflow: bool = True,
+    device: str | None = None, log_mlflow: bool = True, query_seq_len: int = 32,
+    query_concurrency: Sequence[int] = (1, 8), passage_batch: int = 32, passage_seq_len: int = 128,
+    passage_concurrency: Sequence[int] = (1,),
 ) -> dict:
-    """Load-sweep each model ([(name, shape, n)], or None: every ready model on the server).
+    """Load-sweep each model ([(name, shape, n[, tower, retriever])], or None: every ready model
+    on the server, towers labelled from their configs).
 
     Returns {"device_hour_usd", "device", "load": {...}, "sweep": {model: [cells]},
-    "inference": {"points", "fit"}} and writes it to out_path (atomically) when given. Each
-    model's cost point uses its best tokens/s over the sweep (the operating point you would pick).
+    "inference": {"points", "fit"}, "towers": [...]} and writes it to out_path (atomically) when
+    given. Each model's cost point uses its best tokens/s over its cells (the operating point you
+    would pick). Query and passage towers are measured at their own cells (LoadConfig.cells).
     """
     cfg = LoadConfig(tuple(batch_sizes), tuple(concurrency), float(duration_s), float(warmup_s),
-                     int(seq_len), int(max_requests), protocol)
+                     int(seq_len), int(max_requests), protocol, int(query_seq_len),
+                     tuple(query_concurrency), int(passage_batch), int(passage_seq_len),
+                     tuple(passage_concurrency))
     cfg.validate()
     if device_hour_usd <= 0:
         raise DrscalingError(f"device_hour_usd must be > 0 (got {device_hour_usd})")
@@ -263,31 +322,38 @@ def measure(
         for m in served:
             client.check_ready(m.name)
             limit = client.info(m.name)
-            if cfg.seq_len > limit.max_sequence_length:
+            longest = max(s for _, _, s in cfg.cells(m.tower))
+            if longest > limit.max_sequence_length:
                 raise DrscalingError(
-                    f"seq_len {cfg.seq_len} exceeds the {limit.max_sequence_length} positions of "
+                    f"seq_len {longest} exceeds the {limit.max_sequence_length} positions of "
                     f"model '{m.name}'"
                 )
-    grid = [(b, c) for b in cfg.batch_sizes for c in cfg.concurrency]
     result: dict = {
         "device_hour_usd": float(device_hour_usd), "device": device or device_description(),
-        "load": asdict(cfg), "sweep": {}, "inference": {"points": []},
+        "load": asdict(cfg), "sweep": {}, "inference": {"points": []}, "towers": [],
     }
     ctx = _mlflow_run("measure", {STAGE_TAG: "measure"}) if log_mlflow else contextlib.nullcontext()
     with ctx:
+        query_points = []
         for m in served:
-            cells = []
-            for b, c in tqdm(grid, desc=f"measure {m.name}", leave=False):
-                cells.append(run_load(url_or_server, m.name, b, c, cfg))
+            cells = [run_load(url_or_server, m.name, b, c, cfg, seq_len=s)
+                     for b, c, s in tqdm(cfg.cells(m.tower), desc=f"measure {m.name}", leave=False)]
             best = max(cells, key=lambda x: x["tokens_per_s"])
             result["sweep"][m.name] = cells
-            result["inference"]["points"].append({
+            point = {
                 "shape": m.shape, "n": m.n, "tokens_per_s": best["tokens_per_s"],
                 "usd_per_million_tokens": usd_per_million_tokens(best["tokens_per_s"],
                                                                  device_hour_usd),
-            })
+            }
+            # Query towers are measured at batch 1 (latency): not a throughput point for the fit.
+            (query_points if m.tower == "query" else result["inference"]["points"]).append(point)
+            tower = tower_entry(m, cells, point) if m.tower != "shared" else None
+            if tower is not None:
+                result["towers"].append(tower)
             if log_mlflow:
-                _log_model_sweep(m, cells, cfg, result["inference"]["points"][-1])
+                _log_model_sweep(m, cells, cfg, point, tower)
+        if not result["inference"]["points"]:
+            result["inference"]["points"] = query_points
         pts = result["inference"]["points"]
         result["inference"]["fit"] = fit_power(
             [p["n"] for p in pts], [p["usd_per_million_tokens"] / 1e6 for p in pts]
@@ -298,20 +364,41 @@ def measure(
             mlflow.log_metrics({"inference_fit_a": result["inference"]["fit"]["a"],
                                 "inference_fit_b": result["inference"]["fit"]["b"]})
             mlflow.log_dict(result, "costs/inference_sweep.json")
+    if not result["towers"]:
+        del result["towers"]
     if out_path is not None:
         write_json(out_path, result)
     return result
 
 
-def _log_model_sweep(m: ServedModel, cells: list[dict], cfg: LoadConfig, point: dict) -> None:
+def tower_entry(m: ServedModel, cells: list[dict], point: dict) -> dict:
+    """A tower's cost record (the "towers" list of the costs file; keys in TOWER_KEYS)."""
+    base = {"tower": m.tower, "retriever": m.retriever or m.name, "model": m.name, "shape": m.shape,
+            "n": m.n, "seq_len": cells[0]["seq_len"], "batch": cells[0]["batch"],
+            "tokens_per_s": point["tokens_per_s"],
+            "usd_per_million_tokens": point["usd_per_million_tokens"]}
+    if m.tower == "query":
+        # One query per request: inferences/s is queries/s.
+        return base | {"latency": [{"concurrency": c["concurrency"], "p50_ms": c["p50_ms"],
+                                    "p99_ms": c["p99_ms"], "queries_per_s": c["inferences_per_s"]}
+                                   for c in cells]}
+    best = max(cells, key=lambda x: x["tokens_per_s"])
+    return base | {"concurrency": best["concurrency"], "passages_per_s": best["inferences_per_s"],
+                   "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"]}
+
+
+def _log_model_sweep(m: ServedModel, cells: list[dict], cfg: LoadConfig, point: dict,
+                     tower: dict | None = None) -> None:
     """One nested run per model; each (batch, concurrency) cell is a step of its metrics."""
     import mlflow
 
     with mlflow.start_run(run_name=f"measure-{m.name}", nested=True,
-                          tags={STAGE_TAG: "measure", "drscaling.model": m.name}):
+                          tags={STAGE_TAG: "measure", "drscaling.model": m.name,
+                                "drscaling.tower": m.tower}):
         mlflow.log_params({"model": m.name, "shape": m.shape, "n_non_embedding": m.n,
-                           "seq_len": cfg.seq_len, "protocol": cfg.protocol,
-                           "duration_s": cfg.duration_s})
+                           "seq_len": cells[0]["seq_len"], "protocol": cfg.protocol,
+                           "duration_s": cfg.duration_s, "tower": m.tower,
+                           "retriever": m.retriever or m.name})
         for step, cell in enumerate(cells):
             mlflow.log_metrics({
                 "batch": cell["batch"], "concurrency": cell["concurrency"],
@@ -324,6 +411,14 @@ def _log_model_sweep(m: ServedModel, cells: list[dict], cfg: LoadConfig, point: 
                                 f"{key}_p99_ms": cell["p99_ms"]})
         mlflow.log_metrics({"best_tokens_per_s": point["tokens_per_s"],
                             "usd_per_million_tokens": point["usd_per_million_tokens"]})
+        if tower is not None and m.tower == "query":
+            for lat in tower["latency"]:
+                c = lat["concurrency"]
+                mlflow.log_metrics({f"query_p50_ms_c{c}": lat["p50_ms"], f"query_p99_ms_c{c}": lat["p99_ms"],
+                                    f"queries_per_s_c{c}": lat["queries_per_s"]})
+        elif tower is not None:
+            mlflow.log_metrics({"passages_per_s": tower["passages_per_s"],
+                                "passage_tokens_per_s": tower["tokens_per_s"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +506,8 @@ def combine(measured: dict, training: dict | None) -> dict:
                     "b": float(measured["inference"]["fit"]["b"])},
         },
     }
+    if measured.get("towers"):
+        out["towers"] = [{k: t[k] for k in TOWER_KEYS[t["tower"]]} for t in measured["towers"]]
     if training is not None:
         out["training"] = {
             "points": [{k: p[k] for k in ("shape", "n", "step_s", "tokens_per_step", "usd_per_step")}

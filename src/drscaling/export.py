@@ -10,6 +10,15 @@ Output folder (what `serving.build_model_repository` reads):
     drscaling.json      the model's ModelMeta (shape, N, max lengths)
     export.json         opset, variants and their measured parity against PyTorch
 
+A dual-tower model (ScalingNote: `query/` + `passage/` + `towers.json`, see model.py) exports to
+the same layout one level down, each tower with its own parity check:
+    query/              an export folder as above, of the query tower
+    passage/            an export folder as above, of the passage tower
+    towers.json         {"source", "dim", "towers": {"query": <export.json>, "passage": <export.json>}}
+                        (+ "quality" after quality_delta)
+Both towers must embed in one dimension (scores are <f_q(q), f_p(p)>): a mismatch is refused before
+anything is exported.
+
 The legacy TorchScript exporter is used (not dynamo): it needs no onnxscript at run time and its
 graphs ran 5-18% faster in onnxruntime on CPU here. It chokes on BertModel's `use_cache` keyword,
 so a small wrapper with exactly `forward(input_ids, attention_mask)` is exported instead.
@@ -34,7 +43,8 @@ import torch
 from torch import nn
 
 from drscaling.errors import DrscalingError
-from drscaling.files import atomic_path, write_json
+from drscaling.files import atomic_path, read_json, write_json
+from drscaling.model import TOWERS_FILE  # a dual export folder carries the dual model's marker
 
 VARIANTS = ("fp32", "opt", "fp16", "int8")
 VARIANT_FILES = {
@@ -51,6 +61,7 @@ BROKEN_MIN_COSINE = 0.5  # below this (or non-finite) the graph is broken, not j
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embedding"
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+SIDES = ("query", "passage")
 
 # A handful of real sentences of different lengths: parity is checked on real token patterns
 # (padding included), not only on random ids.
@@ -191,7 +202,8 @@ def export_onnx(
 
     Every variant's parity with PyTorch is measured on real texts; fp32 and "opt" must match within
     1e-4 (max abs diff) or a DrscalingError is raised and nothing is written. When an MLflow run is
-    active, the parity numbers and export.json are logged to it.
+    active, the parity numbers and export.json are logged to it. A dual-tower model exports each
+    tower to `out_dir/query` and `out_dir/passage` and returns the towers.json record.
     """
     cfg = ExportConfig(opset=opset, variants=tuple(variants), parity_max_len=parity_max_len)
     unknown = [v for v in cfg.variants if v not in VARIANTS]
@@ -200,31 +212,74 @@ def export_onnx(
     if not 14 <= cfg.opset <= 20:
         # 14 is the lowest opset with the ops BERT needs in one piece; ORT 1.31 supports up to 20+.
         raise DrscalingError(f"opset must be between 14 and 20 (got {cfg.opset})")
-    from drscaling.model import load_model
+    from drscaling.model import is_dual
 
     with resolve_model_dir(model_dir) as src:
-        encoder, tokenizer, meta = load_model(src)
-        max_len = min(cfg.parity_max_len, meta.max_positions)
-        reference = torch_encode_fn(encoder, tokenizer)(PARITY_TEXTS, max_len)
-        record: dict = {
-            "source": str(model_dir), "shape": meta.shape, "n_non_embedding": meta.n_non_embedding,
-            "dim": meta.dim, "max_positions": meta.max_positions, "opset": cfg.opset,
-            "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME, "variants": {},
-        }
-        with atomic_path(out_dir) as tmp:
-            tmp.mkdir(parents=True)
-            _export_fp32(encoder, tokenizer, tmp / VARIANT_FILES["fp32"], cfg.opset)
-            tokenizer.save_pretrained(tmp / "tokenizer")
-            (tmp / "drscaling.json").write_text(json.dumps(dataclasses.asdict(meta), indent=2))
-            for variant in ("fp32", *[v for v in VARIANTS if v in cfg.variants and v != "fp32"]):
-                path = tmp / VARIANT_FILES[variant]
-                if variant != "fp32":
-                    _make_variant(variant, tmp)
-                record["variants"][variant] = _check_variant(
-                    variant, path, tokenizer, reference, max_len
-                )
-            write_json(tmp / "export.json", record)
+        if is_dual(src):
+            return _export_towers(src, Path(out_dir), cfg, str(model_dir))
+        record = _export_tower(src, Path(out_dir), cfg, str(model_dir))
     _log_to_mlflow(record, Path(out_dir) / "export.json")
+    return record
+
+
+def tower_dim(folder: str | Path) -> int:
+    """The one embedding dimension of a dual-tower folder (model or export; read from each tower's
+    drscaling.json, before any weights load); a DrscalingError when the towers disagree."""
+    folder = Path(folder)
+    dims = {}
+    for side in SIDES:
+        meta = folder / side / "drscaling.json"
+        if not meta.exists():
+            raise DrscalingError(f"{folder} is a dual-tower folder without {side}/drscaling.json")
+        dims[side] = int(read_json(meta, what=f"{side} tower metadata")["dim"])
+    if dims["query"] != dims["passage"]:
+        raise DrscalingError(
+            f"{folder}: the query tower embeds in {dims['query']} dimensions but the passage tower in "
+            f"{dims['passage']}; scores are inner products, so both towers need one dimension "
+            "(retrain or re-distil one tower with the other's dim)"
+        )
+    return dims["query"]
+
+
+def _export_towers(src: Path, out_dir: Path, cfg: ExportConfig, source: str) -> dict:
+    dim = tower_dim(src)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        towers = {side: _export_tower(src / side, tmp / side, cfg, f"{source}/{side}") for side in SIDES}
+        record = {"source": source, "dim": dim, "towers": towers}
+        write_json(tmp / TOWERS_FILE, record)
+    for side in SIDES:
+        _log_to_mlflow(towers[side], out_dir / side / "export.json", prefix=f"{side}_")
+    return record
+
+
+def _export_tower(src: Path, out_dir: Path, cfg: ExportConfig, source: str) -> dict:
+    """One encoder (a shared model or one tower) -> out_dir, with every variant's parity."""
+    from drscaling.model import load_model
+
+    encoder, tokenizer, meta = load_model(src)
+    max_len = min(cfg.parity_max_len, meta.max_positions)
+    reference = torch_encode_fn(encoder, tokenizer)(PARITY_TEXTS, max_len)
+    record: dict = {
+        "source": source, "shape": meta.shape, "n_non_embedding": meta.n_non_embedding,
+        "dim": meta.dim, "max_positions": meta.max_positions, "opset": cfg.opset,
+        "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME, "variants": {},
+    }
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        t0 = time.perf_counter()
+        _export_fp32(encoder, tokenizer, tmp / VARIANT_FILES["fp32"], cfg.opset)
+        record["export_seconds"] = round(time.perf_counter() - t0, 2)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "drscaling.json").write_text(json.dumps(dataclasses.asdict(meta), indent=2))
+        for variant in ("fp32", *[v for v in VARIANTS if v in cfg.variants and v != "fp32"]):
+            path = tmp / VARIANT_FILES[variant]
+            if variant != "fp32":
+                _make_variant(variant, tmp)
+            record["variants"][variant] = _check_variant(
+                variant, path, tokenizer, reference, max_len
+            )
+        write_json(tmp / "export.json", record)
     return record
 
 
@@ -342,21 +397,25 @@ def _check_variant(
     return entry
 
 
-def _log_to_mlflow(record: dict, export_json: Path) -> None:
-    """Log parity to the active MLflow run, if any (export never starts a run of its own)."""
+def _log_to_mlflow(record: dict, export_json: Path, prefix: str = "") -> None:
+    """Log parity to the active MLflow run, if any (export never starts a run of its own).
+    `prefix` ("query_" / "passage_") keeps the two towers' numbers apart in one run."""
     import mlflow
 
     if mlflow.active_run() is None:
         return
     mlflow.log_params({"onnx_opset": record["opset"],
                        "onnx_variants": ",".join(record["variants"])})
+    if prefix:
+        mlflow.log_params({f"{prefix}shape": record["shape"],
+                           f"{prefix}n_non_embedding": record["n_non_embedding"]})
     for variant, entry in record["variants"].items():
         if entry.get("parity"):
             mlflow.log_metrics({
-                f"onnx_{variant}_max_abs_diff": entry["parity"]["max_abs_diff"],
-                f"onnx_{variant}_min_cosine": entry["parity"]["min_cosine"],
+                f"{prefix}onnx_{variant}_max_abs_diff": entry["parity"]["max_abs_diff"],
+                f"{prefix}onnx_{variant}_min_cosine": entry["parity"]["min_cosine"],
             })
-    mlflow.log_artifact(str(export_json), artifact_path="onnx")
+    mlflow.log_artifact(str(export_json), artifact_path="onnx" + (f"/{prefix.rstrip('_')}" if prefix else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,40 +424,47 @@ def _log_to_mlflow(record: dict, export_json: Path) -> None:
 
 
 def quality_delta(
-    onnx_dir: str | Path, metric: Callable[[Callable[[list[str], int], np.ndarray]], float],
+    onnx_dir: str | Path, metric: Callable[..., float],
     model_dir: str | Path | None = None, variants: Sequence[str] | None = None,
     write: bool = True,
 ) -> dict:
     """Measure `metric` for every exported variant (and PyTorch when `model_dir` is given).
 
     `metric(encode)` receives `encode(texts, max_len) -> float32 [n, dim]` and returns a number
-    (e.g. contrastive entropy on a dev set). Returns {"torch": v, "variants": {name: {"value",
-    "delta"}}} where delta is against PyTorch when given, else against fp32 ONNX. The result is
-    merged into export.json under "quality" and logged to the active MLflow run, if any.
+    (e.g. contrastive entropy on a dev set); for a dual-tower export it is called as
+    `metric(query_encode, passage_encode)`, both towers in the same variant. Returns {"torch": v,
+    "variants": {name: {"value", "delta"}}} where delta is against PyTorch when given, else against
+    fp32 ONNX. The result is merged into export.json (towers.json) under "quality" and logged to
+    the active MLflow run, if any.
     """
-    from drscaling.model import load_model, load_tokenizer
+    from drscaling.model import is_dual, load_retriever, load_tokenizer
 
     onnx_dir = Path(onnx_dir)
-    record_path = onnx_dir / "export.json"
+    dual = is_dual(onnx_dir)
+    record_path = onnx_dir / (TOWERS_FILE if dual else "export.json")
     if not record_path.exists():
         raise DrscalingError(f"{onnx_dir} holds no export.json: run export first")
     record = json.loads(record_path.read_text())
-    names = list(variants) if variants else list(record["variants"])
-    tokenizer = load_tokenizer(onnx_dir / "tokenizer")
+    exported = record["towers"]["query"]["variants"] if dual else record["variants"]
+    names = list(variants) if variants else list(exported)
+    folders = [onnx_dir / side for side in SIDES] if dual else [onnx_dir]
+    tokenizers = [load_tokenizer(f / "tokenizer") for f in folders]
     result: dict = {"torch": None, "variants": {}}
     if model_dir is not None:
         with resolve_model_dir(model_dir) as src:
-            encoder, tok, _ = load_model(src)
-            result["torch"] = float(metric(torch_encode_fn(encoder, tok)))
+            r = load_retriever(src)
+            towers = (r.query, r.passage) if dual else (r.query,)
+            result["torch"] = float(metric(*(torch_encode_fn(t.encoder, t.tokenizer) for t in towers)))
     for name in names:
-        if name not in record["variants"]:
+        if name not in exported:
             raise DrscalingError(f"variant {name} was not exported to {onnx_dir}")
         try:
-            session = ort_session(onnx_dir / VARIANT_FILES[name])
+            sessions = [ort_session(f / VARIANT_FILES[name]) for f in folders]
         except Exception as exc:  # fp16 may not run on CPU: skip it, say why
             result["variants"][name] = {"value": None, "delta": None, "note": str(exc)[:300]}
             continue
-        result["variants"][name] = {"value": float(metric(ort_encode_fn(session, tokenizer)))}
+        fns = [ort_encode_fn(sess, tok) for sess, tok in zip(sessions, tokenizers, strict=True)]
+        result["variants"][name] = {"value": float(metric(*fns))}
     base = result["torch"]
     if base is None and (result["variants"].get("fp32") or {}).get("value") is not None:
         base = result["variants"]["fp32"]["value"]

@@ -7,6 +7,12 @@ Model repository (`build_model_repository`), one folder per model:
     <repo>/<name>/1/tokenizer/          for clients: they tokenise, the server sees token ids
     <repo>/<name>/1/drscaling.json      the model's metadata (shape, N, max lengths)
 
+Dual towers (ScalingNote; `build_tower_repository` on a dual export folder) are two models,
+`<name>-query` and `<name>-passage`. Each config carries the parameters `tower` ("query",
+"passage"; "shared" for a single encoder) and `retriever` (<name>), so clients find the right tower
+by role: `encode_texts(..., role="query")`, `build_index` and `search` accept either a tower's own
+name or the pair's <name>; an index records which model its queries must go through.
+
 Two flavours from one template:
 - "python" (default here): `backend: "python"`; model.py runs onnxruntime (CUDA provider on a GPU
   instance, CPU otherwise). Works with the tritonserver binary carried by the `nvidia-pytriton`
@@ -60,6 +66,7 @@ TEMPLATES = REPO_ROOT / "serving" / "templates"
 FLAVOURS = ("python", "onnxruntime")
 KINDS = ("KIND_CPU", "KIND_GPU")
 VERSION = "1"
+TOWER_ROLES = ("shared", "query", "passage")
 ONNX_FILES = {"fp32": "model.onnx", "opt": "model.opt.onnx", "fp16": "model.fp16.onnx",
               "int8": "model.int8.onnx"}
 
@@ -100,26 +107,29 @@ def build_model_repository(
     onnx_dir: str | Path, repo_dir: str | Path, name: str, flavour: str = "python",
     max_batch_size: int = 64, dynamic_batching: bool = True, max_queue_delay_us: int = 100,
     instances: int = 1, kind: str = "KIND_CPU", variant: str = "fp32", intra_op_threads: int = 0,
+    tower: str = "shared", retriever: str | None = None,
 ) -> Path:
     """Write repo_dir/<name>/ (config.pbtxt + version 1) from an export folder; returns its path.
 
     Other models already in repo_dir are left alone; <name> is replaced atomically as a whole.
+    `tower` / `retriever` label one tower of a dual pair (build_tower_repository sets them).
     """
+    from drscaling.model import is_dual
+
     cfg = RepositoryConfig(flavour, max_batch_size, dynamic_batching, max_queue_delay_us,
                            instances, kind, variant, intra_op_threads)
     cfg.validate()
-    if not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise DrscalingError(f"model name '{name}' must be non-empty letters, digits, - _ .")
+    if tower not in TOWER_ROLES:
+        raise DrscalingError(f"tower must be one of {TOWER_ROLES} (got '{tower}')")
+    _check_name(name)
     onnx_dir = Path(onnx_dir)
-    onnx_file = onnx_dir / ONNX_FILES[cfg.variant]
-    if not onnx_file.exists():
+    if is_dual(onnx_dir):
         raise DrscalingError(
-            f"{onnx_file} not found: export the model first (variant '{cfg.variant}')"
+            f"{onnx_dir} holds dual towers (query/ and passage/): build it with build_tower_repository"
         )
+    meta = _check_export(onnx_dir, cfg.variant)
+    onnx_file = onnx_dir / ONNX_FILES[cfg.variant]
     meta_file = onnx_dir / "drscaling.json"
-    if not meta_file.exists() or not (onnx_dir / "tokenizer").is_dir():
-        raise DrscalingError(f"{onnx_dir} is not an export folder (no drscaling.json / tokenizer/)")
-    meta = json.loads(meta_file.read_text())
     from drscaling.model import load_tokenizer
 
     tokenizer = load_tokenizer(onnx_dir / "tokenizer")
@@ -134,6 +144,8 @@ def build_model_repository(
         "shape": str(meta.get("shape", "")),
         "n_non_embedding": str(meta.get("n_non_embedding", 0)),
         "intra_op_threads": str(cfg.intra_op_threads),
+        "tower": tower,
+        "retriever": retriever or name,
     }
     text = render_config(name, cfg, int(meta["dim"]), params)
     repo_dir = Path(repo_dir)
@@ -147,6 +159,47 @@ def build_model_repository(
         shutil.copytree(onnx_dir / "tokenizer", version / "tokenizer")
         shutil.copy2(meta_file, version / "drscaling.json")
     return repo_dir / name
+
+
+def _check_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise DrscalingError(f"model name '{name}' must be non-empty letters, digits, - _ .")
+
+
+def _check_export(onnx_dir: Path, variant: str) -> dict:
+    """An export folder's metadata, after checking it holds the graph of `variant` and a tokenizer."""
+    onnx_file = onnx_dir / ONNX_FILES[variant]
+    if not onnx_file.exists():
+        raise DrscalingError(f"{onnx_file} not found: export the model first (variant '{variant}')")
+    meta_file = onnx_dir / "drscaling.json"
+    if not meta_file.exists() or not (onnx_dir / "tokenizer").is_dir():
+        raise DrscalingError(f"{onnx_dir} is not an export folder (no drscaling.json / tokenizer/)")
+    return json.loads(meta_file.read_text())
+
+
+def build_tower_repository(onnx_dir: str | Path, repo_dir: str | Path, name: str, **config) -> dict[str, Path]:
+    """A dual export folder -> two models, repo_dir/<name>-query and repo_dir/<name>-passage.
+
+    `config` takes build_model_repository's keywords (flavour, variant, max_batch_size, ...). Both
+    towers are checked (export present, one embedding dimension) before either is written, so a bad
+    pair leaves the repository as it was. Returns {"query": path, "passage": path}.
+    """
+    from drscaling.export import SIDES, tower_dim
+    from drscaling.model import is_dual
+
+    onnx_dir = Path(onnx_dir)
+    if not is_dual(onnx_dir):
+        raise DrscalingError(
+            f"{onnx_dir} is not a dual-tower export (no towers.json): export a dual model with "
+            "`drscaling export --model <dual model folder>` first"
+        )
+    _check_name(name)
+    tower_dim(onnx_dir)
+    for side in SIDES:
+        _check_export(onnx_dir / side, config.get("variant", "fp32"))
+    return {side: build_model_repository(onnx_dir / side, repo_dir, f"{name}-{side}", tower=side,
+                                         retriever=name, **config)
+            for side in SIDES}
 
 
 def render_config(name: str, cfg: RepositoryConfig, dim: int, params: dict[str, str]) -> str:
@@ -462,6 +515,21 @@ class ModelInfo:
     dim: int
     params: dict[str, str]
 
+    @property
+    def tower(self) -> str:
+        """"query" / "passage" for one tower of a dual pair, "shared" for a single encoder."""
+        return self.params.get("tower", "shared")
+
+    @property
+    def retriever(self) -> str:
+        """The pair's name for a tower (its models are <retriever>-query / -passage), else the model's."""
+        return self.params.get("retriever", self.name)
+
+    def max_len(self, role: str | None) -> int:
+        """The default truncation for texts of `role` (queries: the query length, else passages')."""
+        n = self.max_query_len if role == "query" else self.max_passage_len
+        return min(n, self.max_sequence_length)
+
 
 class Client:
     """One tritonclient (HTTP or gRPC) with DrscalingError for every failure.
@@ -596,6 +664,27 @@ class Client:
         return send
 
 
+def resolve_tower(client: Client, model: str, role: str) -> str:
+    """The served model that embeds `role` texts ("query" / "passage") for `model`.
+
+    `model` is a shared encoder or a tower of that role (used as is), or the name of a dual pair,
+    whose `<model>-<role>` tower is used. The other role's tower is refused: a passage tower
+    embedding queries (or the reverse) gives silently wrong scores.
+    """
+    if role not in ("query", "passage"):
+        raise DrscalingError(f"role must be 'query' or 'passage' (got '{role}')")
+    ready = client.ready_models()
+    if model not in ready and f"{model}-{role}" in ready:
+        model = f"{model}-{role}"
+    info = client.info(model)  # not ready: the usual error naming the ready models
+    if info.tower not in ("shared", role):
+        raise DrscalingError(
+            f"model '{model}' is the {info.tower} tower of '{info.retriever}': {role} texts go through "
+            f"'{info.retriever}-{role}' (or pass the pair's name, '{info.retriever}')"
+        )
+    return model
+
+
 def _tokenizer_for(client: Client, model: str, tokenizer: str | Path | None):
     """The tokenizer shipped beside the model: explicit path, else from the server's repository."""
     from drscaling.model import load_tokenizer
@@ -625,12 +714,14 @@ def infer_ids(
 def encode_texts(
     url: str | TritonServer, model: str, texts: Sequence[str], protocol: str = "http",
     batch_size: int = 32, max_len: int | None = None, tokenizer: str | Path | None = None,
-    desc: str | None = None,
+    desc: str | None = None, role: str | None = None,
 ) -> np.ndarray:
     """Embed texts on Triton; returns float32 [len(texts), dim] in input order.
 
     Tokenised here with the tokenizer beside the model (`tokenizer`, or found through a
-    TritonServer's repository), truncated to `max_len` (default: the model's passage length).
+    TritonServer's repository), truncated to `max_len` (default: the model's query length for
+    role="query", else its passage length). With `role`, `model` may name a dual pair: its tower of
+    that role embeds the texts (see resolve_tower).
     """
     texts = list(texts)
     if not texts:
@@ -640,9 +731,11 @@ def encode_texts(
     if batch_size < 1:
         raise DrscalingError(f"batch_size must be >= 1 (got {batch_size})")
     with Client(url, protocol) as client:
+        if role is not None:
+            model = resolve_tower(client, model, role)
         info = client.info(model)
-        if max_len is None:  # the model's passage length, within what its positions allow
-            max_len = min(info.max_passage_len, info.max_sequence_length)
+        if max_len is None:  # the role's length, within what the model's positions allow
+            max_len = info.max_len(role)
         if max_len > info.max_sequence_length:
             raise DrscalingError(
                 f"max_len {max_len} exceeds the {info.max_sequence_length} positions of model "
@@ -676,9 +769,15 @@ def build_index(
     texts = [r["text"] for r in rows]
     if not all(isinstance(t, str) for t in texts):
         raise DrscalingError(f"{corpus_path}: every 'text' must be a string")
+    with Client(url, protocol) as client:
+        model = resolve_tower(client, model, "passage")
+        info = client.info(model)
     emb = encode_texts(url, model, texts, protocol=protocol, batch_size=batch_size,
                        tokenizer=tokenizer, desc=f"index {model}")
-    meta = {"model": model, "n": len(pids), "dim": int(emb.shape[1]),
+    # Queries must go through the same encoder (shared) or the pair's query tower.
+    query_model = model if info.tower == "shared" else f"{info.retriever}-query"
+    meta = {"model": model, "query_model": query_model, "retriever": info.retriever,
+            "tower": info.tower, "n": len(pids), "dim": int(emb.shape[1]),
             "corpus": str(Path(corpus_path).resolve()), "score": "inner_product"}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -695,25 +794,37 @@ def search(
     url: str | TritonServer, model: str, index_dir: str | Path, query: str, k: int = 10,
     protocol: str = "http", tokenizer: str | Path | None = None,
 ) -> list[tuple[str, float, str]]:
-    """Top-k passages by exact inner product: [(pid, score, text)], best first."""
+    """Top-k passages by exact inner product: [(pid, score, text)], best first.
+
+    `model` is the index's query model (the shared encoder, or the pair's query tower) or the
+    pair's name; any other model is refused, since its embeddings do not live in the index's space.
+    """
     index_dir = Path(index_dir)
     if not (index_dir / "index.json").exists():
         raise DrscalingError(f"{index_dir} is not an index (no index.json): run build_index first")
     if k < 1:
         raise DrscalingError(f"k must be >= 1 (got {k})")
     meta = json.loads((index_dir / "index.json").read_text())
-    if meta["model"] != model:
+    query_model = meta.get("query_model", meta["model"])  # indexes of single encoders predate it
+    if model not in (query_model, meta.get("retriever", query_model)):
+        pair = (f" (the passage tower of '{meta['retriever']}': query it with '{query_model}' or "
+                f"'{meta['retriever']}')" if meta.get("tower") == "passage" else "")
         raise DrscalingError(
-            f"the index in {index_dir} was built with model '{meta['model']}', not '{model}': "
-            "query and passages must share one encoder"
+            f"the index in {index_dir} was built with model '{meta['model']}'{pair}, not with '{model}': "
+            "queries must be embedded by the index's own encoder or its query tower"
         )
     emb = np.load(index_dir / "embeddings.npy")
     pids = json.loads((index_dir / "pids.json").read_text())
     texts = [r["text"] for r in read_jsonl(index_dir / "passages.jsonl", required=("text",))]
     with Client(url, protocol) as client:
-        info = client.info(model)
-        max_len = min(info.max_query_len, info.max_sequence_length)
-    q = encode_texts(url, model, [query], protocol=protocol, max_len=max_len, tokenizer=tokenizer)[0]
+        info = client.info(query_model)
+    if info.dim != emb.shape[1]:
+        raise DrscalingError(
+            f"model '{query_model}' embeds in {info.dim} dimensions but the index in {index_dir} holds "
+            f"{emb.shape[1]}-dimensional passages: rebuild the index with the served passage model"
+        )
+    q = encode_texts(url, query_model, [query], protocol=protocol, max_len=info.max_len("query"),
+                     tokenizer=tokenizer)[0]
     scores = emb @ q
     k = min(k, len(pids))
     top = np.argpartition(-scores, k - 1)[:k]
