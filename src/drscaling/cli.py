@@ -147,6 +147,16 @@ def cmd_train(args) -> None:
     print(json.dumps(shown, indent=2))
 
 
+def cmd_distill(args) -> None:
+    from drscaling.distill import DistillConfig, distill, format_comparison
+
+    cfg = params.from_args(DistillConfig, args, params.section("distill"))
+    out = args.out or f"{A}/towers/distilled"
+    result = distill(cfg, args.teacher, _train_paths(args, out), baseline=args.baseline)
+    print(format_comparison(result))
+    print(f"distilled model (query: {cfg.student_shape}, passage: the teacher's): {out}/model; metrics: {out}/metrics.json")
+
+
 def cmd_evaluate(args) -> None:
     from drscaling import tracking
     from drscaling.evaluate import EvalConfig, evaluate_model
@@ -531,6 +541,7 @@ def cmd_measure(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from drscaling.distill import DistillConfig
     from drscaling.evaluate import EvalConfig
     from drscaling.train import TrainConfig
 
@@ -589,6 +600,15 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--preset", help="preset name in pipelines/ or a YAML path")
             p.add_argument("--only", choices=["model", "data", "source", "joint"], help="run one sweep of the preset")
+
+    p = cmd("distill", cmd_distill, "distil a trained large query tower into a small one (ScalingNote stage 2)")
+    p.add_argument("--teacher", required=True, help="trained model or run folder (e.g. dual smollm2-135m towers)")
+    p.add_argument("--baseline", help="a small model trained end to end on the same data and steps, to compare with")
+    p.add_argument("--prepared")
+    p.add_argument("--annotations", help=f"folder of <source>.jsonl (default {A}/annotations)")
+    p.add_argument("--tokenizer", help=f"shared tokenizer folder (default {A}/tokenizer)")
+    p.add_argument("--out", help=f"output folder: model/ and metrics.json (default {A}/towers/distilled)")
+    params.add_flags(p, DistillConfig)
 
     p = cmd("evaluate", cmd_evaluate, "contrastive entropy and ranking metrics of any saved model")
     p.add_argument("--model", required=True, help="drscaling model folder or any HF encoder folder")

@@ -319,6 +319,11 @@ def _build_llm(name: str, dim: int) -> tuple[Encoder, ModelMeta]:
     backbone = AutoModel.from_pretrained(folder)  # the decoder without its LM head
     backbone.config.use_cache = False  # an encoder: no key/value cache in training or export
     encoder = Encoder(backbone, dim, pooling="last")
+    # SmolLM2's final hidden states have norms near 50 (its last RMSNorm gains average 1.8), so the
+    # default head gives embeddings of norm ~32 and dot products near 1,000: a saturated softmax that
+    # diverged in training. A 5x smaller initial head starts the norms near 6, as all-MiniLM's do.
+    with torch.no_grad():
+        encoder.projection.weight.mul_(0.2)
     meta = ModelMeta(shape=name, dim=dim, pooling="last", n_non_embedding=non_embedding_params(encoder),
                      max_positions=int(backbone.config.max_position_embeddings), init=folder)
     return encoder, meta

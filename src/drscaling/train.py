@@ -88,22 +88,20 @@ class Paths:
 # ---------------------------------------------------------------------------------------------
 
 
-def training_pairs(paths: Paths, cfg: TrainConfig) -> tuple[list[str], list[str], list[str], list[str]]:
+def training_pairs(paths: Paths, source: str, train_pairs: int, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
     """(queries, positive pids, positive passages, corpus texts) for the first D pairs of a seeded
-    permutation: smaller D are subsets of larger ones, as in a data-size sweep."""
-    ann = load_annotations(paths.annotations / f"{cfg.annotation_source}.jsonl")
+    permutation: smaller D are subsets of larger ones, as in a data-size sweep. D = 0: all pairs."""
+    ann = load_annotations(paths.annotations / f"{source}.jsonl")
     corpus = load_split(paths.prepared, "train").corpus
     text = dict(zip(corpus["pid"], corpus["text"], strict=True))
     ann = ann[ann["pid"].isin(text.keys())]
     available = len(ann)
-    d = cfg.train_pairs or available
+    d = train_pairs or available
     if d > available:
-        raise DrscalingError(
-            f"train_pairs={d} but source '{cfg.annotation_source}' has only {available} pairs"
-        )
+        raise DrscalingError(f"train_pairs={d} but source '{source}' has only {available} pairs")
     if d < 1:
         raise DrscalingError("train_pairs must be >= 1")
-    order = np.random.default_rng(cfg.seed).permutation(available)[:d]
+    order = np.random.default_rng(seed).permutation(available)[:d]
     ann = ann.iloc[order]
     return list(ann["query"]), list(ann["pid"]), [text[p] for p in ann["pid"]], list(corpus["text"])
 
@@ -201,7 +199,7 @@ def _ddp() -> tuple[int, int]:
 def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) -> dict:
     """Train (or resume) one run; returns its final metrics. Checks every input before any compute."""
     rank, world = _ddp()
-    queries, pos_pids, pos_texts, corpus_texts = training_pairs(paths, cfg)  # clear errors first
+    queries, pos_pids, pos_texts, corpus_texts = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)  # clear errors first
     data_key = tracking.file_version(paths.annotations / f"{cfg.annotation_source}.jsonl") + tracking.file_version(paths.prepared)
     done = finished(paths.out, cfg, data_key)
     if done:
