@@ -136,6 +136,11 @@ def test_served_towers_by_role(towers_server, towers_onnx, protocol):
         by_pair = encode_texts(towers_server, "pair", texts, protocol=protocol, role=side)
         by_name = encode_texts(towers_server, f"pair-{side}", texts, protocol=protocol, role=side)
         assert np.abs(by_pair - ref).max() <= 1e-5 and np.abs(by_name - ref).max() <= 1e-5
+        # A plain URL (the CLI): each tower's tokenizer comes from the repository the server runs on.
+        by_url = encode_texts(towers_server.url(protocol), "pair", texts, protocol=protocol, role=side, repo=repo)
+        assert np.abs(by_url - ref).max() <= 1e-5
+    with pytest.raises(DrscalingError, match="no tokenizer for model 'pair-query'.*--repo"):
+        encode_texts(towers_server.url(protocol), "pair", texts, protocol=protocol, role="query")
     with Client(towers_server, protocol) as client:
         assert resolve_tower(client, "pair", "query") == "pair-query"
         with pytest.raises(DrscalingError, match="'pair-passage' is the passage tower of 'pair'.*'pair-query'"):
@@ -292,3 +297,14 @@ def test_tower_budget_files_cli_and_errors(tmp_path, mlflow_tmp):
     assert run.data.tags["best_deployment"] == "distilled"
     assert run.data.metrics["distilled_total_usd"] == pytest.approx(1105.0)
     assert main(["budget", "--towers", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_requests_that_outlast_the_window_still_count(towers_server):
+    # A large tower's batch can take longer than the whole window (SmolLM2 at batch 32 on a CPU):
+    # each thread still completes one counted request, and throughput spans its whole duration.
+    from drscaling.costs import LoadConfig, run_load
+
+    cell = run_load(towers_server, "pair-passage", 8, 2, LoadConfig(duration_s=1e-4, warmup_s=0.0), seq_len=16)
+    assert cell["requests"] >= 2
+    assert cell["seconds"] >= cell["p50_ms"] / 1e3
+    assert cell["inferences_per_s"] == pytest.approx(cell["requests"] * 8 / cell["seconds"], rel=1e-2)  # seconds is rounded

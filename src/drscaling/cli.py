@@ -437,7 +437,7 @@ def cmd_encode(args) -> None:
     from drscaling.serving import encode_texts
 
     emb = encode_texts(args.url, args.model, _read_texts(args), protocol=args.protocol, tokenizer=args.tokenizer,
-                       role=args.role)
+                       role=args.role, repo=args.repo)
     if args.out:
         from drscaling.files import atomic_open
 
@@ -452,15 +452,17 @@ def cmd_encode(args) -> None:
 def cmd_index(args) -> None:
     from drscaling.serving import build_index
 
-    info = build_index(args.url, args.model, args.corpus, args.out, protocol=args.protocol, tokenizer=args.tokenizer)
-    print(f"indexed {info.get('passages', info)} passages into {args.out}")
+    info = build_index(args.url, args.model, args.corpus, args.out, protocol=args.protocol, tokenizer=args.tokenizer,
+                       repo=args.repo)
+    print(f"indexed {info['n']} passages with {info['model']} into {args.out} (query it with --model {info['query_model']})")
 
 
 def cmd_search(args) -> None:
     from drscaling.serving import search
 
     for rank, (pid, score, text) in enumerate(
-        search(args.url, args.model, args.index, args.query, k=args.k, protocol=args.protocol, tokenizer=args.tokenizer), 1
+        search(args.url, args.model, args.index, args.query, k=args.k, protocol=args.protocol, tokenizer=args.tokenizer,
+               repo=args.repo), 1
     ):
         print(f"{rank:>3}. {score:8.3f}  {pid}  {text[:100].replace(chr(10), ' ')}")
 
@@ -528,7 +530,7 @@ def cmd_measure(args) -> None:
             print(f"  query tower   {t['model']:22} {t['shape']:14} batch 1 x {t['seq_len']} tokens: {lat}")
         else:
             print(f"  passage tower {t['model']:22} {t['shape']:14} batch {t['batch']} x {t['seq_len']} tokens: "
-                  f"{t['passages_per_s']:.0f} passages/s, {t['tokens_per_s']:.0f} tokens/s")
+                  f"{t['passages_per_s']:.3g} passages/s, {t['tokens_per_s']:.0f} tokens/s")
     f = result["inference"]["fit"]
     print(f"inference cost fit: $/token = {f['a']:.3g} * N^{f['b']:.3f}")
     if "training" in result:
@@ -681,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("texts", nargs="*")
             p.add_argument("--file", help="one text per line")
             p.add_argument("--out", help="write embeddings as .npy")
+        p.add_argument("--repo", default=f"{A}/serving/repo",
+                       help="the model repository the server runs on: each model's tokenizer is read from it")
         elif name == "index":
             p.add_argument("--corpus", required=True)
             p.add_argument("--out", required=True)

@@ -170,6 +170,7 @@ def run_load(
     ids = rng.integers(5, 100, size=(batch, seq_len), dtype=np.int64)
     mask = np.ones_like(ids)
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    last_end = [0.0] * concurrency  # when each thread's last counted request completed
     errors: list[str] = []
     sent = [0]
     lock = threading.Lock()
@@ -201,7 +202,9 @@ def run_load(
         try:
             while True:
                 now = time.perf_counter()
-                if now >= window["end"]:
+                # Past the window, a thread still sends until one request counts: a large model's
+                # batch can outlast the whole window (SmolLM2 at batch 32 on a shared CPU).
+                if now >= window["end"] and latencies[slot]:
                     break
                 with lock:
                     if sent[0] >= cfg.max_requests:
@@ -212,6 +215,7 @@ def run_load(
                 t1 = time.perf_counter()
                 if t0 >= window["start"]:  # warm-up requests are not counted
                     latencies[slot].append(t1 - t0)
+                    last_end[slot] = t1
         except Exception as exc:
             errors.append(str(exc))
         finally:
@@ -228,8 +232,10 @@ def run_load(
     lat = np.array([x for per in latencies for x in per])
     if lat.size == 0:
         raise DrscalingError(f"load test on '{model}' completed no request in {cfg.duration_s} s")
-    # Throughput over the measured window (or until the last request if the count cap hit first).
-    elapsed = min(cfg.duration_s, max(time.perf_counter() - window["start"], 1e-9))
+    # Throughput over the measured window (or until the last request if the count cap hit first),
+    # stretched to the last counted completion when requests outlast the window.
+    elapsed = max(min(cfg.duration_s, time.perf_counter() - window["start"]),
+                  max(last_end) - window["start"], 1e-9)
     inferences = lat.size * batch
     return {
         "batch": batch, "concurrency": concurrency, "seq_len": seq_len,

@@ -685,19 +685,20 @@ def resolve_tower(client: Client, model: str, role: str) -> str:
     return model
 
 
-def _tokenizer_for(client: Client, model: str, tokenizer: str | Path | None):
-    """The tokenizer shipped beside the model: explicit path, else from the server's repository."""
+def _tokenizer_for(client: Client, model: str, tokenizer: str | Path | None, repo: str | Path | None = None):
+    """The tokenizer shipped beside the model: explicit path, else from the model repository (a
+    TritonServer's own, or `repo`: the folder the server was started on)."""
     from drscaling.model import load_tokenizer
 
     if tokenizer is not None:
         return load_tokenizer(tokenizer)
-    if client.server is not None:
-        path = client.server.repo_dir / model / VERSION / "tokenizer"
-        if path.is_dir():
-            return load_tokenizer(path)
+    for root in (client.server.repo_dir if client.server is not None else None, repo):
+        if root is not None and (Path(root) / model / VERSION / "tokenizer").is_dir():
+            return load_tokenizer(Path(root) / model / VERSION / "tokenizer")
     raise DrscalingError(
-        f"pass tokenizer=<repository>/{model}/{VERSION}/tokenizer: the client tokenises, and the "
-        f"tokenizer lives beside the model in the repository"
+        f"no tokenizer for model '{model}': pass the repository the server runs on (repo=, --repo) or "
+        f"tokenizer=<repository>/{model}/{VERSION}/tokenizer; the client tokenises, and the tokenizer "
+        "lives beside the model in the repository"
     )
 
 
@@ -714,7 +715,7 @@ def infer_ids(
 def encode_texts(
     url: str | TritonServer, model: str, texts: Sequence[str], protocol: str = "http",
     batch_size: int = 32, max_len: int | None = None, tokenizer: str | Path | None = None,
-    desc: str | None = None, role: str | None = None,
+    desc: str | None = None, role: str | None = None, repo: str | Path | None = None,
 ) -> np.ndarray:
     """Embed texts on Triton; returns float32 [len(texts), dim] in input order.
 
@@ -741,7 +742,7 @@ def encode_texts(
                 f"max_len {max_len} exceeds the {info.max_sequence_length} positions of model "
                 f"'{model}'"
             )
-        tok = _tokenizer_for(client, model, tokenizer)
+        tok = _tokenizer_for(client, model, tokenizer, repo)
         out = np.empty((len(texts), info.dim), dtype=np.float32)
         # Sorted by length so each batch pads little; results go back to input order.
         order = np.argsort([len(t) for t in texts], kind="stable")
@@ -758,6 +759,7 @@ def encode_texts(
 def build_index(
     url: str | TritonServer, model: str, corpus_path: str | Path, out_dir: str | Path,
     protocol: str = "http", batch_size: int = 32, tokenizer: str | Path | None = None,
+    repo: str | Path | None = None,
 ) -> dict:
     """Embed a JSONL corpus ({"pid", "text"} per line) on Triton; writes out_dir atomically:
     embeddings.npy (float32 [n, dim]), pids.json, passages.jsonl, index.json. Returns index.json."""
@@ -773,7 +775,7 @@ def build_index(
         model = resolve_tower(client, model, "passage")
         info = client.info(model)
     emb = encode_texts(url, model, texts, protocol=protocol, batch_size=batch_size,
-                       tokenizer=tokenizer, desc=f"index {model}")
+                       tokenizer=tokenizer, desc=f"index {model}", repo=repo)
     # Queries must go through the same encoder (shared) or the pair's query tower.
     query_model = model if info.tower == "shared" else f"{info.retriever}-query"
     meta = {"model": model, "query_model": query_model, "retriever": info.retriever,
@@ -792,7 +794,7 @@ def build_index(
 
 def search(
     url: str | TritonServer, model: str, index_dir: str | Path, query: str, k: int = 10,
-    protocol: str = "http", tokenizer: str | Path | None = None,
+    protocol: str = "http", tokenizer: str | Path | None = None, repo: str | Path | None = None,
 ) -> list[tuple[str, float, str]]:
     """Top-k passages by exact inner product: [(pid, score, text)], best first.
 
@@ -824,7 +826,7 @@ def search(
             f"{emb.shape[1]}-dimensional passages: rebuild the index with the served passage model"
         )
     q = encode_texts(url, query_model, [query], protocol=protocol, max_len=info.max_len("query"),
-                     tokenizer=tokenizer)[0]
+                     tokenizer=tokenizer, repo=repo)[0]
     scores = emb @ q
     k = min(k, len(pids))
     top = np.argpartition(-scores, k - 1)[:k]
