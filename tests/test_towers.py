@@ -297,6 +297,10 @@ def test_tower_budget_files_cli_and_errors(tmp_path, mlflow_tmp):
     assert run.data.tags["best_deployment"] == "distilled"
     assert run.data.metrics["distilled_total_usd"] == pytest.approx(1105.0)
     assert main(["budget", "--towers", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o2")]) == 2
+    # The distillation's own run time stands in for the distilled entry's missing training time.
+    distilled = {k: v for k, v in METRICS["distilled"].items() if k != "train_usd"}
+    metrics.write_text(json.dumps(METRICS | {"distilled": distilled, "distill": {"steps": 100, "step_seconds": 0.5}}))
+    assert read_tower_metrics(metrics)["distilled"]["train_seconds"] == 50.0
 
 
 def test_requests_that_outlast_the_window_still_count(towers_server):

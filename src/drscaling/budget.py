@@ -920,7 +920,11 @@ class TowerCostTable:
 
 
 def read_tower_metrics(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The distillation metrics (teacher, distilled, end_to_end entries), checked."""
+    """The distillation metrics (teacher, distilled, end_to_end entries), checked.
+
+    Each entry: model, query_shape, passage_shape, query_n, passage_n, ce (and mrr@10); optionally
+    its cost to produce: "train_usd" or "train_seconds" (at the costs file's $ per device-hour), and
+    "annotation_usd" or "pairs" (at TowerWorkload.usd_per_pair)."""
     path = Path(path)
     if not path.exists():
         raise DrscalingError(
@@ -942,6 +946,13 @@ def read_tower_metrics(path: str | Path) -> dict[str, dict[str, Any]]:
         for k in ("query_n", "passage_n", "ce"):
             if not (isinstance(entry[k], (int, float)) and math.isfinite(entry[k]) and entry[k] > 0):
                 raise DrscalingError(f"{path}: entry '{key}' has {k}={entry[k]!r} (need a number > 0)")
+    # The distillation's own run time (its "distill" record: steps x median step time) is the
+    # distilled entry's training time when the entry does not give one.
+    run = doc.get("distill") or {}
+    distilled = doc["distilled"]
+    if distilled.get("train_usd") is None and distilled.get("train_seconds") is None \
+            and run.get("steps") is not None and run.get("step_seconds") is not None:
+        distilled["train_seconds"] = float(run["steps"]) * float(run["step_seconds"])
     return doc
 
 
