@@ -170,6 +170,7 @@ def run_load(
     ids = rng.integers(5, 100, size=(batch, seq_len), dtype=np.int64)
     mask = np.ones_like(ids)
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    first_start = [np.inf] * concurrency  # when each thread's first counted request was sent
     last_end = [0.0] * concurrency  # when each thread's last counted request completed
     errors: list[str] = []
     sent = [0]
@@ -215,6 +216,7 @@ def run_load(
                 t1 = time.perf_counter()
                 if t0 >= window["start"]:  # warm-up requests are not counted
                     latencies[slot].append(t1 - t0)
+                    first_start[slot] = min(first_start[slot], t0)
                     last_end[slot] = t1
         except Exception as exc:
             errors.append(str(exc))
@@ -232,10 +234,10 @@ def run_load(
     lat = np.array([x for per in latencies for x in per])
     if lat.size == 0:
         raise DrscalingError(f"load test on '{model}' completed no request in {cfg.duration_s} s")
-    # Throughput over the measured window (or until the last request if the count cap hit first),
-    # stretched to the last counted completion when requests outlast the window.
+    # Throughput over the measured window (or until the last request if the count cap hit first);
+    # when requests outlast the window, over the span of the counted requests themselves.
     elapsed = max(min(cfg.duration_s, time.perf_counter() - window["start"]),
-                  max(last_end) - window["start"], 1e-9)
+                  max(last_end) - min(first_start), 1e-9)
     inferences = lat.size * batch
     return {
         "batch": batch, "concurrency": concurrency, "seq_len": seq_len,
