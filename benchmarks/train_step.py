@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from drscaling.model import build_model, train_tokenizer
-from drscaling.train import contrastive_loss
+from drscaling.model import Towers, build_model, train_tokenizer
+from drscaling.train import train_step
 
 
 def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 7) -> float:
@@ -39,8 +39,8 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, repeats: int 
 
 def step_time(shape: str, tok, batch: int, negatives: int, qlen: int, plen: int, repeats: int, device: str) -> tuple[float, int, int]:
     enc, meta = build_model(shape, tok, dim=768)
-    enc.to(device).train()
-    opt = torch.optim.AdamW(enc.parameters(), lr=1e-4)
+    model = Towers(enc).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     vocab = len(tok)
     g = torch.Generator().manual_seed(0)
     q = {"input_ids": torch.randint(5, vocab, (batch, qlen), generator=g), "attention_mask": torch.ones(batch, qlen, dtype=torch.long)}
@@ -54,12 +54,7 @@ def step_time(shape: str, tok, batch: int, negatives: int, qlen: int, plen: int,
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with autocast:
-            qe, pe = enc(**q), enc(**p)
-            loss = contrastive_loss(qe, pe[:batch], pe[batch:], in_batch=False)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, None, q, p, batch, False, autocast, device)
         if device == "cuda":
             torch.cuda.synchronize()
         if i:

@@ -138,7 +138,13 @@ def _train_paths(args, out: str | Path):
 def cmd_train(args) -> None:
     from drscaling.train import TrainConfig, train
 
-    cfg = params.from_args(TrainConfig, args, params.section("train"))
+    base = params.section("train")
+    if args.section:  # e.g. towers_teacher: overrides of the train section, eval merged key by key
+        extra = params.section(args.section)
+        if not extra:
+            raise DrscalingError(f"params.yaml has no section '{args.section}'")
+        base = base | extra | {"eval": dict(base.get("eval") or {}) | dict(extra.get("eval") or {})}
+    cfg = params.from_args(TrainConfig, args, base)
     out = args.out or f"{A}/runs/{cfg.shape}-D{cfg.train_pairs or 'all'}-{cfg.annotation_source}-{cfg.key()}"
     m = train(cfg, _train_paths(args, out))
     if m.get("cached"):
@@ -363,12 +369,12 @@ def _ce_metric(prepared: str | Path, cfg):
 
 
 def export_one(model: str | Path, out: Path, variants: list[str], prepared, eval_cfg, repo: Path | None, name: str,
-               serve_cfg: dict) -> dict:
+               serve_cfg: dict, quality: bool = True) -> dict:
     from drscaling import export, serving, tracking
 
     with tracking.stage_run("export", f"export-{name}", {"drscaling.stage": "export", "model": name}):
         record = export.export_onnx(model, out, variants=tuple(variants))
-        quality = export.quality_delta(out, _ce_metric(prepared, eval_cfg), model_dir=model)
+        scored = export.quality_delta(out, _ce_metric(prepared, eval_cfg), model_dir=model) if quality else None
     if repo is not None:
         from drscaling.model import is_dual
 
@@ -377,7 +383,7 @@ def export_one(model: str | Path, out: Path, variants: list[str], prepared, eval
         build(out, repo, name, variant=serve_cfg.get("variant", "fp32"),
               max_batch_size=serve_cfg.get("max_batch_size", 64), instances=serve_cfg.get("instances", 1),
               intra_op_threads=serve_cfg.get("intra_op_threads", 0))
-    return {"record": record, "quality": quality}
+    return {"record": record, "quality": scored}
 
 
 def cmd_export(args) -> None:
@@ -401,11 +407,14 @@ def cmd_export(args) -> None:
     out_root = Path(args.out or f"{A}/export")
     for name, model in targets.items():
         result = export_one(model, out_root / name if len(targets) > 1 or args.from_sweep else out_root, variants,
-                            prepared, eval_cfg, repo, name, serve_cfg)
+                            prepared, eval_cfg, repo, name, serve_cfg, quality=not args.no_quality)
         q = result["quality"]
-        deltas = ", ".join(f"{v}: CE {d['value']:.4f} ({d['delta']:+.4f})" for v, d in q["variants"].items()
-                           if d.get("value") is not None)
-        print(f"{name}: exported {', '.join(variants)}; torch CE {q['torch']:.4f}; {deltas}")
+        if q is None:
+            print(f"{name}: exported {', '.join(variants)} (parity checked; CE not scored: --no-quality)")
+        else:
+            deltas = ", ".join(f"{v}: CE {d['value']:.4f} ({d['delta']:+.4f})" for v, d in q["variants"].items()
+                               if d.get("value") is not None)
+            print(f"{name}: exported {', '.join(variants)}; torch CE {q['torch']:.4f}; {deltas}")
         for side, rec in (result["record"].get("towers") or {}).items():
             fp32 = rec["variants"]["fp32"]
             print(f"  {side} tower {rec['shape']} (N={rec['n_non_embedding']:,}): fp32 max |diff| "
@@ -598,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tokenizer", help=f"shared tokenizer folder (default {A}/tokenizer)")
         p.add_argument("--out")
         if name == "train":
+            p.add_argument("--section", help="params.yaml section whose values override the train section's")
             params.add_flags(p, TrainConfig)
         else:
             p.add_argument("--preset", help="preset name in pipelines/ or a YAML path")
@@ -660,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help=f"default {A}/export")
     p.add_argument("--repo", help="also write a Triton model repository here")
     p.add_argument("--prepared")
+    p.add_argument("--no-quality", action="store_true",
+                   help="skip scoring each variant's test contrastive entropy (parity is still checked); "
+                        "for fp32-only exports of large towers, where the score costs minutes on a CPU")
     p = cmd("serve", cmd_serve, "run Triton on a model repository (127.0.0.1) until Ctrl-C")
     p.add_argument("--repo", default=f"{A}/serving/repo")
     p.add_argument("--http-port", type=int, default=8000)
@@ -676,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model name in the repository; for dual towers the pair's name NAME (queries go "
                             "through NAME-query, passages through NAME-passage) or a tower's own name")
         p.add_argument("--tokenizer", help="tokenizer folder (default: <repo>/<model>/1/tokenizer)")
+        p.add_argument("--repo", default=f"{A}/serving/repo",
+                       help="the model repository the server runs on: each model's tokenizer is read from it")
         if name == "encode":
             p.add_argument("--role", choices=["query", "passage"],
                            help="embed the texts as queries or passages: picks the pair's tower and the "
@@ -683,8 +698,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("texts", nargs="*")
             p.add_argument("--file", help="one text per line")
             p.add_argument("--out", help="write embeddings as .npy")
-        p.add_argument("--repo", default=f"{A}/serving/repo",
-                       help="the model repository the server runs on: each model's tokenizer is read from it")
         elif name == "index":
             p.add_argument("--corpus", required=True)
             p.add_argument("--out", required=True)

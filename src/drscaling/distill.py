@@ -149,7 +149,9 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
 
         small = Retriever(Tower(student.eval(), tokenizer, meta), big.passage)
         result = compare(big, small, baseline_dir, paths.prepared, cfg.eval, device)
-        result["teacher"]["model"] = str(teacher_dir)
+        result["teacher"] |= {"model": str(teacher_dir)} | training_record(teacher_dir)
+        if baseline_dir is not None:
+            result["end_to_end"] |= training_record(baseline_dir)
         result["distilled"]["model"] = str(paths.out / "model")
         result["distill"] = {"steps": cfg.steps, "d": len(queries), "final_loss": loss.item(), "final_cosine": cos,
                              "step_seconds": statistics.median(step_seconds)}
@@ -201,6 +203,15 @@ def compare(teacher: Retriever, distilled: Retriever, baseline: Path | None, pre
     if baseline is not None:
         out["end_to_end"]["model"] = str(baseline)
     return out
+
+
+def training_record(model_dir: Path) -> dict:
+    """What the budget needs of a trained model: its training time and pairs, from its run's metrics.json."""
+    file = Path(model_dir).parent / "metrics.json"
+    if not file.exists():
+        return {}
+    m = json.loads(file.read_text())
+    return {"train_seconds": m["steps"] * m["train_step_seconds"], "pairs": m["d"], "steps": m["steps"]}
 
 
 def format_comparison(result: dict) -> str:

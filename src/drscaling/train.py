@@ -54,6 +54,7 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 32
     lr: float = 5e-4
+    head_lr: float = 0.0  # learning rate of the new projection head; 0 = lr (pretrained towers want more)
     warmup_steps: int = 0
     weight_decay: float = 0.001
     negatives: int = 256
@@ -143,6 +144,35 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, in_batch
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
+def param_groups(towers: Towers, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: no weight decay on biases and norms; the projection heads at head_lr when set.
+    A pretrained backbone fine-tunes at a small lr while its new random head must move fast, or the
+    head cannot undo the anisotropy of an LLM's hidden states within a short run."""
+    heads = {id(p) for m in (towers.query, towers.passage_encoder()) for p in m.projection.parameters()}
+    groups = []
+    for is_head in (False, True):
+        ps = [p for p in towers.parameters() if (id(p) in heads) == is_head]
+        lr = cfg.head_lr if is_head and cfg.head_lr > 0 else cfg.lr
+        groups += [{"params": [p for p in ps if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for p in ps if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}]
+    return [g for g in groups if g["params"]]
+
+
+def train_step(model, opt, sched, q: dict, p: dict, n_queries: int, in_batch: bool, autocast, device: str) -> torch.Tensor:
+    """One optimiser step of eq. 3: p holds the queries' positives first, then the shared negatives.
+    (benchmarks/train_step.py times exactly this.)"""
+    with autocast:
+        qe, pe = model(q["input_ids"].to(device), q["attention_mask"].to(device),
+                       p["input_ids"].to(device), p["attention_mask"].to(device))
+        loss = contrastive_loss(qe, pe[:n_queries], pe[n_queries:], in_batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return loss
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -229,11 +259,7 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
     model = towers
     if world > 1:  # one forward per step embeds both sides, as DDP requires
         model = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[rank] if device == "cuda" else None)
-    decay = [p for p in towers.parameters() if p.ndim > 1]
-    no_decay = [p for p in towers.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
+    opt = torch.optim.AdamW(param_groups(towers, cfg), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.bf16 else contextlib.nullcontext()
 
@@ -258,14 +284,7 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
             model.train()
             q = tokenize(tokenizer, [queries[i] for i in batch], cfg.max_query_len)
             p = tokenize(tokenizer, [pos_texts[i] for i in batch] + [corpus_texts[i] for i in negs], cfg.max_passage_len)
-            with autocast:
-                qe, pe = model(q["input_ids"].to(device), q["attention_mask"].to(device),
-                               p["input_ids"].to(device), p["attention_mask"].to(device))
-                loss = contrastive_loss(qe, pe[: len(batch)], pe[len(batch):], cfg.in_batch_negatives)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss = train_step(model, opt, sched, q, p, len(batch), cfg.in_batch_negatives, autocast, device)
             state["step_seconds"].append(time.perf_counter() - t0)
             state["tokens"].append(int(q["attention_mask"].sum() + p["attention_mask"].sum()) * world)
             state["step"] = step + 1
