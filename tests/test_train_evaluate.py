@@ -21,7 +21,7 @@ from drscaling.evaluate import (
     EvalConfig, build_evalset, contrastive_entropy, contrastive_entropy_from_scores, evaluate_model,
     ranking_metrics,
 )
-from drscaling.model import Retriever, Tower, build_model, load_model, load_retriever, load_tokenizer, parse_shape
+from drscaling.model import Retriever, Tower, build_model, load_model, load_retriever, load_tokenizer, parse_shape, tokenize
 from drscaling.train import Paths, TrainConfig, train
 
 EVAL = EvalConfig(negatives=64, draws=3, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=500)
@@ -250,3 +250,22 @@ def test_ddp_two_cpu_processes_with_torchrun(prepared, annotations, tokenizer_di
     assert run.info.status == "FINISHED"
     # every step counted both ranks' tokens
     assert metrics["train_tokens_per_step"] > 8 * 16
+
+
+def test_last_token_pooling_and_scaled_embeddings(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    enc, meta = build_model("bert-L2-H128", tok, 16, pooling="last", scale=3.0)
+    assert meta.pooling == "last" and meta.scale == 3.0
+    batch = tokenize(tok, ["a short text", "a somewhat longer text with more words in it"], 32)
+    enc.eval()
+    with torch.no_grad():
+        out = enc(**batch)
+        hidden = enc.backbone(**batch).last_hidden_state
+        last = batch["attention_mask"].sum(1) - 1  # right padding: the last real token
+        raw = enc.projection(hidden[torch.arange(2), last])
+    assert torch.allclose(out, 3.0 * torch.nn.functional.normalize(raw, dim=-1), atol=1e-6)
+    assert torch.allclose(out.norm(dim=-1), torch.full((2,), 3.0), atol=1e-5)
+    with pytest.raises(DrscalingError, match="pooling must be one of"):
+        build_model("bert-L2-H128", tok, 16, pooling="max")
+    with pytest.raises(DrscalingError, match="scale must be >= 0"):
+        build_model("bert-L2-H128", tok, 16, scale=-1.0)

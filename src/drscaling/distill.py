@@ -100,7 +100,9 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
     queries = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)[0]
     tokenizer = shape_tokenizer(cfg.student_shape, cfg.student_init, paths.tokenizer)
     dim = big.query.meta.dim
-    student, meta = build_model(cfg.student_shape, tokenizer, dim, seed=cfg.seed, init=cfg.student_init or None)
+    # Same dimension and the same normalisation as the teacher: the student must land in its space.
+    student, meta = build_model(cfg.student_shape, tokenizer, dim, seed=cfg.seed, init=cfg.student_init or None,
+                                scale=big.query.meta.scale)
     check(cfg, big, meta.n_non_embedding)
     check_lengths(meta, cfg.max_query_len, cfg.eval.max_query_len)
     meta.max_query_len = cfg.eval.max_query_len
@@ -223,9 +225,3 @@ def format_comparison(result: dict) -> str:
                          f"{r['passage_n']:>12,} {r['ce']:>7.3f} {r.get('mrr@10', float('nan')):>7.3f}")
     return "\n".join(lines)
 
-
-def read_metrics(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise DrscalingError(f"{path} not found: run `drscaling distill` first")
-    return json.loads(path.read_text())

@@ -54,7 +54,6 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 32
     lr: float = 5e-4
-    head_lr: float = 0.0  # learning rate of the new projection head; 0 = lr (pretrained towers want more)
     warmup_steps: int = 0
     weight_decay: float = 0.001
     negatives: int = 256
@@ -62,6 +61,8 @@ class TrainConfig:
     max_query_len: int = 25
     max_passage_len: int = 180
     dim: int = 768
+    scale: float = 0.0  # 0: dot product (the paper); s > 0: cosine x s^2 (LLM towers: their hidden states are anisotropic)
+    pooling: str = ""  # "" = mean; "last" = the last token's state (decoders)
     seed: int = 0
     eval_every: int = 50
     checkpoint_every: int = 50
@@ -142,20 +143,6 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, in_batch
         parts.append(other)
     logits = torch.cat(parts, dim=1).float()
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
-
-
-def param_groups(towers: Towers, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: no weight decay on biases and norms; the projection heads at head_lr when set.
-    A pretrained backbone fine-tunes at a small lr while its new random head must move fast, or the
-    head cannot undo the anisotropy of an LLM's hidden states within a short run."""
-    heads = {id(p) for m in (towers.query, towers.passage_encoder()) for p in m.projection.parameters()}
-    groups = []
-    for is_head in (False, True):
-        ps = [p for p in towers.parameters() if (id(p) in heads) == is_head]
-        lr = cfg.head_lr if is_head and cfg.head_lr > 0 else cfg.lr
-        groups += [{"params": [p for p in ps if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr": lr},
-                   {"params": [p for p in ps if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}]
-    return [g for g in groups if g["params"]]
 
 
 def train_step(model, opt, sched, q: dict, p: dict, n_queries: int, in_batch: bool, autocast, device: str) -> torch.Tensor:
@@ -240,11 +227,13 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
     pos_idx = np.array([cindex[p] for p in pos_pids])
 
     tokenizer = shape_tokenizer(cfg.shape, cfg.init, paths.tokenizer)
-    encoder, meta = build_model(cfg.shape, tokenizer, cfg.dim, seed=cfg.seed, init=cfg.init or None)
+    encoder, meta = build_model(cfg.shape, tokenizer, cfg.dim, seed=cfg.seed, init=cfg.init or None, scale=cfg.scale,
+                                pooling=cfg.pooling)
     meta.max_query_len, meta.max_passage_len = cfg.eval.max_query_len, cfg.max_passage_len
     check_lengths(meta, cfg.max_query_len, cfg.max_passage_len, cfg.eval.max_query_len, cfg.eval.max_passage_len)
     # Dual towers start as two copies of the same checkpoint (ScalingNote stage 1), then part ways.
-    passage = build_model(cfg.shape, tokenizer, cfg.dim, seed=cfg.seed, init=cfg.init or None)[0] if cfg.towers == "dual" else None
+    passage = build_model(cfg.shape, tokenizer, cfg.dim, seed=cfg.seed, init=cfg.init or None, scale=cfg.scale,
+                          pooling=cfg.pooling)[0] if cfg.towers == "dual" else None
     towers = Towers(encoder, passage)
     query_tower = Tower(encoder, tokenizer, meta)
     retriever = Retriever(query_tower, Tower(passage, tokenizer, meta) if passage is not None else query_tower)
@@ -259,7 +248,11 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
     model = towers
     if world > 1:  # one forward per step embeds both sides, as DDP requires
         model = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[rank] if device == "cuda" else None)
-    opt = torch.optim.AdamW(param_groups(towers, cfg), lr=cfg.lr)
+    decay = [p for p in towers.parameters() if p.ndim > 1]
+    no_decay = [p for p in towers.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.bf16 else contextlib.nullcontext()
 
