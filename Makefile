@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh clone (see README):
 #   make run    environment + data (dvc pull, offline) + the whole pipeline (dvc repro) + summary
 #   make test   environment + data + the test suite
+#   make towers the ScalingNote pipeline (scalingnote/dvc.yaml) after the default one
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup data run test clean
+.PHONY: setup data run towers test clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +31,10 @@ data: setup
 
 run: data
 	dvc repro
+	drscaling summary
+
+towers: data
+	dvc repro scalingnote/dvc.yaml
 	drscaling summary
 
 test: data

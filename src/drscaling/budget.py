@@ -873,8 +873,8 @@ class TokenCost:
 
 class TowerCostTable:
     """$ per token of a tower in a role. Measured: the tower of that shape measured in that role
-    (`drscaling measure` on the towers), else that shape measured in any role or as a shared model,
-    else the fit a * N**b. Paper: 2 FLOPs per parameter per token at the paper's $ per FLOP."""
+    (`drscaling measure` on the towers), else that shape measured as a shared model, else in the
+    other role, else the fit a * N**b. Paper: 2 FLOPs per parameter per token at the paper's $ per FLOP."""
 
     def __init__(self, mode: str, doc: dict[str, Any] | None = None, paper: PaperCosts | None = None):
         if mode not in COSTS_MODES:
@@ -908,13 +908,18 @@ class TowerCostTable:
             usd = self.paper.infer_flops_per_param_token * n * self.paper.usd_per_flop
             return TokenCost(usd, f"paper: {self.paper.infer_flops_per_param_token:g} FLOPs x N")
         towers = self.doc.get("towers") or []
-        for want_role in (role, None):
-            for t in towers:
-                if t["shape"] == shape and want_role in (None, t["tower"]):
-                    return TokenCost(t["usd_per_million_tokens"] / 1e6, f"measured: {t['tower']} tower {t['model']}")
-        for p in self.doc["inference"].get("points", []):
-            if p["shape"] == shape:
-                return TokenCost(p["usd_per_million_tokens"] / 1e6, f"measured: {shape}")
+        same_role = [t for t in towers if t["shape"] == shape and t["tower"] == role]
+        shared = [p for p in self.doc["inference"].get("points", []) if p["shape"] == shape]
+        other_role = [t for t in towers if t["shape"] == shape]
+        # A shared model's batch-32 throughput says more about a role than the other role's operating point.
+        if same_role:
+            t = same_role[0]
+            return TokenCost(t["usd_per_million_tokens"] / 1e6, f"measured: {t['tower']} tower {t['model']}")
+        if shared:
+            return TokenCost(shared[0]["usd_per_million_tokens"] / 1e6, f"measured: {shape}")
+        if other_role:
+            t = other_role[0]
+            return TokenCost(t["usd_per_million_tokens"] / 1e6, f"measured: {t['tower']} tower {t['model']}")
         fit = self.doc["inference"]["fit"]
         return TokenCost(float(fit["a"]) * n ** float(fit["b"]), f"fit {fit['a']:.3g} x N^{fit['b']:.3g}")
 

@@ -351,6 +351,13 @@ def cmd_summary(args) -> None:
     budget = Path(f"{A}/budget/budget.json")
     if budget.exists():
         print(format_recommendation(read_json(budget)))
+    towers = Path(f"{A}/towers/budget/towers.json")  # the ScalingNote pipeline, when it has run
+    if towers.exists():
+        from drscaling.budget import format_tower_comparison
+        from drscaling.distill import format_comparison
+
+        print(format_comparison(read_json(Path(f"{A}/towers/distilled/metrics.json"))))
+        print(format_tower_comparison(read_json(towers)))
     print("MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)")
 
 

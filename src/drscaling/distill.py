@@ -154,6 +154,10 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
         result["teacher"] |= {"model": str(teacher_dir)} | training_record(teacher_dir)
         if baseline_dir is not None:
             result["end_to_end"] |= training_record(baseline_dir)
+        # The distilled deployment needs the teacher's training pairs too (its training time, the
+        # budget adds the teacher's to this run's own steps).
+        if "pairs" in result["teacher"]:
+            result["distilled"]["pairs"] = result["teacher"]["pairs"]
         result["distilled"]["model"] = str(paths.out / "model")
         result["distill"] = {"steps": cfg.steps, "d": len(queries), "final_loss": loss.item(), "final_cosine": cos,
                              "step_seconds": statistics.median(step_seconds)}
