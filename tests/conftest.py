@@ -31,8 +31,14 @@ def _mlflow_uri_per_test(mlflow_store):
     outlives their monkeypatched environment. Every test starts from the session store again."""
     import mlflow
 
+    import mlflow.tracking.fluent
+
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_store
     mlflow.set_tracking_uri(mlflow_store)
+    # set_experiment leaves its id in a process global and in MLFLOW_EXPERIMENT_ID; a later test on
+    # another store would start runs in an experiment that store does not have.
+    mlflow.tracking.fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     yield
     while mlflow.active_run():
         mlflow.end_run()
