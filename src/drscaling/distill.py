@@ -154,10 +154,9 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
         result["teacher"] |= {"model": str(teacher_dir)} | training_record(teacher_dir)
         if baseline_dir is not None:
             result["end_to_end"] |= training_record(baseline_dir)
-        # The distilled deployment needs the teacher's training pairs too (its training time, the
-        # budget adds the teacher's to this run's own steps).
-        if "pairs" in result["teacher"]:
-            result["distilled"]["pairs"] = result["teacher"]["pairs"]
+        # Distillation needs queries, not labelled pairs: no annotation of its own. The budget adds the
+        # teacher's pairs and training time to the distilled deployment (the teacher is its prerequisite).
+        result["distilled"]["pairs"] = 0
         result["distilled"]["model"] = str(paths.out / "model")
         result["distill"] = {"steps": cfg.steps, "d": len(queries), "final_loss": loss.item(), "final_cosine": cos,
                              "step_seconds": statistics.median(step_seconds)}
