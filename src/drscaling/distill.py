@@ -37,7 +37,7 @@ from drscaling.files import atomic_path, write_json
 from drscaling.model import (
     Retriever, Tower, build_model, check_lengths, check_shape, load_retriever, save_retriever, shape_tokenizer, tokenize,
 )
-from drscaling.train import Paths, training_pairs
+from drscaling.train import Paths, optimizer, training_pairs
 
 
 @dataclass
@@ -58,16 +58,17 @@ class DistillConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def teacher_folder(teacher: str | Path) -> Path:
-    """The teacher's model folder: a finished training run folder (its model/) or a model folder."""
-    path = Path(teacher)
+def trained_folder(path: str | Path, role: str) -> Path:
+    """A trained model's folder: a finished training run folder (its model/) or a model folder."""
+    given = Path(path)
+    path = given
     if (path / "model").is_dir() and not (path / "drscaling.json").exists() and not (path / "towers.json").exists():
         if not (path / "metrics.json").exists():
-            raise DrscalingError(f"teacher {path} never finished training (no metrics.json): run `drscaling train` to the end first")
+            raise DrscalingError(f"{role} {path} never finished training (no metrics.json): run `drscaling train` to the end first")
         path = path / "model"
     if not (path / "towers.json").exists() and not (path / "drscaling.json").exists():
         raise DrscalingError(
-            f"teacher {teacher} is not a trained model (no towers.json or drscaling.json):"
+            f"{role} {given} is not a trained model (no towers.json or drscaling.json):"
             " train it first, e.g. `drscaling train --towers dual --shape smollm2-135m`"
         )
     return path
@@ -95,7 +96,7 @@ def check(cfg: DistillConfig, teacher: Retriever, student_n: int) -> None:
 def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str | Path | None = None) -> dict:
     """Train the student query tower against the frozen teacher; write <out>/model and metrics.json."""
     check_shape(cfg.student_shape)
-    teacher_dir = teacher_folder(teacher)
+    teacher_dir = trained_folder(teacher, "teacher")
     big = load_retriever(teacher_dir)
     queries = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)[0]
     tokenizer = shape_tokenizer(cfg.student_shape, cfg.student_init, paths.tokenizer)
@@ -106,7 +107,7 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
     check(cfg, big, meta.n_non_embedding)
     check_lengths(meta, cfg.max_query_len, cfg.eval.max_query_len)
     meta.max_query_len = cfg.eval.max_query_len
-    baseline_dir = _baseline_folder(baseline) if baseline else None
+    baseline_dir = trained_folder(baseline, "baseline") if baseline else None
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     big.to(device)
@@ -114,11 +115,7 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
     targets = torch.from_numpy(big.query.encode(queries, cfg.max_query_len, cfg.eval.batch_size, device,
                                                 desc=f"teacher query embeddings ({len(queries)})"))
     student.to(device)
-    decay = [p for p in student.parameters() if p.ndim > 1]
-    no_decay = [p for p in student.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    opt, sched = optimizer(student, cfg.lr, cfg.weight_decay, cfg.warmup_steps)
     torch.manual_seed(cfg.seed)
 
     tracking.configure()
@@ -173,15 +170,6 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
     return result
 
 
-def _baseline_folder(baseline: str | Path) -> Path:
-    path = Path(baseline)
-    if (path / "model").is_dir() and (path / "metrics.json").exists():
-        return path / "model"
-    if not (path / "drscaling.json").exists() and not (path / "towers.json").exists():
-        raise DrscalingError(f"baseline {baseline} is not a trained model folder (train it with `drscaling train` first)")
-    return path
-
-
 def compare(teacher: Retriever, distilled: Retriever, baseline: Path | None, prepared: str | Path,
             cfg: EvalConfig, device: str) -> dict:
     """Test metrics of the deployments; the teacher's passage embeddings are computed once and
@@ -198,10 +186,12 @@ def compare(teacher: Retriever, distilled: Retriever, baseline: Path | None, pre
     if baseline is not None:
         base = load_retriever(baseline).to(device)
         entries.append(("end_to_end", base, embed_evalset(*encode_fns(base, cfg, device), es, cfg)))
+    teacher_passages: dict[str, np.ndarray] = {}  # the distilled pair ranks with the teacher's passage tower
     for name, retriever, embedded in entries:
         metrics = {"ce": embedded.ce()}
         if cfg.rank_pool:
-            metrics |= rank_split(retriever, prepared, split, cfg, device, known=embedded)
+            cache = teacher_passages if retriever.passage is teacher.passage else None
+            metrics |= rank_split(retriever, prepared, split, cfg, device, known=embedded, passage_cache=cache)
         out[name] = {"query_shape": retriever.query.meta.shape, "passage_shape": retriever.passage.meta.shape,
                      "query_n": retriever.query.meta.n_non_embedding,
                      "passage_n": retriever.passage.meta.n_non_embedding, **metrics}

@@ -185,10 +185,11 @@ def ranking_metrics(scores: np.ndarray, relevant: list[set[int]]) -> dict[str, f
 
 def rank_split(
     retriever: Retriever, prepared: str | Path, split: Split, cfg: EvalConfig, device: str = "cpu",
-    known: Embedded | None = None,
+    known: Embedded | None = None, passage_cache: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Ranking metrics over the split's rank pool. `known`: embeddings this retriever already gave
-    the split's evaluation set; only the passages and queries they lack are encoded."""
+    the split's evaluation set; only the passages and queries they lack are encoded.
+    `passage_cache` (pid -> embedding) is read and filled, for retrievers sharing a passage tower."""
     pool = rank_pool(prepared, split, cfg.rank_pool, cfg.seed)
     index = {pid: i for i, pid in enumerate(pool["pid"])}
     rel: dict[str, set[int]] = {}
@@ -197,8 +198,11 @@ def rank_split(
     qids = list(rel)
     qtext = dict(zip(split.queries["qid"], split.queries["text"], strict=True))
     encode_q, encode_p = encode_fns(retriever, cfg, device)
-    p = _reuse(list(pool["pid"]), list(pool["text"]), known and dict(zip(known.es.pids, known.passages)),
-               lambda texts: encode_p(texts, cfg.max_passage_len))
+    cache = passage_cache if passage_cache is not None else {}
+    if known:
+        cache.update(zip(known.es.pids, known.passages))
+    p = _reuse(list(pool["pid"]), list(pool["text"]), cache, lambda texts: encode_p(texts, cfg.max_passage_len))
+    cache.update(zip(pool["pid"], p))
     q = _reuse(qids, [qtext[x] for x in qids], known and dict(zip(known.es.qids, known.queries)),
                lambda texts: encode_q(texts, cfg.max_query_len))
     out: dict[str, list[float]] = {}

@@ -145,6 +145,16 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, in_batch
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
+def optimizer(module: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int):
+    """AdamW (no weight decay on biases and norms) with a linear warmup, for training and distillation."""
+    decay = [p for p in module.parameters() if p.ndim > 1]
+    no_decay = [p for p in module.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    return opt, sched
+
+
 def train_step(model, opt, sched, q: dict, p: dict, n_queries: int, in_batch: bool, autocast, device: str) -> torch.Tensor:
     """One optimiser step of eq. 3: p holds the queries' positives first, then the shared negatives.
     (benchmarks/train_step.py times exactly this.)"""
@@ -248,12 +258,7 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
     model = towers
     if world > 1:  # one forward per step embeds both sides, as DDP requires
         model = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[rank] if device == "cuda" else None)
-    decay = [p for p in towers.parameters() if p.ndim > 1]
-    no_decay = [p for p in towers.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    opt, sched = optimizer(towers, cfg.lr, cfg.weight_decay, cfg.warmup_steps)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.bf16 else contextlib.nullcontext()
 
     ckpt_dir = paths.out / "checkpoint"
