@@ -33,7 +33,7 @@ def timed_generation(generator, passages, kind: str, cfg: gen.GenerationConfig) 
     generator.max_new_tokens = cfg.max_new_tokens
     kept = tokens_out = 0
     start = time.perf_counter()
-    for batch in gen._batches(passages, cfg.batch_size):
+    for batch in gen._batches(gen.by_length(passages), cfg.batch_size):  # as run_generation batches
         rows = gen.generate_batch(generator, batch, kind, cfg, "bench")
         kept += sum(1 for r in rows if not r.get("failed"))
         tokens_out += sum(r["tokens_out"] for r in rows)
@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--no-single", action="store_true", help="skip the one-at-a-time run (no ratio)")
+    ap.add_argument("--compare-prefix-cache", action="store_true",
+                    help="also time batched generation without the few-shot prefix's KV cache")
     ap.add_argument("--supervised-format", action="store_true", help="also time the fine-tuned generator's prompt")
     ap.add_argument("--finetune-steps", type=int, default=0, help="also time this many fine-tuning steps")
     ap.add_argument("--estimate-passages", type=int, default=5000)
@@ -80,6 +82,13 @@ def main() -> None:
                      "load_seconds": load_s, "cpu_count": os.cpu_count(),
                      "loadavg_start": os.getloadavg()}
     results["llm_batched"] = timed_generation(local, passages, "few_shot", batched_cfg)
+    if args.compare_prefix_cache:
+        cache_min = gen.PREFIX_CACHE_MIN_TOKENS
+        gen.PREFIX_CACHE_MIN_TOKENS = 10**9
+        results["llm_batched_no_prefix_cache"] = timed_generation(local, passages, "few_shot", batched_cfg)
+        gen.PREFIX_CACHE_MIN_TOKENS = cache_min
+        results["prefix_cache_speedup"] = (results["llm_batched"]["queries_per_s"]
+                                           / results["llm_batched_no_prefix_cache"]["queries_per_s"])
     if not args.no_single:
         results["llm_single"] = timed_generation(local, passages, "few_shot", single_cfg)
         results["batched_over_single"] = results["llm_batched"]["queries_per_s"] / results["llm_single"]["queries_per_s"]

@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--server-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="onnxruntime threads inside Triton (default: cores - 1, since the load\n"
                         "generator shares this host; all cores made both (a) and (b) slower on 2)")
+    p.add_argument("--instances", type=int, default=os.cpu_count() or 1,
+                   help="Triton model instances (default: one per core, each with --server-threads\n"
+                        "onnxruntime threads: one instance computes while another exchanges requests)")
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         # (a), (b): the small model on Triton
         serve = make_model(args.serve_shape, tok, root, ("fp32",))
         build_model_repository(serve / "onnx", root / "repo", "enc", max_batch_size=64,
-                               intra_op_threads=args.server_threads)
+                               intra_op_threads=args.server_threads, instances=args.instances)
         with TritonServer(root / "repo") as server:
             results["a_triton_vs_ort"] = bench_triton_vs_ort(
                 server, "enc", serve / "onnx" / "model.onnx", feeds, args)

@@ -9,7 +9,7 @@ import pytest
 from test_serving import MODEL, triton  # noqa: F401
 
 from drscaling.costs import (
-    combine, fit_power, measure, measure_costs, served_models, training_costs,
+    LoadConfig, combine, fit_power, measure, measure_costs, run_load, served_models, training_costs,
     usd_per_million_tokens,
 )
 from drscaling.errors import DrscalingError
@@ -55,11 +55,12 @@ def test_training_costs(mlflow_tmp):  # noqa: F811
     assert tc["fit"]["b"] == pytest.approx(np.log(1.2 / 0.3) / np.log(8))
 
 
-def test_measure_sweep_json_and_mlflow(triton, mlflow_tmp, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("protocol", ["grpc", "http"])  # asynchronous driver / one thread per client
+def test_measure_sweep_json_and_mlflow(triton, mlflow_tmp, tmp_path, protocol):  # noqa: F811
     assert [(m.name, m.n > 0) for m in served_models(triton)] == [(MODEL, True)]
     out = tmp_path / "sweep.json"
     result = measure(triton, [(MODEL, "bert-L2-H128", 405_000)], out_path=out,
-                     device_hour_usd=2.0, **SHORT)
+                     device_hour_usd=2.0, **(SHORT | {"protocol": protocol}))
     saved = json.loads(out.read_text())
     cells = saved["sweep"][MODEL]
     assert [(c["batch"], c["concurrency"]) for c in cells] == [(1, 1), (1, 2), (4, 1), (4, 2)]
@@ -111,3 +112,15 @@ def test_measure_bad_input(triton, mlflow_tmp):  # noqa: F811
                 **(SHORT | {"concurrency": (0,)}))
     with pytest.raises(DrscalingError, match="not reachable"):
         measure("127.0.0.1:1", [(MODEL, "bert-L2-H128", 1)], log_mlflow=False, **SHORT)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_load_generator_reports_refused_requests(triton, protocol):  # noqa: F811
+    """Requests the server refuses end the load test with the server's reason; the server goes on."""
+    cfg = LoadConfig(duration_s=0.3, warmup_s=0.0, protocol=protocol)
+    with pytest.raises(DrscalingError, match=f"load test on '{MODEL}' failed: .*exceeds the model's maximum"):
+        run_load(triton, MODEL, 1, 4, cfg, seq_len=400)
+    cell = run_load(triton, MODEL, 2, 4, cfg, seq_len=8)
+    assert cell["requests"] > 0 and cell["concurrency"] == 4
+    with pytest.raises(DrscalingError, match="protocol must be 'http' or 'grpc'"):
+        measure(triton, [(MODEL, "bert-L2-H128", 1)], log_mlflow=False, **(SHORT | {"protocol": "udp"}))

@@ -406,6 +406,22 @@ def test_real_local_llm_generation(prepared, tmp_path, smol_folder):
 
 
 @pytest.mark.slow
+def test_prefix_cache_gives_the_same_greedy_queries(prepared, smol_folder, monkeypatch):
+    """The few-shot examples' KV cache, reused with the passages padded after it, changes the
+    cost, not the output: greedy queries equal those of plain left-padded generation."""
+    cfg = gen.GenerationConfig(max_new_tokens=8)
+    generator = gen.LocalGenerator.load(gen.DEFAULT_MODEL, "llm", cfg)
+    passages = list(gen.target_passages(prepared, 3, 0)["passage"])
+    prompts = [gen.FEW_SHOT_PROMPT.format(passage=generator.truncate(p, 24 * (i + 1))) for i, p in enumerate(passages)]
+    cached = generator.complete(prompts, sample=False, seed=0)
+    assert generator._prefix is not None and len(generator._prefix[0]) > 100  # the examples were cached
+    monkeypatch.setattr(gen, "PREFIX_CACHE_MIN_TOKENS", 10**6)
+    plain = gen.LocalGenerator.load(gen.DEFAULT_MODEL, "llm", cfg).complete(prompts, sample=False, seed=0)
+    assert [c.text for c in cached] == [c.text for c in plain]
+    assert [c.tokens_in for c in cached] == [c.tokens_in for c in plain]
+
+
+@pytest.mark.slow
 def test_real_supervised_finetune_then_generate(prepared, tmp_path, smol_folder):
     out, gdir = tmp_path / "supervised.jsonl", tmp_path / "generator"
     ft = gen.FinetuneConfig(steps=2, batch_size=2, max_passage_tokens=24, max_query_tokens=8, lr=1e-5)

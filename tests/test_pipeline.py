@@ -102,6 +102,58 @@ def test_bad_data_stops_the_pipeline(dvc_repo):
     assert report["success"] is False
 
 
+TINY_SWEEP = {
+    "name": "tiny",
+    "train": {"steps": 2, "batch_size": 4, "negatives": 4, "max_query_len": 8, "max_passage_len": 16, "lr": 0.001,
+              "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 2, "dim": 32,
+              "eval": {"negatives": 16, "draws": 1, "max_query_len": 8, "max_passage_len": 16, "rank_pool": 300}},
+    "model": {"shapes": ["minilm-L1"], "train_pairs": 40},
+}
+
+
+def test_dvc_exp_queue_runs_a_sweep_variation(dvc_repo):
+    """A user variation of the sweep grid through `dvc exp run --queue`: the queued experiment runs
+    in DVC's temp workspace with the workspace's own preset, and the override reaches the training
+    runs in MLflow."""
+    (dvc_repo / "pipelines").mkdir()
+    (dvc_repo / "pipelines/tiny.yaml").write_text(yaml.safe_dump(TINY_SWEEP))
+    params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
+    params |= {"train": {"seed": 0}, "sweep": {"preset": "tiny", "train": {}}}
+    (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())
+    dvc["stages"]["sweep"] = {
+        "cmd": "drscaling sweep --only model", "deps": ["artifacts/annotations/human.jsonl", "pipelines/tiny.yaml"],
+        "params": ["train", "sweep"], "outs": [{"artifacts/sweeps/tiny/results-model.jsonl": {"cache": False}}],
+        "metrics": ["artifacts/sweeps/tiny/metrics-model.json"]}
+    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    with open(dvc_repo / ".gitignore", "a") as fh:  # as in the project: results stay out of git
+        fh.write("/artifacts/\n")
+    run(["dvc", "repro", "-q"], dvc_repo)
+    run(["git", "add", "-A"], dvc_repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], dvc_repo)
+
+    run(["dvc", "exp", "run", "--queue", "-S", "+sweep.train.lr=0.0003", "--name", "slow-lr"], dvc_repo)
+    assert "slow-lr" in run(["dvc", "queue", "status"], dvc_repo).stdout
+    run(["dvc", "exp", "run", "--run-all"], dvc_repo)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], dvc_repo).stdout)
+    exps = [e for row in shown for e in row.get("experiments") or [] if e.get("name") == "slow-lr"]
+    assert exps, shown
+    rev = exps[0]["revs"][0]
+    assert rev["data"]["params"]["params.yaml"]["data"]["sweep"]["train"] == {"lr": 0.0003}
+    # its metrics come from the DVC cache (artifacts/ is not in git) and differ from the baseline's
+    metrics = rev["data"]["metrics"]["artifacts/sweeps/tiny/metrics-model.json"]["data"]
+    baseline = json.loads((dvc_repo / "artifacts/sweeps/tiny/metrics-model.json").read_text())
+    assert metrics["points"] == baseline["points"] == 1
+    assert metrics["ce_test_min_best"] != baseline["ce_test_min_best"]
+    # the variation trained its own run; the baseline's lr stays in the workspace
+    lrs = {r.data.params.get("lr") for r in mlflow.search_runs(
+        experiment_names=["sweeps"], filter_string="params.shape = 'minilm-L1'", output_format="list")}
+    assert {"0.001", "0.0003"} <= lrs
+    run(["dvc", "exp", "apply", "slow-lr"], dvc_repo)
+    assert yaml.safe_load((dvc_repo / "params.yaml").read_text())["sweep"]["train"] == {"lr": 0.0003}
+    assert json.loads((dvc_repo / "artifacts/sweeps/tiny/metrics-model.json").read_text()) == metrics
+
+
 def test_mlflow_project_entry_point(prepared, tmp_path, mlflow_store):
     proc = run([str(BIN / "mlflow"), "run", str(REPO), "-e", "validate", "-P", f"prepared={prepared}",
                 "-P", f"report={tmp_path / 'report.json'}", "--env-manager", "local", "--experiment-name", "entry"], tmp_path)
@@ -154,3 +206,24 @@ def test_sweep_fit_budget_report(prepared, annotations, tokenizer_dir, tmp_path)
     for parent in parents:
         children = mlflow.search_runs(experiment_names=["sweeps"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list")
         assert children, parent.data.tags["sweep"]
+
+
+def test_sweep_overrides_beat_the_preset_and_the_workspace_preset_wins(tmp_path, monkeypatch):
+    from drscaling.errors import DrscalingError
+    from drscaling.sweep import load_preset, points
+
+    quick = load_preset("quick")
+    base = {"lr": 0.001, "seed": 3, "eval": {"draws": 10}}
+    cfgs = [c for _, c in points(quick, base, {"lr": 0.0003, "eval": {"draws": 2}})]
+    assert {c.lr for c in cfgs} == {0.0003}  # params.yaml sweep.train > preset > params.yaml train
+    assert {c.seed for c in cfgs} == {3}  # not in the preset: params.yaml train
+    assert {(c.eval.draws, c.eval.rank_pool) for c in cfgs} == {(2, 2000)}  # eval merged, not replaced
+    assert {c.lr for _, c in points(quick, base)} == {0.0001}
+
+    # a `dvc exp` workspace's own pipelines/ is read before the installed project's
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines/quick.yaml").write_text(yaml.safe_dump(TINY_SWEEP | {"name": "quick"}))
+    assert load_preset("quick").model == TINY_SWEEP["model"]
+    with pytest.raises(DrscalingError, match="unknown preset 'nope'.*quick"):
+        load_preset("nope")

@@ -187,9 +187,11 @@ def cmd_evaluate(args) -> None:
 def cmd_sweep(args) -> None:
     from drscaling.sweep import format_results, load_preset, run_sweep
 
-    preset = load_preset(args.preset or params.section("sweep").get("preset", "quick"))
+    sweep = params.section("sweep")
+    preset = load_preset(args.preset or sweep.get("preset", "quick"))
     out = Path(args.out or f"{A}/sweeps/{preset.name}")
-    results = run_sweep(preset, _train_paths(args, out), params.section("train"), out, args.only)
+    results = run_sweep(preset, _train_paths(args, out), params.section("train"), out, args.only,
+                        overrides=sweep.get("train") or {})
     print(format_results(results))
 
 
@@ -387,9 +389,9 @@ def export_one(model: str | Path, out: Path, variants: list[str], prepared, eval
 
         # Dual towers become two models, <name>-query and <name>-passage.
         build = serving.build_tower_repository if is_dual(out) else serving.build_model_repository
-        build(out, repo, name, variant=serve_cfg.get("variant", "fp32"),
+        build(out, repo, name, variant=serve_cfg.get("variant", "fp32"), flavour=serve_cfg.get("flavour", "python"),
               max_batch_size=serve_cfg.get("max_batch_size", 64), instances=serve_cfg.get("instances", 1),
-              intra_op_threads=serve_cfg.get("intra_op_threads", 0))
+              kind=serve_cfg.get("kind", "KIND_CPU"), intra_op_threads=serve_cfg.get("intra_op_threads", 0))
     return {"record": record, "quality": scored}
 
 

@@ -1,7 +1,7 @@
 """Measured costs: inference on Triton ($ per token) and training from MLflow runs ($ per step).
 
-Inference: `measure` drives every served model with a tritonclient load generator (threads, each
-with its own client, bounded in time and count) over a grid of (batch size, concurrency), records
+Inference: `measure` drives every served model with a tritonclient load generator (asynchronous
+gRPC requests from one thread, or one HTTP client per thread; bounded in time and count) over a grid of (batch size, concurrency), records
 throughput and latency percentiles to MLflow and JSON, converts the best throughput of each model
 to $ per million tokens at the configured $ per device-hour, and fits usd_per_token(N) = a * N**b
 across the measured shapes (least squares in log space; with one shape b is fixed at 1).
@@ -105,6 +105,8 @@ class LoadConfig:
             values = getattr(self, name)
             if not values or min(values) < 1 or max(values) > 256:
                 raise DrscalingError(f"{name} must lie in 1..256 (got {values})")
+        if self.protocol not in ("http", "grpc"):
+            raise DrscalingError(f"protocol must be 'http' or 'grpc' (got '{self.protocol}')")
 
     def cells(self, tower: str) -> list[tuple[int, int, int]]:
         """(batch, concurrency, seq_len) of every load cell a model of this role is measured at."""
@@ -113,8 +115,6 @@ class LoadConfig:
         if tower == "passage":
             return [(self.passage_batch, c, self.passage_seq_len) for c in self.passage_concurrency]
         return [(b, c, self.seq_len) for b in self.batch_sizes for c in self.concurrency]
-        if self.protocol not in ("http", "grpc"):
-            raise DrscalingError(f"protocol must be 'http' or 'grpc' (got '{self.protocol}')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,40 +160,140 @@ def run_load(
     url: str | TritonServer, model: str, batch: int, concurrency: int, cfg: LoadConfig,
     seq_len: int | None = None,
 ) -> dict:
-    """`concurrency` threads, each with its own client, send fixed [batch, seq_len] requests
-    back to back for cfg.duration_s (after cfg.warmup_s); returns throughput and latency.
-    seq_len defaults to cfg.seq_len."""
+    """Keep `concurrency` fixed [batch, seq_len] requests in flight for cfg.duration_s (after
+    cfg.warmup_s); returns throughput and latency. seq_len defaults to cfg.seq_len.
+
+    gRPC: one client, one Python thread, asynchronous requests (each answer sends the next).
+    HTTP: one thread with its own client per concurrent request (tritonclient.http clients are
+    bound to their thread). On a 2-core machine the threads' GIL contention, not the server,
+    capped 8 concurrent HTTP clients at 1.85x one client; the asynchronous driver does not."""
     seq_len = seq_len or cfg.seq_len
     rng = np.random.default_rng(0)
     # Ids below 100 exist in every vocabulary here (train_tokenizer's minimum); inference cost
     # does not depend on which ids they are.
     ids = rng.integers(5, 100, size=(batch, seq_len), dtype=np.int64)
     mask = np.ones_like(ids)
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    first_start = [np.inf] * concurrency  # when each thread's first counted request was sent
-    last_end = [0.0] * concurrency  # when each thread's last counted request completed
-    errors: list[str] = []
-    sent = [0]
-    lock = threading.Lock()
-    window: dict[str, float] = {}
+    book = _LoadBook(concurrency, cfg)
+    drive = _drive_async if cfg.protocol == "grpc" else _drive_threads
+    drive(url, model, ids, mask, book)
+    if book.errors:
+        raise DrscalingError(f"load test on '{model}' failed: {book.errors[0]}")
+    return book.summary(batch, seq_len, model)
 
-    def open_window() -> None:
-        # Runs once, before any thread passes the barrier: every worker sees the same window.
-        window["start"] = time.perf_counter() + cfg.warmup_s
-        window["end"] = window["start"] + cfg.duration_s
 
-    ready = threading.Barrier(concurrency + 1, action=open_window)
+class _LoadBook:
+    """The measuring window and what each request slot saw in it."""
+
+    def __init__(self, concurrency: int, cfg: LoadConfig):
+        self.concurrency, self.cfg = concurrency, cfg
+        self.latencies: list[list[float]] = [[] for _ in range(concurrency)]
+        self.first_start = [np.inf] * concurrency  # when each slot's first counted request was sent
+        self.last_end = [0.0] * concurrency  # when each slot's last counted request completed
+        self.errors: list[str] = []
+        self.sent = 0
+        self.lock = threading.Lock()
+        self.start = self.end = np.inf
+
+    def open_window(self) -> None:
+        self.start = time.perf_counter() + self.cfg.warmup_s
+        self.end = self.start + self.cfg.duration_s
+
+    def take_ticket(self) -> bool:
+        """May one more request be sent? (the hard cap on requests per cell). Hold self.lock."""
+        if self.sent >= self.cfg.max_requests or self.errors:
+            return False
+        self.sent += 1
+        return True
+
+    def record(self, slot: int, t0: float, t1: float) -> bool:
+        """Count a finished request; True if its slot should send another. Hold self.lock."""
+        if t0 >= self.start:  # warm-up requests are not counted
+            self.latencies[slot].append(t1 - t0)
+            self.first_start[slot] = min(self.first_start[slot], t0)
+            self.last_end[slot] = t1
+        # Past the window a slot still sends until one request counts: a large model's batch can
+        # outlast the whole window (SmolLM2 at batch 32 on a shared CPU).
+        return not (t1 >= self.end and self.latencies[slot])
+
+    def summary(self, batch: int, seq_len: int, model: str) -> dict:
+        lat = np.array([x for per in self.latencies for x in per])
+        if lat.size == 0:
+            raise DrscalingError(f"load test on '{model}' completed no request in {self.cfg.duration_s} s")
+        # Throughput over the measured window (or until the last request if the count cap hit
+        # first); when requests outlast the window, over the span of the counted requests.
+        elapsed = max(min(self.cfg.duration_s, time.perf_counter() - self.start),
+                      max(self.last_end) - min(self.first_start), 1e-9)
+        inferences = lat.size * batch
+        return {
+            "batch": batch, "concurrency": self.concurrency, "seq_len": seq_len,
+            "requests": int(lat.size), "seconds": round(elapsed, 4),
+            "inferences_per_s": inferences / elapsed,
+            "tokens_per_s": inferences * seq_len / elapsed,
+            "p50_ms": float(np.percentile(lat, 50) * 1e3),
+            "p95_ms": float(np.percentile(lat, 95) * 1e3),
+            "p99_ms": float(np.percentile(lat, 99) * 1e3),
+        }
+
+
+def _drive_async(url, model: str, ids: np.ndarray, mask: np.ndarray, book: _LoadBook) -> None:
+    with Client(url, "grpc") as client:
+        try:
+            client.check_ready(model)
+            client.prepare(model, ids, mask)()  # connection set up outside the timed window
+        except DrscalingError as exc:
+            book.errors.append(str(exc))
+            return
+        submit = client.prepare_async(model, ids, mask)
+        idle = threading.Event()
+        in_flight = [0]
+
+        def send(slot: int) -> None:
+            t0 = time.perf_counter()
+
+            def done(error: DrscalingError | None) -> None:
+                t1 = time.perf_counter()
+                with book.lock:
+                    if error is not None:
+                        book.errors.append(str(error))
+                    again = error is None and book.record(slot, t0, t1) and book.take_ticket()
+                    if not again:
+                        in_flight[0] -= 1
+                        if in_flight[0] == 0:
+                            idle.set()
+                if again:
+                    send(slot)
+
+            try:
+                submit(done)
+            except DrscalingError as exc:  # the server went away between requests
+                with book.lock:
+                    book.errors.append(str(exc))
+                    in_flight[0] -= 1
+                    if in_flight[0] == 0:
+                        idle.set()
+
+        book.open_window()
+        with book.lock:
+            slots = [i for i in range(book.concurrency) if book.take_ticket()]
+            in_flight[0] = len(slots)
+        for slot in slots:
+            send(slot)
+        if slots and not idle.wait(book.cfg.warmup_s + book.cfg.duration_s + 120):
+            book.errors.append(f"requests still unanswered {book.cfg.duration_s + 120:.0f} s after the window")
+
+
+def _drive_threads(url, model: str, ids: np.ndarray, mask: np.ndarray, book: _LoadBook) -> None:
+    ready = threading.Barrier(book.concurrency + 1, action=book.open_window)
 
     def worker(slot: int) -> None:
-        # tritonclient.http clients are bound to the thread that made them: one per thread.
         client = None
         try:
-            client = Client(url, cfg.protocol)
+            client = Client(url, "http")
             client.check_ready(model)
             send = client.prepare(model, ids, mask)
             send()  # connection set up outside the timed window
         except Exception as exc:  # reported after the barrier, never left hanging
-            errors.append(str(exc))
+            book.errors.append(str(exc))
             if client is not None:
                 client.close()  # an open HTTP connection would delay the server's shutdown
             client = None
@@ -202,52 +302,26 @@ def run_load(
             return
         try:
             while True:
-                now = time.perf_counter()
-                # Past the window, a thread still sends until one request counts: a large model's
-                # batch can outlast the whole window (SmolLM2 at batch 32 on a shared CPU).
-                if now >= window["end"] and latencies[slot]:
-                    break
-                with lock:
-                    if sent[0] >= cfg.max_requests:
+                with book.lock:
+                    if not book.take_ticket():
                         break
-                    sent[0] += 1
                 t0 = time.perf_counter()
                 send()
                 t1 = time.perf_counter()
-                if t0 >= window["start"]:  # warm-up requests are not counted
-                    latencies[slot].append(t1 - t0)
-                    first_start[slot] = min(first_start[slot], t0)
-                    last_end[slot] = t1
+                with book.lock:
+                    if not book.record(slot, t0, t1):
+                        break
         except Exception as exc:
-            errors.append(str(exc))
+            book.errors.append(str(exc))
         finally:
             client.close()
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(book.concurrency)]
     for t in threads:
         t.start()
     ready.wait()
     for t in threads:
-        t.join(timeout=cfg.warmup_s + cfg.duration_s + 120)
-    if errors:
-        raise DrscalingError(f"load test on '{model}' failed: {errors[0]}")
-    lat = np.array([x for per in latencies for x in per])
-    if lat.size == 0:
-        raise DrscalingError(f"load test on '{model}' completed no request in {cfg.duration_s} s")
-    # Throughput over the measured window (or until the last request if the count cap hit first);
-    # when requests outlast the window, over the span of the counted requests themselves.
-    elapsed = max(min(cfg.duration_s, time.perf_counter() - window["start"]),
-                  max(last_end) - min(first_start), 1e-9)
-    inferences = lat.size * batch
-    return {
-        "batch": batch, "concurrency": concurrency, "seq_len": seq_len,
-        "requests": int(lat.size), "seconds": round(elapsed, 4),
-        "inferences_per_s": inferences / elapsed,
-        "tokens_per_s": inferences * seq_len / elapsed,
-        "p50_ms": float(np.percentile(lat, 50) * 1e3),
-        "p95_ms": float(np.percentile(lat, 95) * 1e3),
-        "p99_ms": float(np.percentile(lat, 99) * 1e3),
-    }
+        t.join(timeout=book.cfg.warmup_s + book.cfg.duration_s + 120)
 
 
 def served_models(url: str | TritonServer, protocol: str = "http") -> list[ServedModel]:

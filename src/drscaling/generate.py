@@ -29,6 +29,7 @@ run started again with the same settings skips what is done. Only a complete run
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import hashlib
 import json
@@ -427,6 +428,7 @@ class LocalGenerator:
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.device = device_name(str(next(model.parameters()).device))
         self.tokenizer.padding_side = "right" if seq2seq else "left"
+        self._prefix: tuple[list[int], Any] | None = None  # (token ids, their KV cache)
 
     @classmethod
     def load(cls, model: str, source: str, cfg: GenerationConfig) -> LocalGenerator:
@@ -447,8 +449,7 @@ class LocalGenerator:
     def complete(self, prompts: Sequence[str], sample: bool, seed: int) -> list[Completion]:
         import torch
 
-        enc = self.tokenizer([self.render(p) for p in prompts], return_tensors="pt", padding=True)
-        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        enc = self.encode([self.render(p) for p in prompts])
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": sample,
                                   "pad_token_id": self.tokenizer.pad_token_id}
         if sample:
@@ -466,6 +467,58 @@ class LocalGenerator:
             text = self.tokenizer.decode(row, skip_special_tokens=True)
             result.append(Completion(text, int(n_in), n_out))
         return result
+
+
+    def encode(self, texts: list[str]) -> dict[str, Any]:
+        """generate()'s inputs. Decoder prompts start with their template's text before the
+        passage (the few-shot examples: ~2/3 of an average prompt here); that prefix's KV cache,
+        computed once per generator, goes in as `past_key_values`, and each prompt's own tail is
+        padded between the prefix and the tail, so only the tails are run through the model.
+        Position ids follow the attention mask: a prompt sees the positions it would without."""
+        import torch
+
+        template = PROMPTS[self.prompt_kind].split("{passage}")[0]
+        cacheable = not self.seq2seq and self.prompt_kind not in CHAT_PROMPTS and len(template) > 0
+        ids = self.tokenizer(texts)["input_ids"] if cacheable else []
+        head = self.tokenizer(template)["input_ids"] if cacheable else []
+        # The template's last token can merge with the passage's first: keep only what all share.
+        n = min([_common_prefix([head, x]) for x in ids] + [len(x) - 1 for x in ids], default=0)
+        if n < PREFIX_CACHE_MIN_TOKENS:
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+            return {k: v.to(self.model.device) for k, v in enc.items()}
+        prefix = ids[0][:n]
+        width = max(len(x) for x in ids) - n
+        pad = self.tokenizer.pad_token_id
+        rows = [prefix + [pad] * (width - len(x) + n) + x[n:] for x in ids]
+        masks = [[1] * n + [0] * (width - len(x) + n) + [1] * (len(x) - n) for x in ids]
+        past = copy.deepcopy(self._prefix_cache(prefix))
+        past.batch_repeat_interleave(len(ids))
+        device = self.model.device
+        return {"input_ids": torch.tensor(rows, device=device),
+                "attention_mask": torch.tensor(masks, device=device), "past_key_values": past}
+
+    def _prefix_cache(self, prefix: list[int]):
+        import torch
+
+        if self._prefix is None or self._prefix[0] != prefix:
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True)
+            self._prefix = (prefix, out.past_key_values)
+        return self._prefix[1]
+
+
+PREFIX_CACHE_MIN_TOKENS = 32  # below this, re-running the shared prefix costs less than copying its cache
+
+
+def _common_prefix(ids: list[list[int]]) -> int:
+    if not ids:
+        return 0
+    n = 0
+    for column in zip(*ids, strict=False):
+        if any(t != column[0] for t in column):
+            break
+        n += 1
+    return n
 
 
 def truncate_tokens(tokenizer, passage: str, max_tokens: int) -> str:
@@ -681,6 +734,12 @@ def _append(part: Path, rows: list[dict]) -> None:
         os.fsync(fh.fileno())
 
 
+def by_length(passages: pd.DataFrame) -> pd.DataFrame:
+    """Shortest first, so a batch holds passages of similar length: padding to the longest prompt
+    of a batch is wasted compute. Output order is restored from the seeded order afterwards."""
+    return passages.iloc[np.argsort(passages["passage"].str.len().to_numpy(), kind="stable")]
+
+
 def _batches(frame: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
     for start in range(0, len(frame), size):
         yield frame.iloc[start:start + size]
@@ -738,6 +797,7 @@ def run_generation(
     part, done_rows = _open_partial(out, settings, cfg.restart)
     done = {r["pid"]: r for r in done_rows}
     todo = passages[~passages["pid"].isin(done.keys())]
+    todo = by_length(todo)
     if done:
         log.info("resuming %s: %d of %d passages already done", part, len(passages) - len(todo), len(passages))
     bar = tqdm(total=len(passages), initial=len(passages) - len(todo), desc=f"generate {source}", unit="passage")

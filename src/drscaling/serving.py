@@ -19,9 +19,10 @@ Two flavours from one template:
   wheel, which has no onnxruntime backend. `TritonServer` / `serve` start that binary.
 - "onnxruntime": `platform: "onnxruntime_onnx"`, for the NGC Triton container on GPU hosts:
 
-    python -m drscaling ...  # build the repository with flavour="onnxruntime", kind="KIND_GPU"
+    # params.yaml serving: {flavour: onnxruntime, kind: KIND_GPU}, then
+    drscaling export --from-sweep quick --out artifacts/export --repo artifacts/serving/repo
     docker run --gpus all --rm --shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 \\
-        -v "$PWD/serving/repository:/models" nvcr.io/nvidia/tritonserver:24.10-py3 \\
+        -v "$PWD/artifacts/serving/repo:/models" nvcr.io/nvidia/tritonserver:24.10-py3 \\
         tritonserver --model-repository=/models
 
   (24.10 is Triton 2.51, the release of the binary used here; any later -py3 tag works too.)
@@ -638,6 +639,35 @@ class Client:
     def prepare(self, model: str, input_ids: np.ndarray, attention_mask: np.ndarray):
         """A zero-argument callable that sends this request again and again: the inputs are
         serialised once, so a load generator spends its CPU on requests, not on encoding."""
+        inputs, outputs = self._request(input_ids, attention_mask)
+
+        def send() -> np.ndarray:
+            result = self._call(f"an inference on '{model}'", self.client.infer, model, inputs,
+                                outputs=outputs)
+            return result.as_numpy("embedding")
+
+        return send
+
+    def prepare_async(self, model: str, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """Like prepare, but `submit(done)` returns at once and calls done(error_or_None) from a
+        gRPC thread when the answer is in: one Python thread keeps many requests in flight, so a
+        load generator on a small machine does not compete with the server for cores (gRPC only;
+        tritonclient's HTTP client runs its async calls on gevent in the caller's thread)."""
+        if self.protocol != "grpc":
+            raise DrscalingError("asynchronous requests need protocol 'grpc'")
+        inputs, outputs = self._request(input_ids, attention_mask)
+        what = f"an inference on '{model}'"
+
+        def submit(done) -> None:
+            def finished(result, error) -> None:
+                done(None if error is None else DrscalingError(
+                    f"Triton at {self.url} refused {what}: {error.message() or error}"))
+
+            self._call(what, self.client.async_infer, model, inputs, finished, outputs=outputs)
+
+        return submit
+
+    def _request(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[list, list]:
         from tritonclient.utils import np_to_triton_dtype
 
         if input_ids.ndim >= 1 and input_ids.shape[0] == 0:
@@ -654,14 +684,7 @@ class Client:
             inp = self.mod.InferInput(name, list(arr.shape), dtype)
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
-        outputs = [self.mod.InferRequestedOutput("embedding")]
-
-        def send() -> np.ndarray:
-            result = self._call(f"an inference on '{model}'", self.client.infer, model, inputs,
-                                outputs=outputs)
-            return result.as_numpy("embedding")
-
-        return send
+        return inputs, [self.mod.InferRequestedOutput("embedding")]
 
 
 def resolve_tower(client: Client, model: str, role: str) -> str:

@@ -43,20 +43,33 @@ class Preset:
 
 
 def load_preset(name_or_path: str) -> Preset:
-    path = Path(name_or_path)
-    if not path.exists():
-        path = PRESETS / f"{name_or_path}.yaml"
-    if not path.exists():
-        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    """A YAML path, or a name in the working directory's pipelines/ (a `dvc exp` workspace has its
+    own copy), else the project's."""
+    candidates = [Path(name_or_path), Path("pipelines") / f"{name_or_path}.yaml", PRESETS / f"{name_or_path}.yaml"]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        names = sorted({p.stem for folder in (Path("pipelines"), PRESETS) for p in folder.glob("*.yaml")})
         raise DrscalingError(f"unknown preset '{name_or_path}'; presets: {', '.join(names)} (or a YAML path)")
     raw = yaml.safe_load(path.read_text()) or {}
     raw.setdefault("name", path.stem)
     return params.build(Preset, raw)
 
 
-def points(preset: Preset, base: dict) -> list[tuple[str, TrainConfig]]:
-    """(sweep name, config) for every point, in a cheap-first order; shapes are checked up front."""
-    common = base | preset.train
+def merged(*layers: dict) -> dict:
+    """Later layers win, key by key; nested sections (eval) merge instead of being replaced."""
+    out: dict = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def points(preset: Preset, base: dict, overrides: dict | None = None) -> list[tuple[str, TrainConfig]]:
+    """(sweep name, config) for every point, in a cheap-first order; shapes are checked up front.
+
+    Precedence: `base` (params.yaml train) < the preset's train < `overrides` (params.yaml
+    sweep.train, what `dvc exp run -S '+sweep.train.lr=...'` sets)."""
+    common = merged(base, preset.train, overrides or {})
     out: list[tuple[str, TrainConfig]] = []
 
     def add(sweep: str, shape: str, d: int, source: str = "human") -> None:
@@ -83,7 +96,8 @@ def points(preset: Preset, base: dict) -> list[tuple[str, TrainConfig]]:
 SWEEPS = ("model", "data", "source", "joint")
 
 
-def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | None = None) -> Path:
+def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | None = None,
+              overrides: dict | None = None) -> Path:
     """Train every point of one sweep (or all), each distinct config once; write the results file.
 
     `out`/runs/<config key>/ is a cache shared by all sweeps of the preset: a point finished by one
@@ -91,7 +105,7 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
     """
     if only and only not in SWEEPS:
         raise DrscalingError(f"unknown sweep '{only}'; choose from {', '.join(SWEEPS)}")
-    todo = [(s, c) for s, c in points(preset, base) if only in (None, s)]
+    todo = [(s, c) for s, c in points(preset, base, overrides) if only in (None, s)]
     if not todo:
         raise DrscalingError(f"preset {preset.name} has no '{only}' sweep")
     unique: dict[str, TrainConfig] = {}
@@ -127,9 +141,18 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
                          **{k: r.get(k) for k in RESULT_KEYS}})
         path = out / (f"results-{only}.jsonl" if only else "results.jsonl")
         write_jsonl(path, rows)
+        summary = sweep_metrics(rows)
+        write_json(out / (f"metrics-{only}.json" if only else "metrics.json"), summary)  # DVC metrics
         mlflow.log_artifact(str(path))
-        mlflow.log_metric("points", len(unique))
+        mlflow.log_metrics(summary)
     return path
+
+
+def sweep_metrics(rows: list[dict]) -> dict[str, float]:
+    """What `dvc exp show` compares across experiments: the sweep's size and its best point."""
+    ce = [r["ce_test_min"] for r in rows if r.get("ce_test_min") is not None]
+    best = {"ce_test_min_best": min(ce), "ce_test_min_mean": sum(ce) / len(ce)} if ce else {}
+    return {"points": len({r["run_id"] for r in rows})} | best
 
 
 def _children(parent_id: str) -> set[str]:
