@@ -30,7 +30,6 @@ def _mlflow_uri_per_test(mlflow_store):
     """Some tests point MLflow at their own store; mlflow keeps the URI in a process global that
     outlives their monkeypatched environment. Every test starts from the session store again."""
     import mlflow
-
     import mlflow.tracking.fluent
 
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_store

@@ -92,3 +92,24 @@ def test_quality_delta(tiny_model, tiny_onnx, tmp_path):
     assert abs(result["variants"]["fp32"]["delta"]) < 1e-4
     assert abs(result["variants"]["int8"]["delta"]) < 0.05 * result["torch"]
     assert json.loads((onnx_dir / "export.json").read_text())["quality"] == result
+
+
+def test_export_command_takes_repository_settings_from_params(tmp_path, tiny_model, mlflow_tmp, monkeypatch, capsys):
+    """`drscaling export --repo` builds the Triton model with params.yaml's `serving` settings;
+    a bad one stops it with the setting named and no model written."""
+    import yaml
+
+    from drscaling.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    serving = {"variants": ["fp32"], "max_batch_size": 16, "instances": 2, "intra_op_threads": 1}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"serving": serving}))
+    argv = ["export", "--model", str(tiny_model), "--name", "m", "--no-quality", "--out", "exp", "--repo", "repo"]
+    assert main(argv) == 0
+    config = (tmp_path / "repo/m/config.pbtxt").read_text()
+    assert "max_batch_size: 16" in config and "count: 2" in config and "kind: KIND_CPU" in config
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"serving": serving | {"kind": "KIND_TPU"}}))
+    assert main(argv[:4] + ["m2"] + argv[5:]) == 2
+    assert "kind must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "repo/m2").exists()

@@ -7,6 +7,7 @@ through the same function. Defaults come from params.yaml; flags override them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -389,9 +390,9 @@ def export_one(model: str | Path, out: Path, variants: list[str], prepared, eval
 
         # Dual towers become two models, <name>-query and <name>-passage.
         build = serving.build_tower_repository if is_dual(out) else serving.build_model_repository
-        build(out, repo, name, variant=serve_cfg.get("variant", "fp32"), flavour=serve_cfg.get("flavour", "python"),
-              max_batch_size=serve_cfg.get("max_batch_size", 64), instances=serve_cfg.get("instances", 1),
-              kind=serve_cfg.get("kind", "KIND_CPU"), intra_op_threads=serve_cfg.get("intra_op_threads", 0))
+        # params.yaml `serving` keys that are repository settings; the rest keep RepositoryConfig's defaults
+        options = {f.name: serve_cfg[f.name] for f in dataclasses.fields(serving.RepositoryConfig) if f.name in serve_cfg}
+        build(out, repo, name, **options)
     return {"record": record, "quality": scored}
 
 

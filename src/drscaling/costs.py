@@ -1,8 +1,8 @@
 """Measured costs: inference on Triton ($ per token) and training from MLflow runs ($ per step).
 
 Inference: `measure` drives every served model with a tritonclient load generator (asynchronous
-gRPC requests from one thread, or one HTTP client per thread; bounded in time and count) over a grid of (batch size, concurrency), records
-throughput and latency percentiles to MLflow and JSON, converts the best throughput of each model
+gRPC requests from one thread, or one HTTP client per thread; bounded in time and count) over a
+grid of (batch size, concurrency), records throughput and latency percentiles to MLflow and JSON, converts the best throughput of each model
 to $ per million tokens at the configured $ per device-hour, and fits usd_per_token(N) = a * N**b
 across the measured shapes (least squares in log space; with one shape b is fixed at 1).
 
@@ -163,10 +163,9 @@ def run_load(
     """Keep `concurrency` fixed [batch, seq_len] requests in flight for cfg.duration_s (after
     cfg.warmup_s); returns throughput and latency. seq_len defaults to cfg.seq_len.
 
-    gRPC: one client, one Python thread, asynchronous requests (each answer sends the next).
-    HTTP: one thread with its own client per concurrent request (tritonclient.http clients are
-    bound to their thread). On a 2-core machine the threads' GIL contention, not the server,
-    capped 8 concurrent HTTP clients at 1.85x one client; the asynchronous driver does not."""
+    gRPC: one client, one Python thread, asynchronous requests (each answer sends the next), so
+    the load generator takes little CPU from a server on the same host. HTTP: one thread with
+    its own client per concurrent request (tritonclient.http clients are bound to their thread)."""
     seq_len = seq_len or cfg.seq_len
     rng = np.random.default_rng(0)
     # Ids below 100 exist in every vocabulary here (train_tokenizer's minimum); inference cost
@@ -247,6 +246,11 @@ def _drive_async(url, model: str, ids: np.ndarray, mask: np.ndarray, book: _Load
         idle = threading.Event()
         in_flight = [0]
 
+        def retire() -> None:  # a slot stops sending; hold book.lock
+            in_flight[0] -= 1
+            if in_flight[0] == 0:
+                idle.set()
+
         def send(slot: int) -> None:
             t0 = time.perf_counter()
 
@@ -257,9 +261,7 @@ def _drive_async(url, model: str, ids: np.ndarray, mask: np.ndarray, book: _Load
                         book.errors.append(str(error))
                     again = error is None and book.record(slot, t0, t1) and book.take_ticket()
                     if not again:
-                        in_flight[0] -= 1
-                        if in_flight[0] == 0:
-                            idle.set()
+                        retire()
                 if again:
                     send(slot)
 
@@ -268,9 +270,7 @@ def _drive_async(url, model: str, ids: np.ndarray, mask: np.ndarray, book: _Load
             except DrscalingError as exc:  # the server went away between requests
                 with book.lock:
                     book.errors.append(str(exc))
-                    in_flight[0] -= 1
-                    if in_flight[0] == 0:
-                        idle.set()
+                    retire()
 
         book.open_window()
         with book.lock:

@@ -429,6 +429,7 @@ class LocalGenerator:
         self.device = device_name(str(next(model.parameters()).device))
         self.tokenizer.padding_side = "right" if seq2seq else "left"
         self._prefix: tuple[list[int], Any] | None = None  # (token ids, their KV cache)
+        self._head: tuple[str, list[int]] | None = None  # (prompt kind, its template's ids before the passage)
 
     @classmethod
     def load(cls, model: str, source: str, cfg: GenerationConfig) -> LocalGenerator:
@@ -468,7 +469,6 @@ class LocalGenerator:
             result.append(Completion(text, int(n_in), n_out))
         return result
 
-
     def encode(self, texts: list[str]) -> dict[str, Any]:
         """generate()'s inputs. Decoder prompts start with their template's text before the
         passage (the few-shot examples: ~2/3 of an average prompt here); that prefix's KV cache,
@@ -477,12 +477,10 @@ class LocalGenerator:
         Position ids follow the attention mask: a prompt sees the positions it would without."""
         import torch
 
-        template = PROMPTS[self.prompt_kind].split("{passage}")[0]
-        cacheable = not self.seq2seq and self.prompt_kind not in CHAT_PROMPTS and len(template) > 0
-        ids = self.tokenizer(texts)["input_ids"] if cacheable else []
-        head = self.tokenizer(template)["input_ids"] if cacheable else []
+        head = self._template_head()
+        ids = self.tokenizer(texts)["input_ids"] if len(head) >= PREFIX_CACHE_MIN_TOKENS else []
         # The template's last token can merge with the passage's first: keep only what all share.
-        n = min([_common_prefix([head, x]) for x in ids] + [len(x) - 1 for x in ids], default=0)
+        n = min([_common_prefix(head, x) for x in ids] + [len(x) - 1 for x in ids], default=0)
         if n < PREFIX_CACHE_MIN_TOKENS:
             enc = self.tokenizer(texts, return_tensors="pt", padding=True)
             return {k: v.to(self.model.device) for k, v in enc.items()}
@@ -497,6 +495,16 @@ class LocalGenerator:
         return {"input_ids": torch.tensor(rows, device=device),
                 "attention_mask": torch.tensor(masks, device=device), "past_key_values": past}
 
+    def _template_head(self) -> list[int]:
+        """Token ids of the prompt template's text before the passage (tokenised once per kind);
+        empty where no cache applies (seq2seq models, chat prompts)."""
+        if self.seq2seq or self.prompt_kind in CHAT_PROMPTS:
+            return []
+        if self._head is None or self._head[0] != self.prompt_kind:
+            text = PROMPTS[self.prompt_kind].split("{passage}")[0]
+            self._head = (self.prompt_kind, self.tokenizer(text)["input_ids"] if text else [])
+        return self._head[1]
+
     def _prefix_cache(self, prefix: list[int]):
         import torch
 
@@ -510,12 +518,10 @@ class LocalGenerator:
 PREFIX_CACHE_MIN_TOKENS = 32  # below this, re-running the shared prefix costs less than copying its cache
 
 
-def _common_prefix(ids: list[list[int]]) -> int:
-    if not ids:
-        return 0
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for column in zip(*ids, strict=False):
-        if any(t != column[0] for t in column):
+    for x, y in zip(a, b, strict=False):
+        if x != y:
             break
         n += 1
     return n

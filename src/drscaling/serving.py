@@ -584,9 +584,12 @@ class Client:
             if "UNAVAILABLE" in status or "failed to connect" in msg.lower() \
                     or "connection refused" in msg.lower():
                 raise self._unreachable(msg) from exc
-            raise DrscalingError(f"Triton at {self.url} refused {what}: {msg}") from exc
+            raise self._refused(what, exc) from exc
         except (ConnectionError, OSError, TimeoutError) as exc:
             raise self._unreachable(str(exc) or type(exc).__name__) from exc
+
+    def _refused(self, what: str, exc) -> DrscalingError:
+        return DrscalingError(f"Triton at {self.url} refused {what}: {exc.message() or exc}")
 
     def _unreachable(self, why: str) -> DrscalingError:
         return DrscalingError(
@@ -660,8 +663,7 @@ class Client:
 
         def submit(done) -> None:
             def finished(result, error) -> None:
-                done(None if error is None else DrscalingError(
-                    f"Triton at {self.url} refused {what}: {error.message() or error}"))
+                done(None if error is None else self._refused(what, error))
 
             self._call(what, self.client.async_infer, model, inputs, finished, outputs=outputs)
 
