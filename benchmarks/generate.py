@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--compare-prefix-cache", action="store_true",
                     help="also time batched generation without the few-shot prefix's KV cache")
     ap.add_argument("--supervised-format", action="store_true", help="also time the fine-tuned generator's prompt")
+    ap.add_argument("--supervised-model", default=None,
+                    help="a fine-tuned generator folder (artifacts/annotations/supervised-generator): time it "
+                         "batched and one at a time instead of the base model with the supervised prompt")
     ap.add_argument("--finetune-steps", type=int, default=0, help="also time this many fine-tuning steps")
     ap.add_argument("--estimate-passages", type=int, default=5000)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -94,8 +97,17 @@ def main() -> None:
         results["batched_over_single"] = results["llm_batched"]["queries_per_s"] / results["llm_single"]["queries_per_s"]
     n = args.estimate_passages
     results["estimate"] = {"passages": n, "llm_hours": n / results["llm_batched"]["passages_per_s"] / 3600}
-    if args.supervised_format:
+    if args.supervised_model:
+        tuned = gen.LocalGenerator.load(args.supervised_model, "supervised", gen.GenerationConfig())
+        gen.generate_batch(tuned, passages.iloc[:1], "passage_query", single_cfg, "warmup")
+        results["supervised_batched"] = timed_generation(tuned, passages, "passage_query", batched_cfg)
+        if not args.no_single:
+            results["supervised_single"] = timed_generation(tuned, passages, "passage_query", single_cfg)
+            results["supervised_batched_over_single"] = (results["supervised_batched"]["queries_per_s"]
+                                                         / results["supervised_single"]["queries_per_s"])
+    elif args.supervised_format:
         results["supervised_batched"] = timed_generation(local, passages, "passage_query", batched_cfg)
+    if "supervised_batched" in results:
         results["estimate"]["supervised_generation_hours"] = n / results["supervised_batched"]["passages_per_s"] / 3600
     if args.finetune_steps:
         ft = finetune_step_seconds(args.prepared, args.finetune_steps, list(passages["pid"]))
