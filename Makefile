@@ -38,7 +38,7 @@ towers: data
 	drscaling summary
 
 test: data
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 
 clean:
 	rm -rf artifacts mlflow.db mlruns
