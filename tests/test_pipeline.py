@@ -46,6 +46,16 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert "drscaling: error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_annotate_elsewhere_keeps_its_report_beside_it(prepared, tmp_path):
+    """--out away from artifacts/ must not overwrite the pipeline's GX report (a DVC output)."""
+    out = tmp_path / "elsewhere" / "ict.jsonl"
+    proc = run([sys.executable, "-m", "drscaling", "annotate", "--source", "ict", "--prepared", str(prepared),
+                "--out", str(out)], tmp_path)
+    assert "validated" in proc.stdout
+    assert json.loads((tmp_path / "elsewhere" / "ict.validation.json").read_text())["success"]
+    assert not (tmp_path / "artifacts").exists()
+
+
 @pytest.fixture()
 def dvc_repo(tmp_path, raw_pairs) -> Path:
     """A fresh git + DVC repository with the sample data tracked and pushed to a local remote."""

@@ -115,7 +115,9 @@ def cmd_annotate(args) -> None:
                 config.model = args.model
             finetune = params.build(generate.FinetuneConfig, gen.get("finetune", {})) if args.source == "supervised" else None
             cost = generate.annotate_generated(args.source, prepared, out, config, finetune=finetune)
-    report = Path(f"{A}/validation/annotations-{args.source}.json")
+    # an --out elsewhere keeps its GX report beside it: the pipeline's own report is a DVC output
+    report = (Path(f"{A}/validation/annotations-{args.source}.json") if args.out is None
+              else out.with_name(out.name.removesuffix(".jsonl") + ".validation.json"))
     annotate.validate_annotations(out, prepared, report)
     print(f"{args.source}: {cost['pairs']} pairs in {out} (validated; ${cost['usd_per_pair']:.3g}/pair)")
 
@@ -602,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("annotate", cmd_annotate, "produce and validate training pairs from one annotation source")
     p.add_argument("--source", required=True, choices=["human", "ict", "supervised", "llm"])
     p.add_argument("--prepared")
-    p.add_argument("--out")
+    p.add_argument("--out", help=f"pairs file (default {A}/annotations/<source>.jsonl; its GX report goes to "
+                                 f"{A}/validation/, or beside a given --out as <name>.validation.json)")
     p.add_argument("--regenerate", action="store_true",
                    help="llm/supervised: generate now instead of using the shipped data/generated/<source>.jsonl")
     p.add_argument("--limit", type=int, help="llm/supervised: annotate only the first N passages (seeded order)")
