@@ -93,9 +93,14 @@ def annotate_ict(
     return cost
 
 
-def cost_path(out: str | Path) -> Path:
+def companion(out: str | Path, suffix: str) -> Path:
+    """A file that belongs to an annotations file, beside it: ict.jsonl -> ict<suffix>."""
     out = Path(out)
-    return out.with_name(out.name.removesuffix(".jsonl") + ".cost.json")
+    return out.with_name(out.name.removesuffix(".jsonl") + suffix)
+
+
+def cost_path(out: str | Path) -> Path:
+    return companion(out, ".cost.json")
 
 
 def load_annotations(path: str | Path) -> pd.DataFrame:

@@ -117,7 +117,7 @@ def cmd_annotate(args) -> None:
             cost = generate.annotate_generated(args.source, prepared, out, config, finetune=finetune)
     # an --out elsewhere keeps its GX report beside it: the pipeline's own report is a DVC output
     report = (Path(f"{A}/validation/annotations-{args.source}.json") if args.out is None
-              else out.with_name(out.name.removesuffix(".jsonl") + ".validation.json"))
+              else annotate.companion(out, ".validation.json"))
     annotate.validate_annotations(out, prepared, report)
     print(f"{args.source}: {cost['pairs']} pairs in {out} (validated; ${cost['usd_per_pair']:.3g}/pair)")
 

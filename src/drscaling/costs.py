@@ -2,9 +2,10 @@
 
 Inference: `measure` drives every served model with a tritonclient load generator (asynchronous
 gRPC requests from one thread, or one HTTP client per thread; bounded in time and count) over a
-grid of (batch size, concurrency), records throughput and latency percentiles to MLflow and JSON, converts the best throughput of each model
-to $ per million tokens at the configured $ per device-hour, and fits usd_per_token(N) = a * N**b
-across the measured shapes (least squares in log space; with one shape b is fixed at 1).
+grid of (batch size, concurrency), records throughput and latency percentiles to MLflow and JSON,
+converts the best throughput of each model to $ per million tokens at the configured $ per
+device-hour, and fits usd_per_token(N) = a * N**b across the measured shapes (least squares in log
+space; with one shape b is fixed at 1).
 
 Training: `training_costs` reads the training runs' median step time and tokens per step from
 MLflow and fits usd_per_step(N) = a * N**b the same way.

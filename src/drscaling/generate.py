@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from drscaling.annotate import AnnotationLimits, cost_path, positives
+from drscaling.annotate import AnnotationLimits, companion, cost_path, positives
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path, read_json, read_jsonl, write_json, write_jsonl
@@ -680,8 +680,7 @@ def target_passages(prepared: str | Path, limit: int | None, seed: int) -> pd.Da
 
 
 def partial_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".jsonl") + ".partial.jsonl")
+    return companion(out, ".partial.jsonl")
 
 
 def _digest(obj: Any) -> str:
@@ -1027,7 +1026,7 @@ def annotate_generated(
         if model == DEFAULT_MODEL or finetune is not None:  # fine-tune here; else model is a trained generator
             ft = finetune or FinetuneConfig(device=cfg.device, usd_per_device_hour=cfg.usd_per_device_hour)
             exclude = list(passages["pid"]) if ft.holdout_targets else []
-            gdir = Path(generator_dir) if generator_dir else out.with_name(out.name.removesuffix(".jsonl") + "-generator")
+            gdir = Path(generator_dir) if generator_dir else companion(out, "-generator")
             finetune_info = finetune_generator(prepared, gdir, ft, exclude, cfg.cache_dir)
             model, fixed_usd = str(gdir), float(finetune_info["usd"])
             # prompt the generator with passages cut exactly as in fine-tuning
