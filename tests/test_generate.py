@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from drscaling import generate as gen
+from drscaling.annotation import local
 from drscaling.annotate import AnnotationLimits, cost_path
 from drscaling.data import Split, save_dataset
 from drscaling.errors import DrscalingError
@@ -236,6 +237,22 @@ def test_nothing_usable_at_all_is_an_error(prepared, tmp_path):
                                generator=Fake(bad=tuple(n for n, _ in PASSAGES)), track=False)
 
 
+def test_failed_passages_are_not_done_and_the_next_run_retries_them(prepared, tmp_path):
+    """A passage without a usable query is recorded (its tokens count) but not done: the next run
+    generates it again instead of taking the failure as finished."""
+    out = tmp_path / "llm.jsonl"
+    cfg = gen.GenerationConfig(limit=4, batch_size=2, max_retries=0)
+    with pytest.raises(DrscalingError, match="no usable query.*again retries these passages"):
+        gen.annotate_generated("llm", prepared, out, cfg, generator=Fake(bad=tuple(n for n, _ in PASSAGES)), track=False)
+    assert len(read_jsonl(gen.partial_path(out))) == 4 and not out.exists() and not cost_path(out).exists()
+    good = Fake()
+    cost = gen.annotate_generated("llm", prepared, out, cfg, generator=good, track=False)
+    assert len(good.prompts) == 4  # every failed passage generated again, none skipped as done
+    assert cost["pairs"] == 4 and cost["passages_failed"] == 0 and cost["passages_resumed"] == 0
+    assert cost["attempts"] == 8 and cost["tokens_in"] == 80  # the failed first tries still count in the cost
+    assert len(read_jsonl(out)) == 4 and not gen.partial_path(out).exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # OpenAI-compatible endpoint (a local server on 127.0.0.1)
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +432,7 @@ def test_prefix_cache_gives_the_same_greedy_queries(prepared, smol_folder, monke
     prompts = [gen.FEW_SHOT_PROMPT.format(passage=generator.truncate(p, 24 * (i + 1))) for i, p in enumerate(passages)]
     cached = generator.complete(prompts, sample=False, seed=0)
     assert generator._prefix is not None and len(generator._prefix[0]) > 100  # the examples were cached
-    monkeypatch.setattr(gen, "PREFIX_CACHE_MIN_TOKENS", 10**6)
+    monkeypatch.setattr(local, "PREFIX_CACHE_MIN_TOKENS", 10**6)
     plain = gen.LocalGenerator.load(gen.DEFAULT_MODEL, "llm", cfg).complete(prompts, sample=False, seed=0)
     assert [c.text for c in cached] == [c.text for c in plain]
     assert [c.tokens_in for c in cached] == [c.tokens_in for c in plain]

@@ -38,14 +38,29 @@ def cmd_extract_debian(args) -> None:
 
 def cmd_import(args) -> None:
     from drscaling import data
+    from drscaling.dataset.build import parse_mapping
 
+    d = params.section("data")
+    sizes = {"dev_size": args.dev_size, "test_size": args.test_size,
+             "seed": args.seed if args.seed is not None else d.get("seed", 13),
+             "defaults": {"dev": d.get("dev_size", 1000), "test": d.get("test_size", 1000)}}
+    mapping = parse_mapping(args.split)
+    if mapping and args.format not in ("beir", "ir_datasets"):
+        raise DrscalingError(f"--split applies to --format beir and ir_datasets, not {args.format}")
     if args.format == "msmarco":
-        counts = data.import_msmarco(args.src, args.dest)
+        report = data.import_msmarco(args.src, args.dest)
+    elif args.format == "pairs":
+        report = data.import_pairs(args.src, args.dest, sizes["dev_size"], sizes["test_size"], sizes["seed"],
+                                   sizes["defaults"])
+    elif args.format == "beir":
+        from drscaling.dataset.beir import import_beir
+
+        report = import_beir(args.src, args.dest, mapping=mapping, **sizes)
     else:
-        d = params.section("data")
-        counts = data.import_pairs(args.src, args.dest, args.dev_size or d.get("dev_size", 1000),
-                                   args.test_size or d.get("test_size", 1000), d.get("seed", 13))
-    print(f"imported into {args.dest}: " + ", ".join(f"{k}={v} pairs" for k, v in counts.items()))
+        from drscaling.dataset.irds import import_ir_datasets
+
+        report = import_ir_datasets(args.src, args.dest, mapping=mapping, **sizes)
+    print(report.message())
 
 
 def cmd_prepare(args) -> None:
@@ -83,42 +98,20 @@ def cmd_tokenizer(args) -> None:
 
 
 def cmd_annotate(args) -> None:
-    from drscaling import annotate
+    from drscaling.annotate import companion
+    from drscaling.annotation import sources
 
-    cfg = params.section("annotate")
-    prepared = _p(args, "prepared", "data", f"{A}/prepared")
+    source = sources.get(args.source)
     out = Path(args.out or f"{A}/annotations/{args.source}.jsonl")
-    if args.source == "human":
-        cost = annotate.annotate_human(prepared, out, cfg.get("human_usd_per_pair", 0.6))
-    elif args.source == "ict":
-        ict = cfg.get("ict", {})
-        cost = annotate.annotate_ict(prepared, out, ict.get("seed", 0), ict.get("remove_prob", 0.9))
-    else:
-        from drscaling import generate
-
-        gen = cfg.get(args.source, {})
-        shipped = Path(gen.get("pregenerated", f"data/generated/{args.source}.jsonl"))
-        if not args.regenerate and shipped.exists():
-            cost = generate.use_pregenerated(args.source, shipped, prepared, out)
-        elif not args.regenerate:
-            raise DrscalingError(
-                f"no pre-generated {args.source} annotations at {shipped}; generate them with "
-                f"`drscaling annotate --source {args.source} --regenerate [--limit N]` (slow on CPU)"
-            )
-        else:
-            config = params.build(generate.GenerationConfig, gen.get("generation", {}))
-            if args.limit is not None:
-                config.limit = args.limit
-            if args.endpoint:
-                config.endpoint, config.model = args.endpoint, args.model or config.model
-            elif args.model:
-                config.model = args.model
-            finetune = params.build(generate.FinetuneConfig, gen.get("finetune", {})) if args.source == "supervised" else None
-            cost = generate.annotate_generated(args.source, prepared, out, config, finetune=finetune)
     # an --out elsewhere keeps its GX report beside it: the pipeline's own report is a DVC output
     report = (Path(f"{A}/validation/annotations-{args.source}.json") if args.out is None
-              else annotate.companion(out, ".validation.json"))
-    annotate.validate_annotations(out, prepared, report)
+              else companion(out, ".validation.json"))
+    generation = {"limit": args.limit, "endpoint": args.endpoint, "model": args.model,
+                  "request_timeout_s": args.timeout, "request_attempts": args.attempts,
+                  "restart": True if args.restart else None}
+    request = sources.Request(prepared=Path(_p(args, "prepared", "data", f"{A}/prepared")), out=out, report=report,
+                              settings=params.section("annotate"), regenerate=args.regenerate, generation=generation)
+    cost = source.run(request)
     print(f"{args.source}: {cost['pairs']} pairs in {out} (validated; ${cost['usd_per_pair']:.3g}/pair)")
 
 
@@ -149,7 +142,7 @@ def cmd_train(args) -> None:
         base = base | extra | {"eval": dict(base.get("eval") or {}) | dict(extra.get("eval") or {})}
     cfg = params.from_args(TrainConfig, args, base)
     out = args.out or f"{A}/runs/{cfg.shape}-D{cfg.train_pairs or 'all'}-{cfg.annotation_source}-{cfg.key()}"
-    m = train(cfg, _train_paths(args, out))
+    m = train(cfg, _train_paths(args, out), discard_checkpoint=args.discard_checkpoint)
     if m.get("cached"):
         print(f"already trained with these parameters and data: {out}/metrics.json")
     shown = {k: v for k, v in m.items() if k not in ("history", "data_key")}
@@ -204,23 +197,27 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_fit(args) -> None:
+    """Fit every registered law form to the preset's sweep results; print each law with its points,
+    dof, intervals, held-out errors and flags. params.yaml `fit:` may set n_bootstrap, seed,
+    holdout_largest, sources (the annotation sources to fit: each must have points), workers and
+    bootstrap_method; flags override them."""
     from drscaling import laws, tracking
     from drscaling.files import write_jsonl
     from drscaling.sweep import merge_results
 
     preset = args.preset or params.section("sweep").get("preset", "quick")
     fit = params.section("fit")
+    pick = lambda name, default=None: v if (v := getattr(args, name, None)) is not None else fit.get(name, default)  # noqa: E731
     out = Path(args.out or f"{A}/laws")
     points = out / "points.jsonl"
     write_jsonl(points, merge_results(Path(f"{A}/sweeps/{preset}")))
-    summary = laws.fit_sweep(points, out, n_bootstrap=args.n_bootstrap or fit.get("n_bootstrap", 1000),
-                             seed=fit.get("seed", 0), holdout_largest=fit.get("holdout_largest", 1))
+    summary = laws.fit_sweep(points, out, n_bootstrap=int(pick("n_bootstrap", 1000)), seed=int(fit.get("seed", 0)),
+                             holdout_largest=int(fit.get("holdout_largest", 1)), sources=pick("sources"),
+                             workers=pick("workers"), bootstrap_method=pick("bootstrap_method", "parametric"))
     with tracking.stage_run("laws", f"fit-{preset}", {"drscaling.stage": "fit", "preset": preset}):
         laws.log_to_mlflow(summary)
     _figures_to_sweep_parents(Path(f"{A}/sweeps/{preset}"), summary.get("figures") or {})
-    print(format_laws(summary["laws_path"]))
-    for name, why in (summary.get("skipped") or {}).items():
-        print(f"  skipped {name}: {why}")
+    print(laws.format_fits(laws.load_laws(summary["laws_path"]), summary.get("skipped")))
 
 
 FIGURE_OF_SWEEP = {"model": ("fig3", "fig2"), "data": ("fig4",), "source": ("fig5",), "joint": ("fig6",)}
@@ -268,45 +265,76 @@ def cmd_report(args) -> None:
     print(f"report written to {out}")
 
 
+def _opt_float(text: str) -> float | None:
+    """A float flag where "" (an MLproject parameter left empty) means not given."""
+    return None if text == "" else float(text)
+
+
+def _opt_str(text: str) -> str | None:
+    return text or None
+
+
+def _costs_mode(text: str) -> str | None:
+    if text == "":
+        return None
+    if text not in ("paper", "measured"):
+        raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose from 'paper', 'measured')")
+    return text
+
+
 def cmd_budget(args) -> None:
     from drscaling import budget as B
     from drscaling import tracking
-    from drscaling.files import read_json
 
     cfg = params.section("budget")
     pick = lambda name, default=None: v if (v := getattr(args, name, None)) is not None else cfg.get(name, default)  # noqa: E731
     if args.towers:
         return cmd_budget_towers(args, pick)
-    mode = pick("costs", "paper")
-    if args.show_derivation or mode == "paper":
-        print("\n".join(B.paper_derivation()))
+    laws = args.laws or f"{A}/laws/laws.json"
+    published = laws in B.LAW_SETS
+    # A published law set reproduces the paper: its costs unless --costs says otherwise, no artifacts read,
+    # and a result folder that is not the pipeline's DVC output.
+    mode = args.costs or ("paper" if published else cfg.get("costs", "paper"))
+    out = Path(args.out or (f"{A}/budget-paper" if published else f"{A}/budget"))
     source = pick("source", "human")
     scale = cfg.get("measured") or {}
     ann_cost = Path(f"{A}/annotations/{source}.cost.json")
-    shapes = None
+    shapes = runs = None
     points = Path(f"{A}/laws/points.jsonl")
-    if points.exists():
-        shapes = {r["shape"]: r["n"] for r in map(json.loads, points.read_text().splitlines()) if r.get("shape")}
+    if points.exists() and not published:
+        rows = [json.loads(line) for line in points.read_text().splitlines() if line.strip()]
+        shapes = {r["shape"]: r["n"] for r in rows if r.get("shape")}
+        runs = [{"shape": r.get("shape"), "n": r.get("n"), "d": r.get("d"), "loss": r.get("ce_test_min"),
+                 "source": r.get("source")} for r in rows]
+    eval_negatives = (params.section("train").get("eval") or {}).get("negatives")
     result = B.run_budget(
-        args.laws or f"{A}/laws/laws.json", float(pick("budget", 20000)), bool(pick("include_inference", False)),
-        mode, pick("costs_path", f"{A}/costs/costs.json") if mode == "measured" else None, args.out or f"{A}/budget",
-        annotation_cost_path=ann_cost if mode == "measured" and ann_cost.exists() else None,
-        source_cost_paths=[p for p in sorted(Path(f"{A}/annotations").glob("*.cost.json"))],
+        laws, float(pick("budget", 20000)), bool(pick("include_inference", False)),
+        mode, pick("costs_path", f"{A}/costs/costs.json") if mode == "measured" else None, out,
+        annotation_cost_path=ann_cost if mode == "measured" and ann_cost.exists() and not published else None,
+        source_cost_paths=[] if published else sorted(Path(f"{A}/annotations").glob("*.cost.json")),
         # paper mode keeps the paper's own corpus and steps unless given on the command line
         steps=args.steps if mode == "paper" else args.steps or scale.get("steps"),
         corpus_pages=args.corpus_pages if mode == "paper" else args.corpus_pages or scale.get("corpus_pages"),
         tokens_per_page=args.tokens_per_page if mode == "paper" else args.tokens_per_page or scale.get("tokens_per_page"),
-        shapes=shapes,
+        shapes=shapes, measured_runs=runs,
+        extrapolation_factor=float(pick("extrapolation_factor", B.EXTRAPOLATION_FACTOR)),
+        negatives=args.negatives, default_negatives=int(eval_negatives) if eval_negatives else None,
+        law=args.law or "ND",
     )
-    import mlflow
+    if not args.no_mlflow:
+        import mlflow
 
-    with tracking.stage_run("budget", f"budget-{mode}-{pick('budget', 20000)}", {"drscaling.stage": "budget", "costs": mode}):
-        out = Path(args.out or f"{A}/budget")
-        mlflow.log_artifacts(str(out), artifact_path="budget")
-        rec = read_json(out / "budget.json")
-        flat = {k: v for k, v in (rec.get("recommendation") or {}).items() if isinstance(v, (int, float))}
-        mlflow.log_metrics({f"optimum_{k}": float(v) for k, v in flat.items()})
+        name = f"budget-{mode}-{result['budget']:g}" + (f"-{result['law_set']}" if published else "")
+        tags = {"drscaling.stage": "budget", "costs": mode, "laws": str(result["laws"])}
+        with tracking.stage_run("budget", name, tags):
+            mlflow.log_artifacts(str(out), artifact_path="budget")
+            metrics, flag_tags = B.mlflow_fields(result)
+            mlflow.log_metrics(metrics)
+            mlflow.set_tags(flag_tags)
+    if args.show_derivation or mode == "paper":
+        print("\n".join(B.paper_derivation()))
     print(B.format_recommendation(result))
+    print(f"written to {out / 'budget.json'}")
 
 
 def cmd_budget_towers(args, pick) -> None:
@@ -563,6 +591,34 @@ def cmd_measure(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _annotate_parser(p: argparse.ArgumentParser) -> None:
+    from drscaling.annotation import sources
+    from drscaling.annotation.bounds import REQUEST_ATTEMPTS, REQUEST_TIMEOUT_S, request_bound_s
+
+    listed = "; ".join(f"{s.name}: {s.summary} (cost: {s.pricing})" for s in sources.REGISTRY.values())
+    p.add_argument("--source", required=True, choices=sources.names(), help=listed)
+    p.add_argument("--prepared")
+    p.add_argument("--out", help=f"pairs file (default {A}/annotations/<source>.jsonl; its GX report goes to "
+                                 f"{A}/validation/, or beside a given --out as <name>.validation.json). It and its "
+                                 "cost file appear only once the pairs pass the checks; rejected pairs go to "
+                                 "<name>.rejected.jsonl")
+    p.add_argument("--regenerate", action="store_true",
+                   help="llm/supervised: generate now instead of using the shipped data/generated/<source>.jsonl")
+    p.add_argument("--limit", type=int, help="llm/supervised: annotate only the first N passages (seeded order)")
+    p.add_argument("--model", help="llm: local folder, .gguf, hub name, or the endpoint's model name")
+    p.add_argument("--endpoint", help="llm: OpenAI-compatible base URL (key from DRSCALING_LLM_API_KEY / OPENAI_API_KEY); "
+                                      "redirects are refused, plain http to a non-loopback host is warned about")
+    bound = request_bound_s(REQUEST_TIMEOUT_S, REQUEST_ATTEMPTS)
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help=f"--endpoint: one attempt's wait to connect and for data (default {REQUEST_TIMEOUT_S:g})")
+    p.add_argument("--attempts", type=int,
+                   help=f"--endpoint: tries per request on timeouts, resets and HTTP 408/429/5xx (default "
+                        f"{REQUEST_ATTEMPTS}); a request gives up after attempts x timeout + backoff "
+                        f"(1 s, 2 s, ...): {bound:g} s with the defaults")
+    p.add_argument("--restart", action="store_true",
+                   help="--regenerate: discard a partial run made with other settings instead of refusing to mix them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from drscaling.distill import DistillConfig
     from drscaling.evaluate import EvalConfig
@@ -583,12 +639,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lists-dir", default=f"{A}/apt-lists", help="private apt lists folder")
     p.add_argument("--no-fetch", action="store_true", help="use lists already in --lists-dir")
     p.set_defaults(func=cmd_extract_debian)
-    p = dsub.add_parser("import", help="import a dataset into the canonical format")
-    p.add_argument("--format", choices=["msmarco", "pairs"], required=True)
-    p.add_argument("src", help="msmarco: folder of collection/queries/qrels TSVs; pairs: JSONL of {query, passage}")
-    p.add_argument("dest", help="output dataset folder (train/dev/test)")
-    p.add_argument("--dev-size", type=int)
-    p.add_argument("--test-size", type=int)
+    p = dsub.add_parser("import", help="import a dataset into the canonical format",
+                        description="Import a dataset into the canonical format (train/dev/test). The dataset "
+                                    "is written to a temporary folder and renamed onto DEST at the end: on any "
+                                    "error DEST is left as it was. Dropped rows are counted in the report.")
+    p.add_argument("--format", choices=["msmarco", "pairs", "beir", "ir_datasets"], required=True)
+    p.add_argument("src", help="msmarco: folder of collection/queries/qrels TSVs; pairs: JSONL of {query, passage}; "
+                               "beir: folder of corpus.jsonl, queries.jsonl, qrels/<split>.tsv; "
+                               "ir_datasets: a dataset id such as msmarco-passage/train or beir/scifact "
+                               "(needs `pip install ir-datasets`, and network to download)")
+    p.add_argument("dest", help="output dataset folder (train/dev/test); an existing dataset there is replaced")
+    p.add_argument("--dev-size", type=int, help="pairs: dev pairs, counted after de-duplication (default: "
+                   "params.yaml data.dev_size, scaled down when the data is small); beir/ir_datasets: "
+                   "pairs carved for dev when it shares its source with another split")
+    p.add_argument("--test-size", type=int, help="as --dev-size, for test")
+    p.add_argument("--split", action="append", metavar="NAME=SOURCE",
+                   help="beir/ir_datasets: where split NAME (train, dev, test) comes from: a qrels/<SOURCE>.tsv "
+                        "file or an ir_datasets (sub-)id; splits naming the same source are carved out of it by "
+                        "query group, e.g. --split dev=train. Default: each split from its own name")
+    p.add_argument("--seed", type=int, help="seed of the carving (default: params.yaml data.seed)")
     p.set_defaults(func=cmd_import)
 
     p = cmd("prepare", cmd_prepare, "split the Debian snapshot into canonical train/dev/test")
@@ -601,16 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared")
     p.add_argument("--vocab-size", type=int)
     p.add_argument("--out", default=f"{A}/tokenizer")
-    p = cmd("annotate", cmd_annotate, "produce and validate training pairs from one annotation source")
-    p.add_argument("--source", required=True, choices=["human", "ict", "supervised", "llm"])
-    p.add_argument("--prepared")
-    p.add_argument("--out", help=f"pairs file (default {A}/annotations/<source>.jsonl; its GX report goes to "
-                                 f"{A}/validation/, or beside a given --out as <name>.validation.json)")
-    p.add_argument("--regenerate", action="store_true",
-                   help="llm/supervised: generate now instead of using the shipped data/generated/<source>.jsonl")
-    p.add_argument("--limit", type=int, help="llm/supervised: annotate only the first N passages (seeded order)")
-    p.add_argument("--model", help="llm: local folder, .gguf, hub name, or the endpoint's model name")
-    p.add_argument("--endpoint", help="llm: OpenAI-compatible base URL (key from DRSCALING_LLM_API_KEY / OPENAI_API_KEY)")
+    _annotate_parser(cmd("annotate", cmd_annotate, "produce, validate and publish training pairs from one annotation source"))
 
     for name, func, help in (("train", cmd_train, "train one encoder (one MLflow run)"),
                              ("sweep", cmd_sweep, "run a preset's model/data/source/joint sweeps")):
@@ -621,6 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out")
         if name == "train":
             p.add_argument("--section", help="params.yaml section whose values override the train section's")
+            p.add_argument("--discard-checkpoint", action="store_true",
+                           help="start afresh when --out holds an unusable checkpoint (corrupt, or made on other data)")
             params.add_flags(p, TrainConfig)
         else:
             p.add_argument("--preset", help="preset name in pipelines/ or a YAML path")
@@ -645,23 +707,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("fit", cmd_fit, "fit L(N), L(D), L(D) per source and L(N,D) to a preset's sweep results")
     p.add_argument("--preset")
-    p.add_argument("--n-bootstrap", type=int)
+    p.add_argument("--n-bootstrap", type=int, help="bootstrap refits per law (default: params.yaml fit.n_bootstrap)")
+    p.add_argument("--sources", nargs="+", help="annotation sources to fit D@<source> for (default: every source "
+                   "with points); a source without points is an error")
+    p.add_argument("--workers", type=int, help="processes for the bootstrap refits (default: min(2, CPUs))")
+    p.add_argument("--bootstrap-method", choices=["parametric", "pairs"],
+                   help="interval method (default parametric: see drscaling/laws/bootstrap.py)")
     p.add_argument("--out", help=f"default {A}/laws")
     p = cmd("report", cmd_report, "write the Markdown report (coefficient tables, figures, budget)")
     p.add_argument("--laws")
     p.add_argument("--budget-json")
     p.add_argument("--out", default=f"{A}/report/report.md")
     p = cmd("budget", cmd_budget, "optimal model size and annotation amount for a budget (paper section 5)")
-    p.add_argument("--budget", type=float, help="dollars (default: params.yaml budget.budget)")
+    # An empty value ("", as MLproject passes for a parameter left at its default) means: not given.
+    p.add_argument("--budget", type=_opt_float, help="dollars (default: params.yaml budget.budget)")
     p.add_argument("--include-inference", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--costs", choices=["paper", "measured"])
+    p.add_argument("--costs", type=_costs_mode, metavar="{paper,measured}",
+                   help="paper: eq. 12-14 from their parts; measured: the costs stage's file (default: params.yaml "
+                        "budget.costs; paper with a published law set)")
     p.add_argument("--costs-path", help=f"measured costs JSON (default {A}/costs/costs.json)")
     p.add_argument("--source", help="annotation source whose $/pair is Zdata (measured mode)")
     p.add_argument("--steps", type=int)
     p.add_argument("--corpus-pages", type=float)
     p.add_argument("--tokens-per-page", type=float)
-    p.add_argument("--laws")
-    p.add_argument("--out")
+    p.add_argument("--laws", type=_opt_str, metavar="LAWS_JSON|SET",
+                   help=f"the laws: a laws.json from `drscaling fit` (default {A}/laws/laws.json), or a law set "
+                        "the paper published: 'paper' (= 'paper-msmarco': Table 1 L(N), Table 2 L(D) and the joint "
+                        "law of eqs. 8-10 on MS MARCO) or 'paper-t2ranking' (Tables 1 and 2 only: the paper gives "
+                        "no joint law for T2Ranking, which the budget needs, so it is refused with a note). A set "
+                        "needs no fit and no artifacts, defaults to --costs paper and writes to "
+                        f"{A}/budget-paper: `drscaling budget --laws paper --costs paper` reproduces Section 5 "
+                        "(Figs 7/8)")
+    p.add_argument("--law", type=_opt_str, help="which joint law of the laws to use (default ND, the paper's eq. 8; "
+                                                "any law of both N and D)")
+    p.add_argument("--out", type=_opt_str, help=f"result folder (default {A}/budget, the DVC stage's output; "
+                                                f"{A}/budget-paper with a published law set)")
+    p.add_argument("--extrapolation-factor", type=float,
+                   help="flag an optimum more than this factor outside the fitted N or D range, either "
+                        "direction (default: params.yaml budget.extrapolation_factor, else 2)")
+    p.add_argument("--negatives", type=int,
+                   help="evaluation negatives K: a predicted CE >= ln(K + 1) is flagged meaningless (default: "
+                        "the laws' metadata, else params.yaml train.eval.negatives, else 256)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the result to MLflow")
     p.add_argument("--show-derivation", action="store_true", help="print eq. 12-14 from their parts")
     p.add_argument("--towers", metavar="METRICS_JSON",
                    help="compare dual-tower deployments instead (large; large passage + distilled query; small) "
@@ -738,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
     except DrscalingError as exc:
         print(f"drscaling: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM at a step boundary (train.Terminated)
+        print(f"drscaling: stopped: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
     return 0
 
 

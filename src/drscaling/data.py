@@ -3,9 +3,11 @@
 On disk a dataset is a folder with one sub-folder per split (train, dev, test), each holding
     corpus.jsonl   {"pid": str, "text": str}
     queries.jsonl  {"qid": str, "text": str}
-    qrels.jsonl    {"qid": str, "pid": str}
+    qrels.jsonl    {"qid": str, "pid": str[, "relevance": int]}
 Each split's corpus holds the passages its queries may be scored against; the test corpus is also
-the pool contrastive-entropy negatives are drawn from.
+the pool contrastive-entropy negatives are drawn from. Every qrels row is a relevant pair; importers of
+graded judgements (BEIR, ir_datasets) keep the grade (> 0) in the optional `relevance` field and drop
+judged-non-relevant rows. The importers of outside formats live in drscaling.dataset.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import numpy as np
 import pandas as pd
 
 from drscaling.errors import DrscalingError
-from drscaling.files import atomic_path, iter_lines, read_jsonl, write_jsonl
+from drscaling.files import atomic_path, read_jsonl, write_jsonl
 
 SPLITS = ("train", "dev", "test")
 FILES = {"corpus": ("pid", "text"), "queries": ("qid", "text"), "qrels": ("qid", "pid")}
+OPTIONAL = {"qrels": ("relevance",)}  # written when a split's frame has them
 
 
 @dataclass
@@ -39,14 +42,17 @@ class Split:
         return q.merge(self.corpus.rename(columns={"text": "passage"}), on="pid", how="left")
 
 
-def load_split(root: str | Path, split: str) -> Split:
+def load_split(root: str | Path, split: str, *, relevance: bool = False) -> Split:
+    """A split's frames with the FILES columns; `relevance=True` adds qrels' grade (1 where absent)."""
     folder = Path(root) / split
     if not folder.is_dir():
         raise DrscalingError(f"split '{split}' not found: {folder} (run `drscaling prepare` first)")
-    frames = {
-        name: pd.DataFrame(read_jsonl(folder / f"{name}.jsonl", cols), columns=list(cols)).astype(str)
-        for name, cols in FILES.items()
-    }
+    frames = {}
+    for name, cols in FILES.items():
+        rows = read_jsonl(folder / f"{name}.jsonl", cols)
+        frames[name] = pd.DataFrame(rows, columns=list(cols)).astype(str)
+        if relevance and name == "qrels":
+            frames[name]["relevance"] = [int(r.get("relevance", 1)) for r in rows]
     return Split(**frames)
 
 
@@ -62,7 +68,8 @@ def save_dataset(splits: dict[str, Split], dest: str | Path) -> None:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.link(written[id(frame)], target)
                     continue
-                write_jsonl(target, frame[list(cols)].to_dict("records"))
+                out_cols = [*cols, *(c for c in OPTIONAL.get(fname, ()) if c in frame.columns)]
+                write_jsonl(target, frame[out_cols].to_dict("records"))
                 written[id(frame)] = target
 
 
@@ -127,23 +134,16 @@ def prepare_debian(raw: str | Path, dest: str | Path, dev_size: int, test_size: 
     return {name: len(s.qrels) for name, s in splits.items()}
 
 
-def import_pairs(src: str | Path, dest: str | Path, dev_size: int, test_size: int, seed: int) -> dict:
-    """Import JSON lines of {"query": ..., "passage": ...}; ids are content hashes, so re-imports agree."""
-    rows = read_jsonl(src, ("query", "passage"))
-    pairs = pd.DataFrame(rows)[["query", "passage"]]
-    for col in ("query", "passage"):
-        bad = pairs[~pairs[col].map(lambda v: isinstance(v, str) and bool(v.strip()))]
-        if len(bad):
-            raise DrscalingError(
-                f"{src}: line {int(bad.index[0]) + 1} has an empty or non-string '{col}'"
-                f" ({len(bad)} such line(s))"
-            )
-    pairs["qid"] = pairs["query"].map(lambda t: stable_id("q", t))
-    pairs["pid"] = pairs["passage"].map(lambda t: stable_id("p", t))
-    # A passage with several queries stays in one split, so group by passage.
-    splits = split_pairs(pairs, dev_size, test_size, seed, group="pid")
-    save_dataset(splits, dest)
-    return {name: len(s.qrels) for name, s in splits.items()}
+def import_pairs(src: str | Path, dest: str | Path, dev_size: int | None, test_size: int | None, seed: int,
+                 defaults: dict[str, int] | None = None):
+    """Import JSON lines of {"query": ..., "passage": ...}; ids are content hashes, so re-imports agree.
+
+    See drscaling.dataset.pairs (de-duplication, sizes that fit small data) and .build (leak-free carving).
+    Returns the pairs per split (a dict with the report's notes and message()).
+    """
+    from drscaling.dataset.pairs import import_pairs as _import
+
+    return _import(src, dest, dev_size, test_size, seed, defaults)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,8 +153,11 @@ def import_pairs(src: str | Path, dest: str | Path, dev_size: int, test_size: in
 
 def read_tsv(path: str | Path, ncols: int, names: tuple[str, ...]) -> pd.DataFrame:
     """Read a header-less TSV strictly: every line must have at least `ncols` fields."""
+    from drscaling.dataset.reading import check_text
+    from drscaling.dataset.reading import iter_lines as strict_lines
+
     rows = []
-    for lineno, line in iter_lines(path):
+    for lineno, line in strict_lines(path, "TSV file"):
         if not line:
             continue
         fields = next(csv.reader(io.StringIO(line), delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -163,7 +166,7 @@ def read_tsv(path: str | Path, ncols: int, names: tuple[str, ...]) -> pd.DataFra
                 f"{path}: line {lineno} has {len(fields)} tab-separated field(s), expected {ncols}"
                 f" ({', '.join(names)})"
             )
-        rows.append(fields[:ncols])
+        rows.append([check_text(f, f"{path}: line {lineno}", n, allow_blank=True) for f, n in zip(fields, names)])
     if not rows:
         raise DrscalingError(f"{path}: file is empty")
     return pd.DataFrame(rows, columns=list(names))
@@ -181,12 +184,21 @@ def import_msmarco(src: str | Path, dest: str | Path) -> dict:
 
     MS MARCO's split names map as train->train, dev->dev, eval/test->test; TREC-style qrels
     (qid 0 pid rel) and two-column qrels are both accepted. Every split shares the collection
-    (hard-linked, not copied).
+    (hard-linked, not copied). The dataset appears at `dest` complete or not at all.
     """
+    from drscaling.dataset.build import ImportReport, check_destination, write_dataset
+    from drscaling.dataset.reading import format_hint
+
     src = Path(src)
+    check_destination(dest)
+    if not src.is_dir():
+        raise DrscalingError(
+            f"{src}: {'is a file' if src.exists() else 'not found'}; --format msmarco reads a folder of"
+            " collection.tsv, queries.{train,dev,eval}.tsv and qrels.{train,dev,eval}.tsv" + format_hint(src, "msmarco")
+        )
     collection = _find(src, "collection")
     if collection is None:
-        raise DrscalingError(f"{src}: no collection.tsv(.gz) found")
+        raise DrscalingError(f"{src}: no collection.tsv(.gz) found" + format_hint(src, "msmarco"))
     corpus = read_tsv(collection, 2, ("pid", "text"))
     splits: dict[str, Split] = {}
     for split, names in {"train": ("train",), "dev": ("dev",), "test": ("test", "eval")}.items():
@@ -199,18 +211,25 @@ def import_msmarco(src: str | Path, dest: str | Path) -> dict:
         qrels = qrels[qrels["qid"].isin(set(queries["qid"]))]
         queries = queries[queries["qid"].isin(set(qrels["qid"]))]
         splits[split] = Split(corpus=corpus, queries=queries, qrels=qrels)
-    save_dataset(splits, dest)
-    return {name: len(s.qrels) for name, s in splits.items()}
+    write_dataset(splits, dest)
+    return ImportReport({name: len(s.qrels) for name, s in splits.items()}, Path(dest),
+                        {name: len(s.corpus) for name, s in splits.items()}, [])
 
 
 def _parse_qrels(path: Path) -> pd.DataFrame:
+    from drscaling.dataset.reading import iter_lines as strict_lines
+
     rows = []
-    for lineno, line in iter_lines(path):
+    for lineno, line in strict_lines(path, "qrels file"):
         if not line:
             continue
         fields = line.split()
         if len(fields) == 4:  # TREC: qid iter pid rel
-            if int(fields[3]) > 0:
+            try:
+                rel = int(fields[3])
+            except ValueError:
+                raise DrscalingError(f"{path}: line {lineno}: relevance {fields[3]!r} is not an integer") from None
+            if rel > 0:
                 rows.append((fields[0], fields[2]))
         elif len(fields) == 2:
             rows.append((fields[0], fields[1]))

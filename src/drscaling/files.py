@@ -136,3 +136,32 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[st
     if not rows:
         raise DrscalingError(f"{path}: file is empty")
     return rows
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (its `.lock` file) for the block; a second process that
+    asks for the same folder is refused at once with a clear message instead of racing the first."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise DrscalingError(
+                f"{folder} is in use by {holder} ({what}); wait for it to finish or use another output folder"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)

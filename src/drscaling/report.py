@@ -10,14 +10,18 @@ from typing import Any
 
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_text
-from drscaling.laws import FitResult, load_laws, load_laws_meta
+from drscaling.laws import (
+    FitResult,
+    LawForm,
+    load_laws,
+    load_laws_meta,
+    ordered_laws,
+    registered_forms,
+)
 
-# The paper's MS MARCO values (Tables 1 and 2, eqs. 9-10), printed beside ours for comparison.
-PAPER_ROWS = {
-    "N": {"A": 3.22e4, "alpha": 0.53, "delta": 0.04, "r2": 0.991},
-    "D": {"B": 3.49e3, "beta": 1.05, "delta": 0.05, "r2": 0.954},
-    "ND": {"A": 3.6e4, "B": 7.1e3, "alpha": 0.56, "beta": 1.31, "delta": 0.03},
-}
+# The paper's MS MARCO values (Tables 1 and 2, eqs. 9-10), printed beside ours for comparison:
+# declared with each law form in the registry.
+PAPER_ROWS = {f.kind: dict(f.reference) for f in registered_forms() if f.reference}
 
 
 def _num(x: float | None) -> str:
@@ -36,44 +40,88 @@ def _with_ci(fit: FitResult, p: str) -> str:
     return f"{value} [{_num(ci[0])}, {_num(ci[1])}]" if ci else value
 
 
-def _flags(fit: FitResult) -> str:
-    return "; ".join(fit.flags).replace("|", "/") if fit.flags else "–"
+def _flag_count(fit: FitResult) -> str:
+    return f"{len(fit.flags)} (see below)" if fit.flags else "–"
 
 
-def _table(
-    title: str, params: tuple[str, ...], heads: tuple[str, ...], rows: list[tuple[str, FitResult]],
-    paper: dict[str, float] | None,
-) -> list[str]:
-    lines = [f"### {title}", "", "| Law | " + " | ".join(heads) + " | R² | points | flags |",
+def _table(form: LawForm, rows: list[tuple[str, FitResult]], paper: dict[str, float] | None
+           ) -> list[str]:
+    """One coefficient table per law form (the registry gives its parameters and headings)."""
+    heads = [form.headings.get(p, p) for p in form.params]
+    lines = [f"### {form.title} {form.formula_text}", "",
+             "| Law | " + " | ".join(heads) + " | R² | points | flags |",
              "|---" * (len(heads) + 4) + "|"]
     for name, fit in rows:
-        cells = [_with_ci(fit, p) for p in params]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fit.r2:.3f} | {fit.n_points} | "
-                     f"{_flags(fit)} |")
+        cells = [_with_ci(fit, p) for p in form.params]
+        points = f"{fit.n_points} (dof {fit.dof})" if fit.dof is not None else str(fit.n_points)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fit.r2:.3f} | {points} | "
+                     f"{_flag_count(fit)} |")
     if paper:
-        cells = [_num(paper.get(p)) for p in params]
+        cells = [_num(paper.get(p)) for p in form.params]
         lines.append("| paper (MS MARCO) | " + " | ".join(cells) + f" | {_num(paper.get('r2'))} | – | – |")
-    lines += ["", "Values are point estimates with bootstrap 95% intervals in brackets.", ""]
+    lines += ["", "Values are point estimates with bootstrap 95% intervals in brackets; dof = points − "
+              "parameters.", ""]
+    for name, fit in rows:
+        if fit.flags:
+            lines += [f"Flags of {name}:", ""] + [f"- ⚠ {f}" for f in fit.flags] + [""]
     return lines
 
 
-def _heldout(fit: FitResult) -> list[str]:
-    h = fit.heldout
-    if not h:
+def _heldout(laws: dict[str, FitResult]) -> list[str]:
+    """Every held-out check (paper Fig. 6): L(N) and L(D) refit without their largest size, the joint
+    laws fitted without the largest N."""
+    rows = []
+    for name, fit in ordered_laws(laws):
+        h = fit.heldout
+        if not h:
+            skipped = [f for f in fit.flags if f.startswith("held-out check skipped")]
+            if skipped:
+                rows.append(f"| {name} | – | – | – | – | – | {skipped[0].replace('|', '/')} |")
+            continue
+        axis = str(h.get("axis", "n")).upper()
+        how = "law fitted without it" if h.get("refit") == "main fit" else "refit without it"
+        verdict = "**over 10%**" if h["max_abs_rel_error"] > h.get("threshold", 0.1) else "ok"
+        for p in h["points"]:
+            sizes = ", ".join(f"{k.upper()} {_num(p[k])}" for k in ("n", "d") if k in p)
+            rows.append(f"| {name} | largest {axis} {_num(h['cut'])} ({how}) | {sizes} | "
+                        f"{p['observed']:.4f} | {p['predicted']:.4f} | {abs(p['rel_error']):.1%} | {verdict} |")
+    if not rows:
         return []
-    lines = [
-        "### Held-out prediction (Fig 6 check)",
-        "",
-        f"The joint law was fitted on points with N < {_num(h['n_cut'])} and predicts the rest: "
-        f"mean |relative error| {h['mean_abs_rel_error']:.1%}, max {h['max_abs_rel_error']:.1%}.",
-        "",
-        "| N | D | observed | predicted | relative error |",
-        "|---|---|---|---|---|",
-    ]
-    for p in h["points"]:
-        lines.append(f"| {_num(p['n'])} | {_num(p['d'])} | {p['observed']:.4f} | "
-                     f"{p['predicted']:.4f} | {p['rel_error']:+.1%} |")
+    return ["### Held-out predictions (Fig 6 check)", "",
+            "Each law predicts points it was not fitted on; |predicted − observed| / observed above "
+            "10% is flagged.", "",
+            "| Law | held out | point | observed | predicted | error | check |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def _conv(state: Any) -> str:
+    return "unknown" if state is None else ("yes" if state else "**no**")
+
+
+def _points(laws: dict[str, FitResult]) -> list[str]:
+    """Each law's points with their training checks (converged, zero-shot CE)."""
+    lines = ["### Points and their checks", "",
+             "| Law | N | D | CE (test, min) | zero-shot CE | converged |", "|---|---|---|---|---|---|"]
+    for name, fit in ordered_laws(laws):
+        pts = fit.points
+        m = len(pts.get("loss", []))
+        none = [None] * m
+        for i in range(m):
+            zero = (pts.get("ce_test_zero_shot") or none)[i]
+            zs = f"{zero:.4f}" if isinstance(zero, int | float) and math.isfinite(zero) else "unknown"
+            lines.append(f"| {name} | {_num((pts.get('n') or none)[i])} | "
+                         f"{_num((pts.get('d') or none)[i])} | {pts['loss'][i]:.4f} | {zs} | "
+                         f"{_conv((pts.get('converged') or none)[i])} |")
     return [*lines, ""]
+
+
+def _law_sections(laws: dict[str, FitResult]) -> list[str]:
+    lines: list[str] = []
+    for form in registered_forms():
+        rows = sorted(((k, v) for k, v in laws.items() if v.kind == form.kind), key=lambda kv: kv[0])
+        if rows:
+            lines += _table(form, rows, PAPER_ROWS.get(form.kind))
+    return lines + _heldout(laws) + _points(laws)
 
 
 def _figures(paths: list[Path], base: Path, title: str) -> list[str]:
@@ -97,63 +145,128 @@ def _ci_text(ci: list[float] | None, fmt: str | None = None) -> str:
     return f" [{lo}, {hi}]"
 
 
+def _label(opt: dict[str, Any]) -> str:
+    """interpolation / **extrapolation** / unchecked, and **meaningless** at or above chance."""
+    label = opt.get("label") or "–"
+    parts = [f"**{label}**" if label == "extrapolation" else label]
+    if opt.get("above_chance"):
+        parts.append("**meaningless** (CE ≥ chance)")
+    return ", ".join(parts)
+
+
+def _flag_cell(opt: dict[str, Any]) -> str:
+    return "; ".join(opt.get("flags") or []).replace("|", "/") or "–"
+
+
 def _optimum_rows(label: str, opt: dict[str, Any] | None) -> list[str]:
     if not opt:
         return []
     if "error" in opt:
-        return [f"| {label} | not feasible: {opt['error']} | | | | | |"]
+        return [f"| {label} | not feasible: {opt['error']} | | | | | | | |"]
     c = opt["cost"]
     return [
-        f"| {label} | {_num(opt['n'])}{_ci_text(opt.get('n_ci95'))} | {opt['d']:,.0f} | "
+        f"| {label} | {_label(opt)} | {_num(opt['n'])}{_ci_text(opt.get('n_ci95'))} | {opt['d']:,.0f} | "
         f"{opt['loss']:.4f}{_ci_text(opt.get('loss_ci95'), '.4f')} | {_money(c['data'])} | "
-        f"{_money(c['train'])} | {_money(c['infer'])} |"
+        f"{_money(c['train'])} | {_money(c['infer'])} | {_flag_cell(opt)} |"
     ]
+
+
+def _range_text(b: list[float | None] | None) -> str:
+    lo, hi = b or (None, None)
+    return f"{'?' if lo is None else _num(lo)} .. {'?' if hi is None else _num(hi)}"
+
+
+def _measured_rows(res: dict[str, Any]) -> list[str]:
+    """The trained shapes at the D the budget leaves them, best first in bold; the best trained run."""
+    shapes = res.get("shapes")
+    lines = []
+    if shapes and "best" in shapes:
+        best = shapes["best"]
+        lines += [f"**Best measured shape within the budget: {best['shape']}** (N {_num(best['n'])}, "
+                  f"trained): predicted CE {best['loss']:.4f}{_ci_text(best.get('loss_ci95'), '.4f')} at "
+                  f"the D = {best['d']:,.0f} pairs the budget leaves it ({_label(best)}).", "",
+                  "| shape | N | D the budget leaves | predicted CE [95% CI] | range | flags |",
+                  "|---|---|---|---|---|---|"]
+        for s in shapes["shapes"]:
+            if s["feasible"]:
+                mark = " **(best)**" if s["shape"] == best["shape"] else ""
+                lines.append(f"| {s['shape']}{mark} | {_num(s['n'])} | {s['d']:,.0f} | "
+                             f"{s['loss']:.4f}{_ci_text(s.get('loss_ci95'), '.4f')} | {_label(s)} | "
+                             f"{_flag_cell(s)} |")
+            else:
+                lines.append(f"| {s['shape']} | {_num(s['n'])} | – | over budget | – | – |")
+        lines.append("")
+    elif shapes and "error" in shapes:
+        lines += [f"Among trained shapes: {shapes['error']}", ""]
+    elif res.get("law_set"):
+        lines += [f"No measured shapes: `{res['law_set']}` is a published law set.", ""]
+    run = res.get("best_measured_run")
+    if run:
+        lines += [f"Best trained run that fits the budget (a measurement, no law): {run.get('shape') or '?'} "
+                  f"at N {_num(run['n'])}, D {run['d']:,.0f}: CE {run['loss']:.4f}, cost "
+                  f"{_money(run['cost']['total'])}.", ""]
+    return lines
+
+
+def _paper_check_rows(check: dict[str, Any] | None) -> list[str]:
+    if not check:
+        return []
+    claims = check.get("claims") or {}
+    lines = [f"Paper check ({check.get('dataset')}, published coefficients, no fit; "
+             f"{'at' if check.get('at_paper_budget') else 'not at'} the paper's "
+             f"{_money(check['paper_budget'])}):", ""]
+    for key, title in (("without_inference", "without inference"), ("with_inference", "with inference")):
+        if check.get(f"{key}_n") is not None:
+            lines.append(f"- {title}: N {_num(check[f'{key}_n'])}; the paper: {claims.get(key, '?')}")
+    return lines + [f"- note: {n}" for n in check.get("notes", [])] + [""]
 
 
 def _budget_section(budget_path: Path, base: Path) -> list[str]:
     res = read_json(budget_path, what="budget result")
     costs = res.get("costs", {})
+    rng, chance = res.get("fitted_range"), res.get("chance")
     lines = [
         "## Budget allocation (Section 5)",
         "",
         f"Budget {_money(res['budget'])}, {costs.get('mode', '?')} costs, recommendation "
         f"{'including' if res.get('include_inference') else 'excluding'} inference. "
-        f"Law: `{res['law']['formula']}`.",
+        f"Law: `{res['law']['formula']}`" + (f" from `{res['laws']}`" if res.get("laws") else "") + ".",
         "",
+    ]
+    if rng:
+        lines += [f"Fitted range: N {_range_text(rng.get('n'))}, D {_range_text(rng.get('d'))} "
+                  f"({rng.get('source')}); an optimum more than {rng.get('factor', 2):g}× outside it is "
+                  "an extrapolation.", ""]
+    if chance:
+        lines += [f"Chance: a predicted CE ≥ ln({chance['negatives'] + 1}) = {chance['loss']:.3f} "
+                  f"({chance['negatives']} negatives) is meaningless.", ""]
+    lines += [
         "Cost model:",
         "",
         "```",
         *costs.get("derivation", []),
         "```",
         "",
-        "| Case | N [95% CI] | D | predicted CE [95% CI] | data | training | inference |",
-        "|---|---|---|---|---|---|---|",
+        *_measured_rows(res),
+        "Continuous optimum (a prediction of the law, never a measurement):",
+        "",
+        "| Case | range | N [95% CI] | D | predicted CE [95% CI] | data | training | inference | flags |",
+        "|---|---|---|---|---|---|---|---|---|",
         *_optimum_rows("without inference", res.get("without_inference")),
         *_optimum_rows("with inference", res.get("with_inference")),
         "",
     ]
-    for flag in (res.get("recommendation") or {}).get("flags", []) + res.get("flags", []):
+    rec = res.get("recommendation") or {}
+    for flag in rec.get("flags", []) + res.get("flags", []):
         lines.append(f"- ⚠ {flag}")
-    shapes = res.get("shapes")
-    if shapes and "best" in shapes:
-        lines += ["", "Among trainable shapes:", "", "| shape | N | D | predicted CE |",
-                  "|---|---|---|---|"]
-        for s in shapes["shapes"]:
-            if s["feasible"]:
-                mark = " **(best)**" if s["shape"] == shapes["best"]["shape"] else ""
-                lines.append(f"| {s['shape']}{mark} | {_num(s['n'])} | {s['d']:,.0f} | "
-                             f"{s['loss']:.4f}{_ci_text(s.get('loss_ci95'), '.4f')} |")
-            else:
-                lines.append(f"| {s['shape']} | {_num(s['n'])} | – | over budget |")
-    elif shapes and "error" in shapes:
-        lines += ["", f"Among trainable shapes: {shapes['error']}"]
+    lines += ["", *_paper_check_rows(res.get("paper_check"))]
     sources = res.get("sources") or []
     if sources:
         lines += ["", "Annotation sources at a fixed model:", "",
                   "| source | $/pair | D | predicted CE | note |", "|---|---|---|---|---|"]
         for s in sources:
             if "loss" in s:
-                d = "∞" if s["d"] == float("inf") else f"{s['d']:,.0f}"
+                d = "unlimited" if s.get("d") is None or s["d"] == float("inf") else f"{s['d']:,.0f}"
                 lines.append(f"| {s['source']} | {s['usd_per_pair']:g} | {d} | "
                              f"{s['loss']:.4f}{_ci_text(s.get('loss_ci95'), '.4f')} | "
                              f"{s.get('note', '')} |")
@@ -193,24 +306,12 @@ def write_report(
     base = out_path.parent.absolute()
     lines = ["# Scaling laws for dense retrieval — report", ""]
     if meta.get("results"):
+        method = meta.get("bootstrap_method", "pairs")
         lines += [f"Fitted from `{meta['results']}` (loss: `{meta.get('loss', 'ce_test_min')}`, "
-                  f"{meta.get('n_bootstrap', '?')} bootstrap resamples).", ""]
+                  f"{meta.get('n_bootstrap', '?')} {method} bootstrap refits, each from the "
+                  "initialisation grid; 95% percentile intervals).", ""]
     lines += ["## Fitted laws", ""]
-    n_rows = [(k, v) for k, v in laws.items() if v.kind == "N"]
-    d_rows = sorted(((k, v) for k, v in laws.items() if v.kind == "D"), key=lambda kv: kv[0])
-    nd_rows = [(k, v) for k, v in laws.items() if v.kind == "ND"]
-    if n_rows:
-        lines += _table("Table 1: model-size scaling L(N) = (A/N)^α + δ", ("A", "alpha", "delta"),
-                        ("A", "α", "δ_N"), n_rows, PAPER_ROWS["N"])
-    if d_rows:
-        lines += _table("Table 2: data-size scaling L(D) = (B/D)^β + δ", ("B", "beta", "delta"),
-                        ("B", "β", "δ_D"), d_rows, PAPER_ROWS["D"])
-    if nd_rows:
-        lines += _table("Joint law L(N,D) = [(A/N)^(α/β) + B/D]^β + δ",
-                        ("A", "B", "alpha", "beta", "delta"), ("A", "B", "α", "β", "δ"), nd_rows,
-                        PAPER_ROWS["ND"])
-        for _, fit in nd_rows:
-            lines += _heldout(fit)
+    lines += _law_sections(laws)
     skipped = meta.get("skipped") or {}
     if skipped:
         lines += ["Laws not fitted:", ""] + [f"- {k}: {v}" for k, v in sorted(skipped.items())] + [""]

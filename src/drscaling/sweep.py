@@ -29,7 +29,8 @@ from drscaling.model import check_shape, shape_cost
 from drscaling.train import Paths, TrainConfig, train
 
 PRESETS = tracking.REPO / "pipelines"
-RESULT_KEYS = ("ce_test_min", "ce_test_at_best_dev", "ce_dev_best", "mrr@10", "ndcg@10", "recall@100", "recall@1000")
+RESULT_KEYS = ("ce_test_min", "ce_test_at_best_dev", "ce_dev_best", "mrr@10", "ndcg@10", "recall@100", "recall@1000",
+               "ce_test_zero_shot", "convergence", "converged", "best_step")
 
 
 @dataclass
@@ -200,8 +201,13 @@ def _run_exists(run_id: str) -> bool:
 
 def format_results(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    lines = [f"{'sweep':7} {'shape':14} {'N':>10} {'D':>7} {'source':10} {'CE min':>7} {'MRR@10':>7}"]
+    lines = [f"{'sweep':7} {'shape':14} {'N':>10} {'D':>7} {'source':10} {'CE 0-shot':>9} {'CE min':>7} "
+             f"{'MRR@10':>7} converged"]
     for r in rows:
+        zero = r.get("ce_test_zero_shot")
+        conv = r.get("convergence")
+        state = "unknown" if conv is None or conv != conv else f"{'yes' if r.get('converged') else 'NO'} ({conv:+.1%})"
         lines.append(f"{r['sweep']:7} {r['shape']:14} {r['n']:>10} {r['d']:>7} {r['source']:10} "
-                     f"{r['ce_test_min']:>7.3f} {r.get('mrr@10') or 0:>7.3f}")
+                     f"{zero if zero is not None else float('nan'):>9.3f} {r['ce_test_min']:>7.3f} "
+                     f"{r.get('mrr@10') or 0:>7.3f} {state}")
     return "\n".join(lines)

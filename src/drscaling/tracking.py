@@ -63,7 +63,7 @@ def file_version(path: str | Path) -> str:
 
 def metric_names(metrics: dict) -> dict[str, float]:
     """MLflow forbids '@' in names: mrr@10 is logged as mrr_at_10 (files keep the usual spelling)."""
-    return {k.replace("@", "_at_"): float(v) for k, v in metrics.items()}
+    return {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if v is not None}
 
 
 def attach_project_run() -> None:

@@ -20,8 +20,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +38,17 @@ from drscaling.annotate import load_annotations
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, cached_evalset, embed_evalset, encode_fns, rank_split
-from drscaling.files import atomic_path, write_json
+from drscaling.files import atomic_path, folder_lock, read_json, write_json
 from drscaling.model import (
     ModelMeta, Retriever, Tower, Towers, build_model, check_lengths, load_retriever, save_retriever,
     shape_tokenizer, tokenize,
 )
 
 TOWER_KINDS = ("shared", "dual")
+LR_SCHEDULES = ("linear", "constant")
+# A run has converged when the best test CE improved by less than this (relative) over the last
+# quarter of its steps: more steps would not move the point its law is fitted on.
+CONVERGENCE_TOLERANCE = 0.02
 
 
 @dataclass
@@ -68,6 +75,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     bf16: bool = True  # used only on CUDA
     gradient_checkpointing: bool = False
+    projection: str = "identity"  # identity: the head starts as [I; 0], so a pretrained init starts at its zero-shot point; random
+    lr_schedule: str = "linear"  # linear: decay to 0 after warmup (the authors' HF Trainer); constant
+    max_grad_norm: float = 1.0  # gradient clipping (the authors' HF Trainer); 0 = off
+    compile: bool = False  # torch.compile the towers (CUDA; worth it for long runs)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def key(self) -> str:
@@ -115,6 +126,10 @@ def check_config(cfg: TrainConfig, n_corpus: int) -> None:
         raise DrscalingError(f"steps, batch_size and lr must be positive (got {cfg.steps}, {cfg.batch_size}, {cfg.lr})")
     if cfg.negatives < 1:
         raise DrscalingError(f"negatives must be >= 1 (got {cfg.negatives})")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise DrscalingError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got '{cfg.lr_schedule}')")
+    if cfg.max_grad_norm < 0:
+        raise DrscalingError(f"max_grad_norm must be >= 0 (got {cfg.max_grad_norm})")
     if cfg.negatives + cfg.batch_size > n_corpus:
         raise DrscalingError(
             f"the train corpus has {n_corpus} passages, too few for {cfg.negatives} negatives"
@@ -145,25 +160,48 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, in_batch
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
-def optimizer(module: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int):
-    """AdamW (no weight decay on biases and norms) with a linear warmup, for training and distillation."""
+def lr_factor(step: int, warmup_steps: int, total_steps: int = 0, schedule: str = "constant") -> float:
+    """The learning-rate multiplier at `step`: linear warmup, then constant or linear decay to 0 at
+    `total_steps` (the authors' HF Trainer schedule)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "linear" and total_steps > warmup_steps:
+        return max(0.0, (total_steps - step) / (total_steps - warmup_steps))
+    return 1.0
+
+
+def optimizer(module: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int = 0,
+              schedule: str = "constant"):
+    """AdamW (no weight decay on biases and norms; fused kernels on CUDA) with the lr_factor schedule,
+    for training and distillation."""
     decay = [p for p in module.parameters() if p.ndim > 1]
     no_decay = [p for p in module.parameters() if p.ndim <= 1]
+    fused = all(p.is_cuda for p in module.parameters())
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=fused or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, total_steps, schedule))
     return opt, sched
 
 
-def train_step(model, opt, sched, q: dict, p: dict, n_queries: int, in_batch: bool, autocast, device: str) -> torch.Tensor:
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """Host tensors onto the device: pinned and non-blocking on CUDA, so copies overlap compute."""
+    if device == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(model, opt, sched, q: dict, p: dict, n_queries: int, in_batch: bool, autocast, device: str,
+               max_grad_norm: float = 0.0) -> torch.Tensor:
     """One optimiser step of eq. 3: p holds the queries' positives first, then the shared negatives.
-    (benchmarks/train_step.py times exactly this.)"""
+    (benchmarks/train_step.py and benchmarks/gpu_check.py time exactly this.)"""
+    q, p = to_device(q, device), to_device(p, device)
     with autocast:
-        qe, pe = model(q["input_ids"].to(device), q["attention_mask"].to(device),
-                       p["input_ids"].to(device), p["attention_mask"].to(device))
+        qe, pe = model(q["input_ids"], q["attention_mask"], p["input_ids"], p["attention_mask"])
         loss = contrastive_loss(qe, pe[:n_queries], pe[n_queries:], in_batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     opt.step()
     if sched is not None:
         sched.step()
@@ -185,16 +223,28 @@ def save_checkpoint(path: Path, towers: Towers, opt, sched, state: dict) -> None
         )
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, towers: Towers, opt, sched) -> dict | None:
+def load_checkpoint(path: Path, cfg: TrainConfig, towers: Towers, opt, sched, data_key: str = "") -> dict | None:
+    """The saved state of an interrupted run, or None. Refuses, with what to do, a checkpoint that is
+    unreadable, was made with other parameters or on other data, or does not fit the shape. Only
+    tensors and plain containers are unpickled (weights_only)."""
     file = path / "checkpoint.pt"
     if not file.exists():
         return None
-    ck = torch.load(file, weights_only=False)
-    state = ck["state"]
+    discard = f"rerun with --discard-checkpoint to start {cfg.shape} afresh (or delete {path})"
+    try:
+        ck = torch.load(file, weights_only=True)
+        state = ck["state"]
+    except Exception as exc:  # noqa: BLE001 - truncated zip, foreign pickle, missing keys: all unusable
+        raise DrscalingError(f"checkpoint {file} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); {discard}") from exc
     if state.get("config_key") != cfg.key():
         raise DrscalingError(
             f"checkpoint {path} was made with different parameters (shape {state.get('shape')});"
             " use another output folder or delete the checkpoint"
+        )
+    if data_key and state.get("data_key") != data_key:
+        raise DrscalingError(
+            f"checkpoint {path} was trained on other data (the annotations or the prepared splits changed"
+            f" since); resuming would mix both: {discard}"
         )
     try:
         towers.load_state_dict(ck["model"])
@@ -204,6 +254,29 @@ def load_checkpoint(path: Path, cfg: TrainConfig, towers: Towers, opt, sched) ->
     sched.load_state_dict(ck["sched"])
     torch.set_rng_state(ck["torch_rng"])
     return state
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, `docker stop` and Kubernetes send), raised at a step boundary."""
+
+
+@contextlib.contextmanager
+def sigterm_at_step_boundary() -> Iterator[dict]:
+    """Turn SIGTERM into a flag the training loop checks after each step, so the run checkpoints a
+    consistent state and ends KILLED instead of dying mid-update with its MLflow run left RUNNING."""
+    flag = {"term": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def on_term(signum, frame):  # noqa: ARG001
+        flag["term"] = True
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,78 +296,117 @@ def _ddp() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), world
 
 
-def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) -> dict:
-    """Train (or resume) one run; returns its final metrics. Checks every input before any compute."""
-    rank, world = _ddp()
-    queries, pos_pids, pos_texts, corpus_texts = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)  # clear errors first
-    data_key = tracking.file_version(paths.annotations / f"{cfg.annotation_source}.jsonl") + tracking.file_version(paths.prepared)
-    done = finished(paths.out, cfg, data_key)
+@dataclass
+class _Data:
+    """A run's training data: the pairs, the corpus negatives are drawn from, and its version."""
+
+    queries: list[str]
+    pos_texts: list[str]
+    corpus_texts: list[str]
+    pos_idx: np.ndarray  # each pair's positive as an index into corpus_texts
+    key: str  # content hashes of the annotations and the prepared splits
+
+
+@dataclass
+class _Run:
+    """Everything one training run builds before its first step."""
+
+    towers: Towers
+    model: torch.nn.Module  # towers, compiled and/or wrapped in DDP
+    retriever: Retriever
+    tokenizer: object
+    meta: ModelMeta
+    opt: torch.optim.Optimizer
+    sched: object
+    autocast: contextlib.AbstractContextManager
+    device: str
+    dev: object
+    test: object
+
+
+def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, discard_checkpoint: bool = False) -> dict:
+    """Train (or resume) one run; returns its final metrics. Checks every input before any compute.
+    The output folder is locked for the run; SIGTERM checkpoints and ends the MLflow run KILLED."""
+    rank, _ = _ddp()
+    data = _training_data(cfg, paths)  # clear errors first
+    done = finished(paths.out, cfg, data.key)
     if done:
         return done | {"resumed": False, "cached": True}
-    check_config(cfg, len(corpus_texts))
+    check_config(cfg, len(data.corpus_texts))
+    lock = folder_lock(paths.out, f"training {cfg.shape}") if rank == 0 else contextlib.nullcontext()
+    with lock, sigterm_at_step_boundary() as term:
+        if discard_checkpoint:
+            shutil.rmtree(paths.out / "checkpoint", ignore_errors=True)
+        return _train(cfg, paths, data, _build_run(cfg, paths), tags, term)
+
+
+def _training_data(cfg: TrainConfig, paths: Paths) -> _Data:
+    queries, pos_pids, pos_texts, corpus_texts = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)
+    key = tracking.file_version(paths.annotations / f"{cfg.annotation_source}.jsonl") + tracking.file_version(paths.prepared)
     corpus_pids = list(load_split(paths.prepared, "train").corpus["pid"])
     cindex = {p: i for i, p in enumerate(corpus_pids)}
-    pos_idx = np.array([cindex[p] for p in pos_pids])
+    return _Data(queries, pos_texts, corpus_texts, np.array([cindex[p] for p in pos_pids]), key)
 
+
+def _build_run(cfg: TrainConfig, paths: Paths) -> _Run:
+    rank, world = _ddp()
     tokenizer = shape_tokenizer(cfg.shape, cfg.init, paths.tokenizer)
-    encoder, meta = build_model(cfg.shape, tokenizer, cfg.dim, seed=cfg.seed, init=cfg.init or None, scale=cfg.scale,
-                                pooling=cfg.pooling)
+    build = dict(seed=cfg.seed, init=cfg.init or None, scale=cfg.scale, pooling=cfg.pooling, projection=cfg.projection)
+    encoder, meta = build_model(cfg.shape, tokenizer, cfg.dim, **build)
     meta.max_query_len, meta.max_passage_len = cfg.eval.max_query_len, cfg.max_passage_len
     check_lengths(meta, cfg.max_query_len, cfg.max_passage_len, cfg.eval.max_query_len, cfg.eval.max_passage_len)
     # Dual towers start as two copies of the same checkpoint (ScalingNote stage 1), then part ways.
-    passage = build_model(cfg.shape, tokenizer, cfg.dim, seed=cfg.seed, init=cfg.init or None, scale=cfg.scale,
-                          pooling=cfg.pooling)[0] if cfg.towers == "dual" else None
+    passage = build_model(cfg.shape, tokenizer, cfg.dim, **build)[0] if cfg.towers == "dual" else None
     towers = Towers(encoder, passage)
     query_tower = Tower(encoder, tokenizer, meta)
     retriever = Retriever(query_tower, Tower(passage, tokenizer, meta) if passage is not None else query_tower)
     dev = cached_evalset(paths.prepared, "dev", cfg.eval)
     test = cached_evalset(paths.prepared, "test", cfg.eval)
-
     device = _device()
     towers.to(device)
     if cfg.gradient_checkpointing:
         for module in {id(m): m for m in (encoder, towers.passage_encoder())}.values():
             module.backbone.gradient_checkpointing_enable()
-    model = towers
+    model = torch.compile(towers) if cfg.compile else towers
     if world > 1:  # one forward per step embeds both sides, as DDP requires
-        model = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[rank] if device == "cuda" else None)
-    opt, sched = optimizer(towers, cfg.lr, cfg.weight_decay, cfg.warmup_steps)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device == "cuda" else None)
+    opt, sched = optimizer(towers, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.bf16 else contextlib.nullcontext()
+    return _Run(towers, model, retriever, tokenizer, meta, opt, sched, autocast, device, dev, test)
 
+
+def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: dict) -> dict:
+    rank, world = _ddp()
     ckpt_dir = paths.out / "checkpoint"
-    state = load_checkpoint(ckpt_dir, cfg, towers, opt, sched) or {
+    state = load_checkpoint(ckpt_dir, cfg, run.towers, run.opt, run.sched, data.key) or {
         "step": 0, "config_key": cfg.key(), "shape": cfg.shape, "run_id": None, "history": [],
         "best_dev": float("inf"), "test_at_best_dev": float("inf"), "test_min": float("inf"),
-        "best_step": 0, "step_seconds": [], "tokens": [], "data_key": data_key,
+        "best_step": 0, "step_seconds": [], "tokens": [], "data_key": data.key, "zero_shot": None,
     }
     resumed = state["step"] > 0
-    mlflow = _start_mlflow(cfg, meta, len(queries), state, tags, rank)
+    mlflow = _start_mlflow(cfg, run.meta, len(data.queries), state, tags, rank, paths.out)
     best_test: dict = {}  # the best-dev model's test embeddings, reused by the final ranking metrics
     if rank == 0:
         state["run_id"] = mlflow.active_run().info.run_id if mlflow else None
     try:
+        if rank == 0 and state["zero_shot"] is None:  # where the run starts: the untouched model
+            state["zero_shot"] = _zero_shot(run.retriever, run.dev, run.test, cfg, run.device, mlflow,
+                                            tracking.file_version(paths.prepared))
         bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps,
-                   desc=f"train {cfg.shape} D={len(queries)}", disable=rank != 0)
+                   desc=f"train {cfg.shape} D={len(data.queries)}", disable=rank != 0)
         for step in bar:
-            batch, negs = sample_step(step, cfg, len(queries), pos_idx, len(corpus_texts))
-            batch = np.array_split(batch, world)[rank]  # DDP: each rank a slice, same negatives
-            t0 = time.perf_counter()
-            model.train()
-            q = tokenize(tokenizer, [queries[i] for i in batch], cfg.max_query_len)
-            p = tokenize(tokenizer, [pos_texts[i] for i in batch] + [corpus_texts[i] for i in negs], cfg.max_passage_len)
-            loss = train_step(model, opt, sched, q, p, len(batch), cfg.in_batch_negatives, autocast, device)
-            state["step_seconds"].append(time.perf_counter() - t0)
-            state["tokens"].append(int(q["attention_mask"].sum() + p["attention_mask"].sum()) * world)
-            state["step"] = step + 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            loss = _step(cfg, data, run, step, state, world, rank)
+            bar.set_postfix(loss=f"{loss:.3f}")
             if rank == 0 and mlflow:
-                mlflow.log_metric("train_loss", loss.item(), step=step + 1)
+                mlflow.log_metric("train_loss", loss, step=step + 1)
             last = step + 1 == cfg.steps
             if rank == 0 and ((step + 1) % cfg.eval_every == 0 or last):
-                _evaluate_step(retriever, dev, test, cfg, state, paths, device, mlflow, best_test)
-            if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or last):
-                save_checkpoint(ckpt_dir, towers, opt, sched, state)
-        metrics = _finish(cfg, paths, state, meta, len(queries), device, mlflow, best_test) if rank == 0 else {}
+                _evaluate_step(run.retriever, run.dev, run.test, cfg, state, paths, run.device, mlflow, best_test)
+            if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or last or term["term"]):
+                save_checkpoint(ckpt_dir, run.towers, run.opt, run.sched, state)
+            if term["term"]:
+                raise Terminated(f"SIGTERM at step {step + 1} of {cfg.steps}; checkpointed, a rerun resumes here")
+        metrics = _finish(cfg, paths, state, run.meta, len(data.queries), run.device, mlflow, best_test) if rank == 0 else {}
     except BaseException as exc:
         if mlflow and rank == 0:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -304,6 +416,23 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None) ->
         mlflow.end_run()
     metrics["resumed"] = resumed
     return metrics
+
+
+def _step(cfg: TrainConfig, data: _Data, run: _Run, step: int, state: dict, world: int, rank: int) -> float:
+    """One training step of the run; records its time and tokens in `state`."""
+    batch, negs = sample_step(step, cfg, len(data.queries), data.pos_idx, len(data.corpus_texts))
+    batch = np.array_split(batch, world)[rank]  # DDP: each rank a slice, same negatives
+    t0 = time.perf_counter()
+    run.model.train()
+    q = tokenize(run.tokenizer, [data.queries[i] for i in batch], cfg.max_query_len)
+    p = tokenize(run.tokenizer, [data.pos_texts[i] for i in batch] + [data.corpus_texts[i] for i in negs],
+                 cfg.max_passage_len)
+    loss = train_step(run.model, run.opt, run.sched, q, p, len(batch), cfg.in_batch_negatives, run.autocast,
+                      run.device, cfg.max_grad_norm)
+    state["step_seconds"].append(time.perf_counter() - t0)
+    state["tokens"].append(int(q["attention_mask"].sum() + p["attention_mask"].sum()) * world)
+    state["step"] = step + 1
+    return loss.item()
 
 
 def finished(out: Path, cfg: TrainConfig, data_key: str) -> dict | None:
@@ -333,7 +462,40 @@ def _evaluate_step(retriever: Retriever, dev, test, cfg, state, paths, device, m
         mlflow.log_metrics({"ce_dev": ce_dev, "ce_test": ce_test}, step=step)
 
 
-def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, rank: int):
+_ZERO_SHOT: dict[str, dict[str, float]] = {}
+
+
+def _zero_shot(retriever: Retriever, dev, test, cfg: TrainConfig, device: str, mlflow, data_key: str = "") -> dict[str, float]:
+    """Dev and test CE before the first step (logged at step 0): every run must end below it. The
+    untouched model does not depend on D or the annotation source, so a sweep evaluates each
+    starting point once per process (keyed by everything the initial model and the evaluation use)."""
+    start = {k: v for k, v in dataclasses.asdict(cfg).items()
+             if k in ("shape", "init", "towers", "dim", "scale", "pooling", "seed", "projection", "eval")}
+    key = json.dumps([start, data_key], sort_keys=True)
+    if key not in _ZERO_SHOT:
+        fns = encode_fns(retriever, cfg.eval, device)
+        _ZERO_SHOT[key] = {"ce_dev": embed_evalset(*fns, dev, cfg.eval).ce(), "ce_test": embed_evalset(*fns, test, cfg.eval).ce()}
+    out = dict(_ZERO_SHOT[key])
+    if mlflow:
+        mlflow.log_metrics(out, step=0)
+    return out
+
+
+def convergence(history: list[dict], steps: int) -> float:
+    """Relative improvement of the best test CE over the last quarter of training: (best up to 3/4 of
+    the steps - best at the end) / best at the end. Small = the point has reached its plateau. NaN
+    when no evaluation falls in the first three quarters (evaluate more often to measure it)."""
+    before = [h["ce_test"] for h in history if 0 < h["step"] <= 0.75 * steps]
+    if not before or not history:
+        return float("nan")
+    end = min(h["ce_test"] for h in history)
+    return (min(before) - end) / end
+
+
+RUN_FILE = "run.json"  # the MLflow run of the training in this folder, written as soon as it starts
+
+
+def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, rank: int, out: Path):
     if rank != 0:
         return None
     tracking.configure()
@@ -342,20 +504,40 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
     nested = mlflow.active_run() is not None  # inside a sweep: a child of its parent run
     if not nested:
         mlflow.set_experiment(os.environ.get("DRSCALING_EXPERIMENT", "train"))
-    if state.get("run_id"):
-        mlflow.start_run(run_id=state["run_id"], log_system_metrics=True, nested=nested)
+    run_id = state.get("run_id") or _unfinished_run(out, cfg)
+    if run_id:  # resume (or adopt the run of a process killed before its first checkpoint)
+        mlflow.start_run(run_id=run_id, log_system_metrics=True, nested=nested)
         return mlflow
-    mlflow.start_run(run_name=f"{cfg.shape}-D{d}-{cfg.annotation_source}", log_system_metrics=True, nested=nested)
+    run = mlflow.start_run(run_name=f"{cfg.shape}-D{d}-{cfg.annotation_source}", log_system_metrics=True, nested=nested)
+    write_json(out / RUN_FILE, {"run_id": run.info.run_id, "config_key": cfg.key()})
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "eval"}
     params |= {f"eval_{k}": v for k, v in dataclasses.asdict(cfg.eval).items()}
     params |= {"n_non_embedding": meta.n_non_embedding, "d": d, "config_key": cfg.key(),
                "n_non_embedding_total": meta.n_non_embedding * (2 if cfg.towers == "dual" else 1),
                "git_commit": tracking.git_commit(), "data_version": tracking.data_version(),
-               "device": _device()}
+               "device": _device(), "projection_init": meta.projection}
     mlflow.log_params(params)
     mlflow.set_tags({"drscaling.stage": "train", "shape": cfg.shape, "source": cfg.annotation_source, "towers": cfg.towers,
                      "n": str(meta.n_non_embedding), "d": str(d), **(tags or {})})
     return mlflow
+
+
+def _unfinished_run(out: Path, cfg: TrainConfig) -> str | None:
+    """The MLflow run a killed process left for this folder and config, if it is not FINISHED: a rerun
+    takes it over, so a kill before the first checkpoint leaves no run stuck in RUNNING."""
+    import mlflow
+
+    file = out / RUN_FILE
+    if not file.exists():
+        return None
+    info = read_json(file)
+    if info.get("config_key") != cfg.key():
+        return None
+    try:
+        run = mlflow.get_run(info["run_id"])
+    except Exception:  # noqa: BLE001 - another tracking store, or a deleted run: start a new one
+        return None
+    return None if run.info.status == "FINISHED" else run.info.run_id
 
 
 def _finish(cfg, paths, state, meta, d, device, mlflow, best_test: dict) -> dict:
@@ -364,9 +546,13 @@ def _finish(cfg, paths, state, meta, d, device, mlflow, best_test: dict) -> dict
     test = load_split(paths.prepared, "test")
     ranks = rank_split(best, paths.prepared, test, cfg.eval, device, known=best_test.get("embedded")) if cfg.eval.rank_pool else {}
     secs = state["step_seconds"]
+    zero = state.get("zero_shot") or {}
+    conv = convergence(state["history"], cfg.steps)
     metrics = {
         "ce_dev_best": state["best_dev"], "ce_test_at_best_dev": state["test_at_best_dev"],
         "ce_test_min": state["test_min"], "best_step": state["best_step"], **ranks,
+        "ce_test_zero_shot": zero.get("ce_test", float("nan")), "ce_dev_zero_shot": zero.get("ce_dev", float("nan")),
+        "convergence": conv if np.isfinite(conv) else None, "converged": bool(conv <= CONVERGENCE_TOLERANCE),
         "train_step_seconds": statistics.median(secs) if secs else float("nan"),
         "train_tokens_per_step": float(np.mean(state["tokens"])) if state["tokens"] else 0.0,
     }

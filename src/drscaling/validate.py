@@ -91,7 +91,21 @@ def run_suite(df: pd.DataFrame, name: str, expectations: list, label: str) -> tu
             unexpected_count=int(count),
             examples=_examples(res),
         ))
-    return failures, result.to_json_dict()
+    return failures, stable(result.to_json_dict())
+
+
+# Per-run values in a GX result (timestamps, random ids): dropped, so the report is a pure function of
+# the data and the DVC stages downstream of it do not rerun when nothing changed.
+VOLATILE_KEYS = frozenset({"id", "validation_id", "run_time", "validation_time", "ge_load_time", "run_id", "batch_id"})
+
+
+def stable(obj: Any) -> Any:
+    """`obj` without VOLATILE_KEYS, at any depth."""
+    if isinstance(obj, dict):
+        return {k: stable(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
+    if isinstance(obj, list):
+        return [stable(v) for v in obj]
+    return obj
 
 
 def _examples(res: dict) -> list[Any]:

@@ -1,0 +1,417 @@
+"""The budget stage: laws (fitted or published) + costs -> budget.json, Figs 7/8, a printable answer.
+
+The answer leads with what was measured: the best trained shape the budget can afford (the law's CE
+at the D the budget leaves it, and whether that D is inside the fitted range) and the best trained
+run that fits the budget. The continuous optimum follows, labelled interpolation or extrapolation;
+an extrapolation is never presented as a measurement. budget.json is strict JSON (no Infinity/NaN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drscaling.budget.cost_model import HUMAN_USD_PER_PAIR, CostModel, build_cost_model, read_annotation_cost
+from drscaling.budget.law_sets import DEFAULT_NEGATIVES, LawSource, resolve_laws
+from drscaling.budget.solve import (
+    EXTRAPOLATION_FACTOR, N_MAX, N_MIN, Chance, FittedRange, SearchRange, best_measured_run, check_budget,
+    compare_sources, law_loss, solve, solve_shapes,
+)
+from drscaling.errors import DrscalingError
+from drscaling.files import atomic_path, write_text
+from drscaling.laws import FitResult
+
+PAPER_BUDGET = 20_000.0  # the budget of the paper's Section 5 claims
+
+
+def formula(fit: FitResult) -> str:
+    """The law as a short string (figure titles, the printout, the report): the law's own where it
+    has one, else built here for the paper's three forms."""
+    own = getattr(fit, "formula", None)
+    if callable(own):
+        try:
+            return str(own())
+        except (DrscalingError, KeyError, ValueError):  # a form without a formula: built below
+            pass
+    p = fit.params
+    if fit.kind == "ND":
+        return (f"L(N,D) = [({p['A']:.3g}/N)^({p['alpha']:.3g}/{p['beta']:.3g}) + {p['B']:.3g}/D]"
+                f"^{p['beta']:.3g} + {p['delta']:.3g}")
+    if fit.kind == "N":
+        return f"L(N) = ({p['A']:.3g}/N)^{p['alpha']:.3g} + {p['delta']:.3g}"
+    if fit.kind == "D":
+        return f"L(D) = ({p['B']:.3g}/D)^{p['beta']:.3g} + {p['delta']:.3g}"
+    return f"L[{fit.kind}] " + ", ".join(f"{k}={v:.3g}" for k, v in p.items())
+
+
+def joint_fit(source: LawSource, law: str) -> FitResult:
+    laws = source.laws
+    if law not in laws:
+        have = ", ".join(sorted(laws)) or "none"
+        if source.published is not None:
+            notes = " ".join(source.published.notes)
+            raise DrscalingError(
+                f"law set {source.name} has no '{law}' law (it has: {have}). {notes} The budget needs "
+                "the joint L(N,D): use --laws paper (MS MARCO) or a fitted laws.json"
+            )
+        raise DrscalingError(
+            f"{source.name} has no '{law}' law (it has: {have}); run a joint sweep and `drscaling fit` first"
+        )
+    fit = laws[law]
+    if not is_joint(fit):
+        raise DrscalingError(f"law '{law}' is a {fit.kind} law; the budget needs a joint L(N,D)")
+    return fit
+
+
+def is_joint(fit: FitResult) -> bool:
+    """A law of both N and D: the registry's form says so where there is one; else kind "ND"."""
+    try:
+        form = getattr(fit, "form", None)
+    except DrscalingError:  # an unregistered kind: judge by the name below
+        form = None
+    if form is not None and hasattr(form, "needs_n") and hasattr(form, "needs_d"):
+        return bool(form.needs_n and form.needs_d)
+    return fit.kind == "ND"
+
+
+# --------------------------------------------------------------------------------------------
+# Figures 7 and 8
+# --------------------------------------------------------------------------------------------
+
+
+def budget_figure(
+    fit: FitResult,
+    costs: CostModel,
+    budgets: Sequence[float],
+    include_inference: bool,
+    search: SearchRange,
+    path: Path,
+    fitted_range: FittedRange | None = None,
+    chance: Chance | None = None,
+) -> Path | None:
+    """Predicted loss vs N for several budgets; a dot marks each budget's optimum; the fitted N range
+    is shaded and chance drawn as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = search.grid()
+    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
+    drawn = False
+    optima = []
+    for i, budget in enumerate(sorted(budgets)):
+        ds = costs.data_pairs(ns, budget, include_inference)
+        ok = ds >= 1.0
+        if not ok.any():
+            continue
+        ls = law_loss(fit, ns[ok], ds[ok])
+        color = f"C{i % 10}"
+        ax.plot(ns[ok], ls, color=color, label=f"${budget:,.0f}")
+        j = int(np.argmin(ls))
+        ax.scatter([ns[ok][j]], [ls[j]], color=color, zorder=3)
+        optima.append(float(ls[j]))
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    lo, hi = fitted_range.n if fitted_range else (None, None)
+    if lo is not None or hi is not None:
+        ax.axvspan(lo or ns[0], hi or ns[-1], color="0.85", alpha=0.5, zorder=0, label="fitted N")
+    if chance is not None:
+        ax.axhline(chance.loss, color="0.4", ls=":", lw=1, label=f"chance ln({chance.negatives + 1})")
+    # The curves shoot up where the model leaves no money for data; keep the optima readable.
+    ax.set_ylim(top=30 * max(optima))
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("predicted contrastive entropy")
+    which = "including" if include_inference else "excluding"
+    fig_no = 8 if include_inference else 7
+    ax.set_title(f"Fig {fig_no}: predicted loss vs model size, {which} inference ({costs.mode} costs)",
+                 fontsize=9)
+    ax.legend(title="budget", fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Strict JSON
+# --------------------------------------------------------------------------------------------
+
+
+def strict_json(obj: Any, where: str = "", replaced: list[str] | None = None) -> Any:
+    """obj made acceptable to json.dumps(allow_nan=False), in place where it is a dict or a list (so
+    shared sub-objects stay shared): non-finite floats become None (their paths are appended to
+    `replaced`), numpy scalars plain numbers, tuples lists, Paths strings."""
+    replaced = replaced if replaced is not None else []
+    if isinstance(obj, dict):
+        for k in list(obj):
+            obj[k] = strict_json(obj[k], f"{where}.{k}" if where else str(k), replaced)
+        return obj
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            obj[i] = strict_json(v, f"{where}[{i}]", replaced)
+        return obj
+    if isinstance(obj, tuple):
+        return strict_json(list(obj), where, replaced)
+    if isinstance(obj, np.ndarray):
+        return strict_json(obj.tolist(), where, replaced)
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        if math.isfinite(float(obj)):
+            return float(obj)
+        replaced.append(where)
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_strict_json(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Make result strict JSON (in place) and write it; a non-finite number becomes null and a flag."""
+    replaced: list[str] = []
+    strict_json(result, replaced=replaced)
+    if replaced:
+        result.setdefault("flags", []).append(
+            "non-finite number(s) written as null: " + ", ".join(replaced))
+    write_text(path, json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def _default_shapes(fit: FitResult) -> dict[str, float]:
+    shapes = {str(s): float(n) for s, n in zip(fit.points.get("shape") or [], fit.points.get("n") or [],
+                                                strict=False) if s}
+    for p in (getattr(fit, "heldout", None) or {}).get("points", []):
+        if p.get("shape"):
+            shapes[str(p["shape"])] = float(p["n"])
+    return shapes
+
+
+def _law_runs(fit: FitResult) -> list[dict[str, Any]]:
+    """The trained runs behind the law: its fitted points and its held-out points."""
+    pts = fit.points
+    keys = ("shape", "n", "d", "loss", "source")
+    size = len(pts.get("loss") or [])
+    rows = [{k: (pts.get(k) or [None] * size)[i] for k in keys} for i in range(size)]
+    for p in (getattr(fit, "heldout", None) or {}).get("points", []):
+        rows.append({"shape": p.get("shape"), "n": p.get("n"), "d": p.get("d"),
+                     "loss": p.get("observed"), "source": p.get("source")})
+    return rows
+
+
+def _finite_or_none(x: Any) -> float | None:
+    try:
+        return float(x) if x is not None and math.isfinite(float(x)) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _chance(source: LawSource, negatives: int | None, default_negatives: int | None) -> Chance:
+    if negatives is not None:
+        return Chance(int(negatives), "given")
+    if source.negatives is not None:
+        return Chance(source.negatives, "the laws' metadata" if source.published is None
+                      else f"the paper ({source.name})")
+    if default_negatives is not None:
+        return Chance(int(default_negatives), "params.yaml train.eval.negatives")
+    return Chance(DEFAULT_NEGATIVES, "default")
+
+
+def _paper_check(source: LawSource, costs: CostModel, without: dict[str, Any],
+                 with_inf: dict[str, Any] | None, budget: float) -> dict[str, Any] | None:
+    published = source.published
+    if published is None or not published.claims:
+        return None
+    return {
+        "law_set": published.name,
+        "dataset": published.dataset,
+        "paper_costs": costs.mode == "paper",
+        "paper_budget": PAPER_BUDGET,
+        "at_paper_budget": math.isclose(budget, PAPER_BUDGET),
+        "claims": dict(published.claims),
+        "without_inference_n": without.get("n"),
+        "with_inference_n": (with_inf or {}).get("n"),
+        "notes": list(published.notes),
+    }
+
+
+def run_budget(
+    laws_path: str | Path,
+    budget: float,
+    include_inference: bool = False,
+    costs_mode: str = "paper",
+    costs_path: str | Path | None = None,
+    out_dir: str | Path = "reports/budget",
+    *,
+    usd_per_pair: float | None = None,
+    annotation_cost_path: str | Path | None = None,
+    source_cost_paths: Sequence[str | Path] = (),
+    steps: int | None = None,
+    corpus_pages: float | None = None,
+    tokens_per_page: float | None = None,
+    shapes: dict[str, float] | None = None,
+    measured_runs: Sequence[dict[str, Any]] | None = None,
+    n_min: float = N_MIN,
+    n_max: float = N_MAX,
+    figure_budgets: Sequence[float] | None = None,
+    law: str = "ND",
+    extrapolation_factor: float = EXTRAPOLATION_FACTOR,
+    negatives: int | None = None,
+    default_negatives: int | None = None,
+) -> dict[str, Any]:
+    """Recommend (N, D) for a budget; write out_dir/budget.json and Figs 7/8; return the result.
+
+    `laws_path`: a laws.json from the fit stage, or a published law set's name (law_sets.LAW_SETS:
+    "paper", "paper-msmarco", "paper-t2ranking"), which needs no fit and no artifacts.
+    The recommendation follows `include_inference`; the other case is reported alongside when its
+    costs are known. `shapes` (name -> N) are the trained shapes to choose from (default: the joint
+    law's); `measured_runs` (shape, n, d, loss, source) the trained runs (default: the law's points).
+    Optima further than `extrapolation_factor` outside the fitted N or D range are flagged, and so
+    is a predicted CE at or above ln(negatives + 1) (negatives: given, else the laws' metadata,
+    else `default_negatives`, else 256).
+    """
+    budget = check_budget(budget)
+    source = resolve_laws(laws_path)
+    out_dir = Path(out_dir)
+    fit = joint_fit(source, law)
+    costs = build_cost_model(
+        costs_mode, costs_path, need_inference=include_inference, usd_per_pair=usd_per_pair,
+        annotation_cost_path=annotation_cost_path, steps=steps, corpus_pages=corpus_pages,
+        tokens_per_page=tokens_per_page,
+    )
+    search = SearchRange(n_min=n_min, n_max=n_max)
+    fitted_range = (FittedRange.of_published(source.published, extrapolation_factor)
+                    if source.published is not None else FittedRange.of_fit(fit, extrapolation_factor))
+    chance = _chance(source, negatives, default_negatives)
+    checks = {"fitted_range": fitted_range, "chance": chance}
+    flags: list[str] = []
+    law_sources = sorted({s for s in fit.points.get("source") or [] if s})
+    if annotation_cost_path is not None and law_sources:
+        cost_source = read_annotation_cost(annotation_cost_path)[0]
+        if cost_source not in law_sources:
+            flags.append(
+                f"the annotation cost is for source '{cost_source}' but the joint law was fitted "
+                f"on {law_sources}"
+            )
+
+    without = solve(fit, costs, budget, False, search, **checks)
+    with_inf = None
+    if costs.has_inference:
+        try:
+            with_inf = solve(fit, costs, budget, True, search, **checks)
+        except DrscalingError as exc:
+            if include_inference:
+                raise
+            with_inf = {"error": str(exc)}
+    recommendation = with_inf if include_inference else without
+
+    shape_map = shapes if shapes is not None else _default_shapes(fit)
+    shape_result: dict[str, Any] | None = None
+    if shape_map:
+        try:
+            shape_result = solve_shapes(fit, costs, budget, include_inference, shape_map, **checks)
+        except DrscalingError as exc:
+            shape_result = {"error": str(exc)}
+    runs = list(measured_runs) if measured_runs is not None else _law_runs(fit)
+    if law_sources:
+        runs = [r for r in runs if not r.get("source") or r.get("source") in law_sources]
+    best_run = best_measured_run(runs, costs, budget, include_inference)
+
+    # Each source at its own price: human at the configured $/pair (the paper's 0.6 by default),
+    # the others from their annotation cost files.
+    source_costs = {"human": usd_per_pair if usd_per_pair is not None else HUMAN_USD_PER_PAIR}
+    for p in [*([annotation_cost_path] if annotation_cost_path is not None else []), *source_cost_paths]:
+        name, usd = read_annotation_cost(p)
+        source_costs[name] = usd
+    sources = compare_sources(source.laws, costs, budget, source_costs,
+                              include_inference=include_inference and costs.has_inference,
+                              factor=fitted_range.factor, chance=chance)
+
+    budgets = list(figure_budgets) if figure_budgets else [budget * f for f in (0.1, 0.3, 1, 3, 10)]
+    fig_dir = out_dir / "figures"
+    figures = [budget_figure(fit, costs, budgets, False, search, fig_dir / "fig7_budget_no_inference.png",
+                             fitted_range, chance)]
+    if costs.has_inference:
+        figures.append(budget_figure(fit, costs, budgets, True, search,
+                                     fig_dir / "fig8_budget_with_inference.png", fitted_range, chance))
+    result = {
+        "budget": budget,
+        "include_inference": include_inference,
+        "laws": source.name,
+        "laws_path": str(source.path) if source.path is not None else None,
+        "law_set": source.published.name if source.published is not None else None,
+        "law": {"name": law, "kind": fit.kind, "formula": formula(fit), "params": dict(fit.params),
+                "r2": _finite_or_none(getattr(fit, "r2", None)), "flags": list(fit.flags)},
+        "costs": costs.to_dict(),
+        "search": dataclasses.asdict(search),
+        "fitted_range": fitted_range.to_dict(),
+        "chance": chance.to_dict(),
+        "recommendation": recommendation,
+        "without_inference": without,
+        "with_inference": with_inf,
+        "shapes": shape_result,
+        "best_measured_run": best_run,
+        "sources": sources,
+        "figures": [str(f) for f in figures if f is not None],
+        "figure_budgets": budgets,
+        "paper_check": _paper_check(source, costs, without, with_inf, budget),
+        "flags": flags,
+        "fit_meta": {k: source.meta[k] for k in ("results", "n_bootstrap", "seed") if k in source.meta},
+        "budget_path": str(out_dir / "budget.json"),
+    }
+    return write_strict_json(out_dir / "budget.json", result)
+
+
+def mlflow_fields(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, tags) of a budget result for MLflow: each optimum's numbers and 0/1 flags, and the
+    labels and flag texts as tags."""
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
+
+    def numbers(prefix: str, opt: dict[str, Any] | None) -> None:
+        if not opt or "error" in opt:
+            return
+        for k, v in opt.items():
+            if isinstance(v, (bool, int, float)) and v is not None and math.isfinite(float(v)):
+                metrics[f"{prefix}_{k}"] = float(v)
+        if "label" in opt:
+            tags[f"budget.{prefix}.label"] = str(opt["label"])
+        if opt.get("flags"):
+            tags[f"budget.{prefix}.flags"] = "; ".join(opt["flags"])[:4900]
+
+    numbers("optimum", result.get("recommendation"))
+    numbers("without_inference", result.get("without_inference"))
+    numbers("with_inference", result.get("with_inference"))
+    shapes = result.get("shapes") or {}
+    if "best" in shapes:
+        numbers("best_shape", shapes["best"])
+        tags["budget.best_shape"] = str(shapes["best"]["shape"])
+    run = result.get("best_measured_run")
+    if run:
+        metrics.update({"best_run_loss": float(run["loss"]), "best_run_n": float(run["n"]),
+                        "best_run_d": float(run["d"])})
+    chance = result.get("chance") or {}
+    if chance.get("loss") is not None:
+        metrics["chance_loss"] = float(chance["loss"])
+    tags["budget.laws"] = str(result.get("laws"))
+    if result.get("flags"):
+        tags["budget.flags"] = "; ".join(result["flags"])[:4900]
+    return metrics, tags

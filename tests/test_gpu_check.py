@@ -1,0 +1,73 @@
+"""benchmarks/gpu_check.py on this CPU machine: the dry run measures every section, and a full run
+without CUDA stops at once. Both run the script as the GPU machine will (PYTHONPATH=src, a fresh
+interpreter); the dry run with mlflow, tritonclient and great_expectations blocked from import,
+since that machine has none of them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+BLOCKED = ("mlflow", "tritonclient", "great_expectations")
+# The figures each section must report as finite, positive numbers.
+REQUIRED = {
+    "matmul_peak": ["median_s", "tflops_median", "tflops_best"],
+    "train_eager": ["step_ms", "tokens_per_s", "model_tflops_per_s", "mfu", "mfu_with_attention", "n_non_embedding"],
+    "evaluation": ["passages_per_s_encode", "passages_per_s_forward", "tokens_per_passage"],
+    "inference_torch": ["throughput_seq_per_s", "latency_p50_ms", "latency_p99_ms"],
+    "inference_onnx": ["throughput_seq_per_s", "latency_p50_ms", "latency_p99_ms", "export_s"],
+    "generation": ["queries_per_s", "new_tokens_per_s", "params"],
+    "train_compiled": ["step_ms", "tokens_per_s", "mfu", "mfu_with_attention", "first_step_s"],
+    "matmul_peak_after": ["median_s", "tflops_median"],
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), TOKENIZERS_PARALLELISM="false")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def test_dry_run_reports_every_section(tmp_path):
+    out = tmp_path / "g.json"
+    # setting a module to None in sys.modules makes any import of it raise ImportError
+    wrapper = (
+        "import runpy, sys\n"
+        f"for name in {BLOCKED!r}: sys.modules[name] = None\n"
+        f"sys.argv = [{str(SCRIPT)!r}, '--dry-run', '--out', {str(out)!r}]\n"
+        f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", wrapper], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == {} and report["skipped"] == {}
+    assert report["meta"]["dry_run"] is True
+    assert set(report["sections"]) == set(REQUIRED) | {"train_ablation"}
+    variants = report["sections"]["train_ablation"]["variants"]
+    assert set(variants) == {"no_dropout", "no_clip", "bf16_weights", "all_three", "all_three_compiled"}
+    assert all(math.isfinite(v["step_ms"]) and v["step_ms"] > 0 for v in variants.values())
+    for section, keys in REQUIRED.items():
+        for key in keys:
+            value = report["sections"][section][key]
+            assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (section, key, value)
+    assert report["sections"]["train_eager"]["attn_implementation"] == "sdpa"
+    assert report["sections"]["train_eager"]["vocab"] == 30522
+    assert "onnxruntime CUDA provider not available" in report["sections"]["inference_torch"]["label"]
+    assert math.isfinite(report["sections"]["train_eager"]["final_loss"])
+    assert "total wall time" in proc.stdout.splitlines()[-1]  # the table comes last
+
+
+def test_without_cuda_exits_2_naming_dry_run(tmp_path):
+    out = tmp_path / "g.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
+    assert not out.exists()  # stopped before measuring anything

@@ -1,0 +1,29 @@
+"""Stages DVC caches must be pure functions of their inputs: the same input gives the same bytes, so a
+second `dvc repro` (or a fresh clone's) finds nothing changed downstream."""
+
+from __future__ import annotations
+
+from drscaling.data import load_split
+from drscaling.model import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from drscaling.validate import validate_dataset
+
+
+def test_tokenizer_is_deterministic_given_its_texts(prepared, tmp_path):
+    train = load_split(prepared, "train")
+    texts = list(train.corpus["text"]) + list(train.queries["text"])
+    a = (train_tokenizer(texts, 2000, tmp_path / "a"), tmp_path / "a" / "tokenizer.json")
+    b = (train_tokenizer(texts, 2000, tmp_path / "b"), tmp_path / "b" / "tokenizer.json")
+    assert a[1].read_bytes() == b[1].read_bytes()
+    tok = load_tokenizer(tmp_path / "a")
+    assert tok.convert_ids_to_tokens(list(range(len(SPECIAL_TOKENS)))) == SPECIAL_TOKENS
+    ids = tok("rsync copies files over ssh")["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and tok.unk_token_id not in ids[1:-1]
+
+
+def test_validation_report_holds_no_timestamps_or_run_ids(prepared, tmp_path):
+    validate_dataset(prepared, tmp_path / "a.json")
+    validate_dataset(prepared, tmp_path / "b.json")
+    text = (tmp_path / "a.json").read_text()
+    assert text == (tmp_path / "b.json").read_text()
+    for volatile in ("run_time", "validation_time", "ge_load_time", "validation_id"):
+        assert f'"{volatile}"' not in text

@@ -1,0 +1,154 @@
+"""Training under faults: SIGTERM and SIGKILL of a real `drscaling train`, a truncated checkpoint,
+a data change between kill and resume, two processes on one output folder. Nothing lost, mixed or
+left RUNNING in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+import drscaling.train as T
+from drscaling.errors import DrscalingError
+from drscaling.evaluate import EvalConfig
+from drscaling.files import folder_lock
+from drscaling.train import Paths, TrainConfig, train
+
+EVAL = EvalConfig(negatives=32, draws=2, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=0)
+FLAGS = ["--shape", "bert-L2-H128", "--steps", "30", "--batch-size", "8", "--warmup-steps", "5", "--negatives", "16",
+         "--max-query-len", "16", "--max-passage-len", "32", "--lr", "0.001", "--eval-every", "10",
+         "--checkpoint-every", "1000", "--dim", "64", "--eval-negatives", "32", "--eval-draws", "2",
+         "--eval-max-query-len", "16", "--eval-max-passage-len", "32", "--eval-rank-pool", "0", "--eval-batch-size", "64"]
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(shape="bert-L2-H128", steps=30, batch_size=8, negatives=16, max_query_len=16, max_passage_len=32,
+                lr=1e-3, warmup_steps=5, eval_every=10, checkpoint_every=1000, dim=64, eval=EVAL)
+    return TrainConfig(**(base | kw))
+
+
+def cli(prepared, annotations, tokenizer_dir, out: Path, experiment: str) -> tuple[list[str], dict]:
+    cmd = [sys.executable, "-m", "drscaling", "train", "--prepared", str(prepared), "--annotations", str(annotations),
+           "--tokenizer", str(tokenizer_dir), "--out", str(out), *FLAGS]
+    return cmd, os.environ | {"PYTHONUNBUFFERED": "1", "DRSCALING_EXPERIMENT": experiment}
+
+
+def runs_of(experiment: str) -> list:
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+
+
+def crash_after_checkpoint(monkeypatch, steps: int) -> None:
+    """Make the next run die (as a crash would) once `steps` steps have run."""
+    real, calls = T.contrastive_loss, {"n": 0}
+
+    def loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "contrastive_loss", loss)
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, annotations, tokenizer_dir, tmp_path_factory) -> dict:
+    """The uninterrupted run every interrupted one must match."""
+    out = tmp_path_factory.mktemp("reference")
+    return train(cfg(), Paths(prepared, annotations, tokenizer_dir, out))
+
+
+def test_sigterm_checkpoints_ends_killed_and_resumes_identically(prepared, annotations, tokenizer_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    cmd, env = cli(prepared, annotations, tokenizer_dir, out, "faults-sigterm")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for(out / "run.json", proc)
+    time.sleep(2.0)  # past the zero-shot evaluation, into the steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGTERM at step" in err and "Traceback" not in err
+    assert (out / "checkpoint" / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+    [run] = runs_of("faults-sigterm")
+    assert run.info.status == "KILLED" and "Terminated" in run.data.tags["error"]
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    done = json.loads((out / "metrics.json").read_text())
+    for key in ("ce_test_min", "ce_dev_best", "ce_test_at_best_dev", "ce_test_zero_shot"):
+        assert done[key] == pytest.approx(reference[key], abs=1e-6), key
+    [run] = runs_of("faults-sigterm")  # the same run, resumed: one FINISHED run, none RUNNING
+    assert run.info.status == "FINISHED" and run.info.run_id == done["run_id"]
+
+
+def test_sigkill_before_the_first_checkpoint_leaves_no_running_run(prepared, annotations, tokenizer_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd, env = cli(prepared, annotations, tokenizer_dir, out, "faults-sigkill")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(out / "run.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoint").exists()
+    [stuck] = runs_of("faults-sigkill")
+    assert stuck.info.status == "RUNNING"  # what SIGKILL leaves; the rerun must take it over
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    [run] = runs_of("faults-sigkill")
+    assert run.info.run_id == stuck.info.run_id and run.info.status == "FINISHED"
+
+
+def test_truncated_checkpoint_is_refused_with_advice_then_discarded(prepared, annotations, tokenizer_dir, tmp_path,
+                                                                     monkeypatch, reference):
+    out = tmp_path / "run"
+    p = Paths(prepared, annotations, tokenizer_dir, out)
+    crash_after_checkpoint(monkeypatch, 12)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg(checkpoint_every=10), p)
+    monkeypatch.undo()
+    ckpt = out / "checkpoint" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(DrscalingError, match=r"unreadable.*--discard-checkpoint"):
+        train(cfg(checkpoint_every=10), p)
+    assert not (out / "metrics.json").exists()
+    m = train(cfg(checkpoint_every=10), p, discard_checkpoint=True)
+    assert m["ce_test_min"] == pytest.approx(reference["ce_test_min"], abs=1e-6)
+
+
+def test_checkpoint_of_other_data_is_refused(prepared, annotations, tokenizer_dir, tmp_path, monkeypatch):
+    changed = tmp_path / "annotations"
+    shutil.copytree(annotations, changed)
+    out = tmp_path / "run"
+    crash_after_checkpoint(monkeypatch, 12)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg(checkpoint_every=10), Paths(prepared, changed, tokenizer_dir, out))
+    monkeypatch.undo()
+    human = changed / "human.jsonl"
+    lines = human.read_text().splitlines()
+    human.write_text("\n".join(lines[:-5]) + "\n")  # new annotations between the kill and the rerun
+    with pytest.raises(DrscalingError, match="other data"):
+        train(cfg(checkpoint_every=10), Paths(prepared, changed, tokenizer_dir, out))
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_second_process_on_the_same_output_is_refused(prepared, annotations, tokenizer_dir, tmp_path):
+    out = tmp_path / "run"
+    with folder_lock(out, "a test holding it"):
+        with pytest.raises(DrscalingError, match=r"in use by pid \d+"):
+            train(cfg(), Paths(prepared, annotations, tokenizer_dir, out))
+    assert not (out / "metrics.json").exists() and not (out / "run.json").exists()
