@@ -402,6 +402,15 @@ def test_p_plus_two_points_are_flagged_with_their_dof() -> None:
     assert six.dof == 3 and not any(f.startswith("few points") for f in six.flags)
 
 
+def test_parameters_and_intervals_at_their_bounds_are_flagged() -> None:
+    # Flat losses: no power-law decrease to fit, so A and the interval of alpha hit their bounds.
+    y = 0.5 * np.exp(0.01 * np.random.default_rng(0).standard_normal(6))
+    fit = fit_law("N", y, n=MINILM_N, config=FitConfig(n_bootstrap=100))
+    flags = "\n".join(fit.flags)
+    assert "A at its bound" in flags and "poor fit: R^2" in flags
+    assert "95% interval of alpha [" in flags and "reaches the bound of alpha [0.01, 4]" in flags
+
+
 def test_unconverged_and_not_below_zero_shot_points_are_flagged() -> None:
     y = noisy(predict("N", PAPER_N, n=MINILM_N), seed=4)
     extra = {

@@ -47,6 +47,8 @@ def cmd_import(args) -> None:
     mapping = parse_mapping(args.split)
     if mapping and args.format not in ("beir", "ir_datasets"):
         raise DrscalingError(f"--split applies to --format beir and ir_datasets, not {args.format}")
+    if args.format == "msmarco" and (args.dev_size or args.test_size):
+        raise DrscalingError("--dev-size/--test-size do not apply to --format msmarco: its files name the splits")
     if args.format == "msmarco":
         report = data.import_msmarco(args.src, args.dest)
     elif args.format == "pairs":
@@ -610,7 +612,8 @@ def _annotate_parser(p: argparse.ArgumentParser) -> None:
                                       "redirects are refused, plain http to a non-loopback host is warned about")
     bound = request_bound_s(REQUEST_TIMEOUT_S, REQUEST_ATTEMPTS)
     p.add_argument("--timeout", type=float, metavar="SECONDS",
-                   help=f"--endpoint: one attempt's wait to connect and for data (default {REQUEST_TIMEOUT_S:g})")
+                   help=f"--endpoint: one attempt's wait to connect and for the answer (default {REQUEST_TIMEOUT_S:g}; "
+                        "the answer comes when generation ends: raise it for a slow server)")
     p.add_argument("--attempts", type=int,
                    help=f"--endpoint: tries per request on timeouts, resets and HTTP 408/429/5xx (default "
                         f"{REQUEST_ATTEMPTS}); a request gives up after attempts x timeout + backoff "

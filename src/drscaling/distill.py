@@ -54,6 +54,8 @@ class DistillConfig:
     max_query_len: int = 32
     cosine_weight: float = 1.0
     compress: bool = True  # refuse a student that is not smaller than the teacher's query tower
+    projection: str = "identity"  # the student's head starts as [I; 0]: a pretrained student then starts in
+    # the teacher's space when the teacher's head also started there (train's default), as in training
     seed: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -103,7 +105,7 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
     dim = big.query.meta.dim
     # Same dimension and the same normalisation as the teacher: the student must land in its space.
     student, meta = build_model(cfg.student_shape, tokenizer, dim, seed=cfg.seed, init=cfg.student_init or None,
-                                scale=big.query.meta.scale)
+                                scale=big.query.meta.scale, projection=cfg.projection)
     check(cfg, big, meta.n_non_embedding)
     check_lengths(meta, cfg.max_query_len, cfg.eval.max_query_len)
     meta.max_query_len = cfg.eval.max_query_len

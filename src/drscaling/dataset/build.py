@@ -355,13 +355,37 @@ def build(
     coll: Collection, mapping: dict[str, str], dest: str | Path, *, dev_size: int | None, test_size: int | None,
     seed: int, defaults: dict[str, int] | None = None,
 ) -> ImportReport:
-    """Carve, de-leak and write `coll` as a canonical dataset at `dest`; return the report."""
+    """Carve, de-leak and write `coll` as a canonical dataset at `dest`; return the report.
+
+    An error after reading carries the notes gathered so far (what was dropped on the way), since
+    they usually explain it.
+    """
     defaults = defaults or {"dev": 1000, "test": 1000}
     asked = {"dev": dev_size, "test": test_size}
     for name, value in asked.items():
         if value is not None and value < 1:
             raise DrscalingError(f"--{name}-size must be >= 1 (got {value})")
     notes = list(coll.notes)
+    try:
+        splits = _assemble(coll, mapping, asked, defaults, seed, notes)
+    except DrscalingError as exc:
+        if not notes:
+            raise
+        raise DrscalingError(f"{exc}; nothing was written. Dropped or chosen on the way:\n  " + "\n  ".join(notes)) from None
+    test_corpus = len(splits["test"].corpus)
+    if test_corpus < MIN_TEST_PASSAGES:
+        notes.append(
+            f"warning: the test corpus has {test_corpus:,} passages, fewer than {MIN_TEST_PASSAGES}: evaluation"
+            " with 256 negatives needs more, and `drscaling validate` checks validate.min_test_corpus"
+        )
+    write_dataset(splits, dest)
+    return ImportReport(
+        {s: len(splits[s].qrels) for s in SPLITS}, Path(dest), {s: len(splits[s].corpus) for s in SPLITS}, notes
+    )
+
+
+def _assemble(coll: Collection, mapping: dict[str, str], asked: dict[str, int | None], defaults: dict[str, int],
+              seed: int, notes: list[str]) -> dict[str, Split]:
     by_source: dict[str, list[str]] = {}
     for split in SPLITS:
         by_source.setdefault(mapping[split], []).append(split)
@@ -370,10 +394,12 @@ def build(
         source = coll.sources[src]
         qrels = source.qrels
         if qrels.empty:
-            raise DrscalingError(f"{source.name}: no relevant judgements left to import (see the notes above)"
-                                 if notes else f"{source.name}: no relevant judgements")
+            raise DrscalingError(f"{source.name}: no relevant judgements to import for {', '.join(members)}")
         if len(members) == 1:
             assigned[members[0]] = qrels
+            if asked.get(members[0]) is not None:
+                notes.append(f"--{members[0]}-size not used: {members[0]} is the whole of {source.name}"
+                             " (sizes apply to splits carved out of a shared source)")
             continue
         rest = "train" if "train" in members else "test"
         sized = [s for s in ("test", "dev") if s in members and s != rest]
@@ -386,8 +412,8 @@ def build(
         for s in sized:
             if len(parts[s]) < sizes[s] and not min_passages[s]:
                 notes.append(
-                    f"{s} got {len(parts[s]):,} pairs, not {sizes[s]:,}: the remaining groups of queries"
-                    " sharing passages were larger than the pairs left to fill"
+                    f"{s} got {len(parts[s]):,} pairs, not {sizes[s]:,}: the remaining groups (queries and passages"
+                    " linked by judgements, kept in one split) were larger than the pairs left to fill"
                 )
         if len(by_source) > 1 or rest != "train":
             notes.append(f"{' and '.join(sized)} carved out of {source.name} by query group; {rest} keeps the rest")
@@ -406,10 +432,7 @@ def build(
     for split in SPLITS:
         qrels = assigned[split].reset_index(drop=True)
         if qrels.empty:
-            raise DrscalingError(
-                f"the {split} split has no judgements left (source {coll.sources[mapping[split]].name});"
-                " nothing was written"
-            )
+            raise DrscalingError(f"the {split} split has no judgements left (source {coll.sources[mapping[split]].name})")
         queries = coll.sources[mapping[split]].queries
         queries = queries[queries["qid"].isin(set(qrels["qid"]))].reset_index(drop=True)
         if coll.shared_corpus:
@@ -417,16 +440,7 @@ def build(
         else:
             corpus = coll.corpus[coll.corpus["pid"].isin(set(qrels["pid"]))].reset_index(drop=True)
         splits[split] = Split(corpus=corpus, queries=queries, qrels=qrels)
-    test_corpus = len(splits["test"].corpus)
-    if test_corpus < MIN_TEST_PASSAGES:
-        notes.append(
-            f"warning: the test corpus has {test_corpus:,} passages, fewer than {MIN_TEST_PASSAGES}: evaluation"
-            " with 256 negatives needs more, and `drscaling validate` checks validate.min_test_corpus"
-        )
-    write_dataset(splits, dest)
-    return ImportReport(
-        {s: len(splits[s].qrels) for s in SPLITS}, Path(dest), {s: len(splits[s].corpus) for s in SPLITS}, notes
-    )
+    return splits
 
 
 def parse_mapping(items: list[str] | None) -> dict[str, str]:

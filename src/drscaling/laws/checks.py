@@ -194,13 +194,17 @@ def fit_flags(
         elif t <= lo + tol or t >= hi - tol:
             out.append(f"{name} at its bound ({value:.3g}): the fit is degenerate")
     for name, (lo, hi) in ci95.items():
-        est = abs(math.exp(theta[form.params.index(name)]) if name in form.log_params
-                  else theta[form.params.index(name)])
+        j = form.params.index(name)
+        nat = (lambda v: math.exp(v)) if name in form.log_params else (lambda v: v)  # noqa: E731
+        est, (b_lo, b_hi) = abs(nat(theta[j])), (nat(bounds[j][0]), nat(bounds[j][1]))
         if lo > 0 and hi / lo > CI_RATIO_FLAG:
             out.append(f"95% interval of {name} spans orders of magnitude [{lo:.3g}, {hi:.3g}]")
         elif (hi - lo) < CI_COLLAPSED * max(est, 1e-300):
             out.append(f"collapsed interval: 95% interval of {name} [{lo:.6g}, {hi:.6g}] is narrower "
                        f"than {CI_COLLAPSED:g} of the estimate (noiseless data, or stuck refits)")
+        elif lo <= b_lo * (1 + 1e-6) or hi >= b_hi * (1 - 1e-6):
+            out.append(f"95% interval of {name} [{lo:.3g}, {hi:.3g}] reaches the bound of {name} "
+                       f"[{b_lo:.3g}, {b_hi:.3g}]: the data do not determine it")
     if not converged:
         out.append("optimiser did not report convergence for the best start")
     if n_boot and failed > 0.05 * n_boot:

@@ -22,7 +22,7 @@ from drscaling.laws.result import FitResult
 
 SWEEPS = ("model", "data", "source", "joint")
 RANKING_METRICS = ("mrr@10", "ndcg@10", "recall@1000")
-LOSS_FIELD = "ce_test_min"
+LOSS_FIELD = "ce_test_min"  # what the laws are fitted on: the best test CE seen in training
 LOSS_LABEL = "contrastive entropy (test)"
 BAND_LABEL = "95% bootstrap band"
 

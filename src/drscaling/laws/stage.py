@@ -10,13 +10,18 @@ from typing import Any
 from drscaling.errors import DrscalingError
 from drscaling.files import read_jsonl, write_json
 from drscaling.laws.checks import TooFewPointsError, UnconvergedPointsError
-from drscaling.laws.figures import RANKING_METRICS, SWEEPS, make_figures, write_plot_data
+from drscaling.laws.figures import (
+    LOSS_FIELD,
+    RANKING_METRICS,
+    SWEEPS,
+    make_figures,
+    write_plot_data,
+)
 from drscaling.laws.fit import fit_joint, fit_law
 from drscaling.laws.forms import registered_forms
 from drscaling.laws.optimize import FitConfig
 from drscaling.laws.result import FitResult, load_laws, save_laws
 
-LOSS_FIELD = "ce_test_min"
 # What to raise in the sweep preset (pipelines/<preset>.yaml) when a law has too few points.
 SETTINGS = {
     "model": "add model sizes to `model.shapes` in the sweep preset (pipelines/<preset>.yaml)",
