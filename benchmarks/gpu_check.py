@@ -115,11 +115,14 @@ DRY = Sizes(
     gen_batch=2, prompt_len=8, new_tokens=4, gen_repeats=2, compile_backend="aot_eager",
 )
 SECTIONS = ("matmul_peak", "train_eager", "evaluation", "inference_torch", "inference_onnx",
-            "generation", "train_compiled", "train_ablation", "matmul_peak_after")
+            "generation", "train_compiled", "train_ablation", "train_profile", "matmul_peak_after")
 # Where the step's time goes: each variant changes one thing against train_eager.
 ABLATION = {"no_dropout": {"dropout": False}, "no_clip": {"clip": 0.0}, "bf16_weights": {"bf16_weights": True},
             "all_three": {"dropout": False, "clip": 0.0, "bf16_weights": True},
-            "all_three_compiled": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True}}
+            "all_three_compiled": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True},
+            "no_mask": {"mask": False},
+            "no_mask_all_three_compiled": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True,
+                                           "mask": False}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +348,8 @@ def step_flops(n: int, layers: int, hidden: int, s: Sizes) -> tuple[int, float, 
     return tokens, 6 * n * tokens, 6 * n * tokens + attention
 
 
-def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf16_weights: bool = False) -> dict:
+def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf16_weights: bool = False,
+          mask: bool = True) -> dict:
     """Median wall time of drscaling.train.train_step, eager or with the Towers module compiled.
     The keyword options are the ablation's: dropout off, no gradient clipping, bf16 parameters."""
     import torch
@@ -361,6 +365,9 @@ def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf1
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         encoder.backbone.config.attention_probs_dropout_prob = 0.0
+    if not mask:  # the batch has no padding: without a mask SDPA may take the flash-attention kernel
+        backbone_forward = encoder.backbone.forward
+        encoder.backbone.forward = lambda input_ids, attention_mask=None, **kw: backbone_forward(input_ids=input_ids, **kw)
     model = Towers(encoder).to(device).train()
     if bf16_weights and ctx.bf16:
         model = model.to(torch.bfloat16)
@@ -401,14 +408,47 @@ def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf1
     return row
 
 
-def ablation(ctx: Ctx) -> dict:
+def ablation(ctx: Ctx, names: list[str] | None = None) -> dict:
     """train_eager with one change at a time (and all three): which overhead keeps MFU down."""
     rows = {}
     for name, opts in ABLATION.items():
+        if names and name not in names:
+            continue
         r = train(ctx, **({"compiled": False} | opts))
         rows[name] = {k: r.get(k) for k in ("step_ms", "tokens_per_s", "mfu", "peak_mem_gib", "final_loss")}
         free_memory()
     return {"variants": rows, "shape": ctx.sizes.shape}
+
+
+def profile(ctx: Ctx) -> dict:
+    """torch.profiler over 3 eager train steps: the kernels the step's time goes to (top 15 by device time)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    from drscaling.model import Towers
+    from drscaling.train import optimizer, train_step
+
+    s, device = ctx.sizes, ctx.device
+    encoder, _ = build_encoder(ctx)
+    model = Towers(encoder).to(device).train()
+    opt, sched = optimizer(model, lr=1e-4, weight_decay=0.01, warmup_steps=0)
+    q, p = train_batch(s)
+
+    def step() -> None:
+        train_step(model, opt, sched, q, p, s.batch, False, ctx.autocast(), device, max_grad_norm=1.0)
+
+    for _ in range(3):
+        step()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
+    print(table, flush=True)
+    return {"sort_by": key, "table": table, "steps": 3}
 
 
 def synthetic_texts(n: int, words: int, seed: int = 0) -> list[str]:
@@ -624,6 +664,8 @@ def section_line(name: str, r: dict) -> str:
     """One compact line per section for the final table."""
     if name.startswith("matmul_peak"):
         return f"{r['dtype']} {r['size']}^3: {r['tflops_median']:.1f} TFLOP/s median ({r['tflops_best']:.1f} best)"
+    if name == "train_profile":
+        return "top kernels by device time: see the table above and the JSON"
     if name == "train_ablation":
         return "; ".join(f"{k} {v['step_ms']:.1f} ms MFU {fmt(v.get('mfu'), '.1%')}" for k, v in r["variants"].items())
     if name.startswith("train"):
@@ -672,6 +714,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes; runs on CPU (or GPU) in < 60 s")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run just these sections (matmul_peak always runs)")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="skip sections not started by then")
+    ap.add_argument("--ablation", nargs="+", choices=list(ABLATION), help="run just these train_ablation variants")
     return ap.parse_args(argv)
 
 
@@ -699,7 +742,8 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_peak": lambda: matmul_peak(ctx), "train_eager": lambda: train(ctx, compiled=False),
             "evaluation": lambda: evaluation(ctx), "inference_torch": lambda: inference_torch(ctx),
             "inference_onnx": lambda: inference_onnx(ctx), "generation": lambda: generation(ctx),
-            "train_compiled": lambda: train(ctx, compiled=True), "train_ablation": lambda: ablation(ctx),
+            "train_compiled": lambda: train(ctx, compiled=True), "train_ablation": lambda: ablation(ctx, args.ablation),
+            "train_profile": lambda: profile(ctx),
             "matmul_peak_after": lambda: matmul_peak(ctx),
         }
         for name in SECTIONS:

@@ -44,14 +44,16 @@ def test_dry_run_reports_every_section(tmp_path):
         f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
     )
     proc = subprocess.run([sys.executable, "-c", wrapper], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["errors"] == {} and report["skipped"] == {}
     assert report["meta"]["dry_run"] is True
-    assert set(report["sections"]) == set(REQUIRED) | {"train_ablation"}
+    assert set(report["sections"]) == set(REQUIRED) | {"train_ablation", "train_profile"}
+    assert "Self CPU" in report["sections"]["train_profile"]["table"]
     variants = report["sections"]["train_ablation"]["variants"]
-    assert set(variants) == {"no_dropout", "no_clip", "bf16_weights", "all_three", "all_three_compiled"}
+    assert set(variants) == {"no_dropout", "no_clip", "bf16_weights", "all_three", "all_three_compiled", "no_mask",
+                             "no_mask_all_three_compiled"}
     assert all(math.isfinite(v["step_ms"]) and v["step_ms"] > 0 for v in variants.values())
     for section, keys in REQUIRED.items():
         for key in keys:
