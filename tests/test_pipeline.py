@@ -210,6 +210,9 @@ def test_sweep_fit_budget_report(prepared, annotations, tokenizer_dir, tmp_path)
     run(drs + ["report", "--out", str(tmp_path / "report.md")], tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "Table 1" in text and "α" in text and "Budget allocation" in text
+    # what `make run` ends with: every law with its points, degrees of freedom, held-out check, flags
+    summary = run(drs + ["summary"], tmp_path).stdout
+    assert "dof = " in summary and "held-out" in summary and "zero-shot" in summary and "Recommended" in summary
 
     parents = mlflow.search_runs(experiment_names=["sweeps"], filter_string="tags.`drscaling.stage` = 'sweep'", output_format="list")
     assert {p.data.tags["sweep"] for p in parents} >= {"model", "data", "source", "joint"}

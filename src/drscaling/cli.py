@@ -241,21 +241,6 @@ def _figures_to_sweep_parents(sweeps: Path, figures) -> None:
                 client.log_artifact(run_id, str(fig), artifact_path="figures")
 
 
-def format_laws(laws_path) -> str:
-    from drscaling.laws import load_laws
-
-    lines = ["fitted scaling laws (contrastive entropy):"]
-    for name, fit in load_laws(laws_path).items():
-        ci = fit.ci95 or {}
-        coef = ", ".join(
-            f"{k}={v:.3g}" + (f" [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci and ci[k] else "")
-            for k, v in fit.params.items()
-        )
-        flags = f"  FLAGS: {'; '.join(fit.flags)}" if fit.flags else ""
-        lines.append(f"  L{'(N,D)' if name == 'ND' else f'({name})'}: {coef}  R^2={fit.r2:.3f}  n={fit.n_points}{flags}")
-    return "\n".join(lines)
-
-
 def cmd_report(args) -> None:
     from drscaling import report, tracking
 
@@ -382,7 +367,10 @@ def cmd_summary(args) -> None:
     laws_path = Path(f"{A}/laws/laws.json")
     if not laws_path.exists():
         raise DrscalingError(f"{laws_path} not found: run `dvc repro` (or `drscaling fit`) first")
-    print(format_laws(laws_path))
+    from drscaling.laws import load_laws
+    from drscaling.laws.text import format_fits
+
+    print(format_fits(load_laws(laws_path)))  # each law with its points, dof, intervals, held-out errors, flags
     budget = Path(f"{A}/budget/budget.json")
     if budget.exists():
         print(format_recommendation(read_json(budget)))
