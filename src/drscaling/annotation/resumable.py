@@ -24,7 +24,7 @@ from drscaling.annotation.config import GenerationConfig, Generator, PartialBatc
 from drscaling.annotation.parsing import parse_output, pick_query, valid_queries
 from drscaling.annotation.prompts import PROMPTS
 from drscaling.errors import DrscalingError
-from drscaling.files import read_json, write_json
+from drscaling.files import read_json, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +75,10 @@ def read_partial(path: Path) -> list[dict]:
         log.warning("%s: dropping a cut-off last line from an interrupted run", path)
         with open(path, "r+b") as fh:
             fh.truncate(end)
-    rows = []
-    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DrscalingError(f"{path}: line {lineno} is corrupt ({exc.msg}); delete the file to start over") from exc
-        if not isinstance(row, dict) or "pid" not in row:
-            raise DrscalingError(f"{path}: line {lineno} is not a generation row; delete the file to start over")
-        rows.append(row)
-    return rows
+    try:  # the one JSON-lines reader: line numbers and the problem in its message
+        return read_jsonl(path, required=("pid",))
+    except DrscalingError as exc:
+        raise DrscalingError(f"{exc}; delete the file (or pass --restart) to start over") from exc
 
 
 def open_partial(out: Path, settings: dict, restart: bool) -> tuple[Path, list[dict]]:
