@@ -192,7 +192,7 @@ def test_sweep_fit_budget_report(prepared, annotations, tokenizer_dir, tmp_path)
     results = tmp_path / "artifacts/sweeps/tiny"
     rows = [json.loads(x) for f in results.glob("results-*.jsonl") for x in f.read_text().splitlines()]
     assert len(rows) == 4 + 4 + 8 + 6
-    assert len({r["run_id"] for r in rows}) == len(list((results / "runs").iterdir()))  # shared points trained once
+    assert len({r["config_key"] for r in rows}) == len(list((results / "runs").iterdir()))  # shared points trained once
 
     # an interrupted sweep picks up where it stopped: rerunning trains nothing new
     stamps = {p: p.stat().st_mtime for p in results.glob("runs/*/metrics.json")}

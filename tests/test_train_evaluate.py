@@ -200,12 +200,25 @@ def test_evaluate_zero_shot_pretrained_baseline(prepared):
 
 
 def test_pretrained_series_truncates_layers():
-    """minilm-L{k}: the packaged all-MiniLM-L6-v2 cut to k pretrained layers, with its own tokenizer."""
+    """minilm-L{k}: the packaged all-MiniLM-L6-v2 cut to k pretrained layers (its first k - 1 and its
+    last, the one retrieval tuning aligned with pooling), with its own tokenizer."""
     from drscaling.model import check_shape, load_tokenizer, tokenizer_source
+    from drscaling.train import TrainConfig
 
     tok = load_tokenizer(tokenizer_source("minilm-L2", "", "unused"))
     enc, meta = build_model("minilm-L2", tok, dim=768)
+    full, _ = build_model("minilm-L6", tok, dim=768)
     assert len(enc.backbone.encoder.layer) == 2 and enc.backbone.config.num_hidden_layers == 2
+    kept = [layer.intermediate.dense.weight for layer in enc.backbone.encoder.layer]
+    whole = [layer.intermediate.dense.weight for layer in full.backbone.encoder.layer]
+    assert torch.equal(kept[0], whole[0]) and torch.equal(kept[1], whole[5]) and not torch.equal(kept[1], whole[1])
+    assert "layers 0,5" in meta.init
+    # which layers a shape keeps is part of the run's identity: a cache of the old cut is not reused
+    import dataclasses, hashlib, json
+    cfg = TrainConfig(shape="minilm-L2")
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("eval_every", "checkpoint_every")}
+    assert cfg.key() != hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
+    assert TrainConfig(shape="bert-L2-H128").key() == TrainConfig(shape="bert-L2-H128", eval_every=7).key()
     per_layer = 4 * (384 * 384 + 384) + 2 * 384 * 1536 + 1536 + 384 + 4 * 384
     assert meta.n_non_embedding == 2 * per_layer + 2 * 384 + 384 * 768 + 768
     with pytest.raises(DrscalingError, match="layers 1..6"):

@@ -538,7 +538,7 @@ def _cost_figure(costs: dict, path: Path) -> None:
 def cmd_measure(args) -> None:
     from drscaling import costs, tracking
     from drscaling.serving import TritonServer
-    from drscaling.sweep import merge_results
+    from drscaling.sweep import run_ids
 
     cfg = params.section("measure")
     out = Path(args.out or f"{A}/costs/costs.json")
@@ -549,7 +549,7 @@ def cmd_measure(args) -> None:
     # Training $/step from exactly the runs behind this preset's results (an older preset of the same
     # name may have used another step shape); without results, every training run of the experiment.
     sweeps = Path(f"{A}/sweeps/{preset}")
-    runs = sorted({r["run_id"] for r in merge_results(sweeps)}) if list(sweeps.glob("results-*.jsonl")) else None
+    runs = run_ids(sweeps) or None
     with tracking.stage_run("measure", "measure", {"drscaling.stage": "measure"}):
         if args.url:
             result = costs.measure_costs(args.url, out, experiment_name=args.train_experiment, preset=preset, runs=runs,

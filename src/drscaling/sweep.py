@@ -138,10 +138,14 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
         for sweep, cfg in todo:
             r = results[cfg.key()]
             rows.append({"sweep": sweep, "shape": cfg.shape, "n": r["n"], "d": r["d"], "source": cfg.annotation_source,
-                         "steps": cfg.steps, "run_id": r["run_id"], "model_dir": str(out / "runs" / cfg.key() / "model"),
+                         "steps": cfg.steps, "config_key": cfg.key(), "model_dir": str(out / "runs" / cfg.key() / "model"),
                          **{k: r.get(k) for k in RESULT_KEYS}})
         path = out / (f"results-{only}.jsonl" if only else "results.jsonl")
         write_jsonl(path, rows)
+        # MLflow run ids are random: they live beside the results, which DVC tracks and must stay a pure
+        # function of the data and the settings (a fresh clone's `make run` leaves dvc.lock unchanged).
+        write_json(path.with_name(path.name.replace("results", "runs").replace(".jsonl", ".json")),
+                   {key: r["run_id"] for key, r in results.items()})
         summary = sweep_metrics(rows)
         write_json(out / (f"metrics-{only}.json" if only else "metrics.json"), summary)  # DVC metrics
         mlflow.log_artifact(str(path))
@@ -153,7 +157,7 @@ def sweep_metrics(rows: list[dict]) -> dict[str, float]:
     """What `dvc exp show` compares across experiments: the sweep's size and its best point."""
     ce = [r["ce_test_min"] for r in rows if r.get("ce_test_min") is not None]
     best = {"ce_test_min_best": min(ce), "ce_test_min_mean": sum(ce) / len(ce)} if ce else {}
-    return {"points": len({r["run_id"] for r in rows})} | best
+    return {"points": len({r["config_key"] for r in rows})} | best
 
 
 def _children(parent_id: str) -> set[str]:
@@ -173,6 +177,11 @@ def _reference_child(cfg: TrainConfig, r: dict, preset: str, sweep: str) -> None
         mlflow.log_params({"shape": cfg.shape, "n_non_embedding": r["n"], "d": r["d"],
                            "annotation_source": cfg.annotation_source, "steps": cfg.steps, "config_key": cfg.key()})
         mlflow.log_metrics(tracking.metric_names({k: r[k] for k in RESULT_KEYS if r.get(k) is not None}))
+
+
+def run_ids(folder: Path) -> list[str]:
+    """The MLflow run ids behind a preset's results (written beside them by run_sweep)."""
+    return sorted({i for f in folder.glob("runs-*.json") for i in read_json(f).values()})
 
 
 def merge_results(folder: Path) -> list[dict]:

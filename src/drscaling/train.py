@@ -41,7 +41,7 @@ from drscaling.evaluate import EvalConfig, cached_evalset, embed_evalset, encode
 from drscaling.files import atomic_path, folder_lock, read_json, write_json
 from drscaling.model import (
     ModelMeta, Retriever, Tower, Towers, build_model, check_lengths, load_retriever, save_retriever,
-    shape_tokenizer, tokenize,
+    series_layers, shape_tokenizer, tokenize,
 )
 
 TOWER_KINDS = ("shared", "dual")
@@ -85,6 +85,8 @@ class TrainConfig:
         """Identity of a run: same key and same data = same results, so it is never trained twice."""
         d = dataclasses.asdict(self)
         d.pop("eval_every", None), d.pop("checkpoint_every", None)
+        if series_layers(self.shape):  # which layers a series shape keeps is part of what was trained
+            d["series_layers"] = series_layers(self.shape)
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -35,7 +35,7 @@ def fit_law(
 ) -> FitResult:
     """Fit one registered law form to observed losses.
 
-    extra_points: per-point bookkeeping kept with the fit (shape, source, run_id, ...); its
+    extra_points: per-point bookkeeping kept with the fit (shape, source, config_key, ...); its
     "converged" (True/False/None) and "ce_test_zero_shot" lists are checked and flagged.
     setting: what to raise in the sweep preset when there are too few points (error messages).
     For L(N) and L(D) (config.heldout) a refit without the largest size predicts it (FitResult.heldout).

@@ -27,7 +27,7 @@ class FitResult:
       cut                the held-out size (joint laws also keep it as `n_cut`)
       holdout_largest    how many of the largest distinct sizes were held out
       points             one dict per held-out point: its n and/or d, observed, predicted, rel_error
-                         = (predicted - observed) / observed, plus its bookkeeping (shape, run_id, ...)
+                         = (predicted - observed) / observed, plus its bookkeeping (shape, config_key, ...)
       mean_abs_rel_error, max_abs_rel_error   over the held-out points; |pred - obs| / obs
       threshold          the relative error above which the check is flagged (0.1)
       refit              "main fit" (joint laws: the law itself was fitted without them) or

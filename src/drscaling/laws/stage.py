@@ -86,7 +86,7 @@ def _extra(rows: list[dict[str, Any]], with_n: bool = False) -> dict[str, list[A
     out: dict[str, list[Any]] = {
         "shape": [str(r.get("shape", "")) for r in rows],
         "source": [str(r.get("source", "")) for r in rows],
-        "run_id": [str(r.get("run_id", "")) for r in rows],
+        "config_key": [str(r.get("config_key", "")) for r in rows],
         "converged": [converged_state(r) for r in rows],
         "convergence": [_finite(r.get("convergence")) for r in rows],
         "ce_test_zero_shot": [_finite(r.get("ce_test_zero_shot")) for r in rows],
