@@ -122,7 +122,12 @@ ABLATION = {"no_dropout": {"dropout": False}, "no_clip": {"clip": 0.0}, "bf16_we
             "all_three_compiled": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True},
             "no_mask": {"mask": False},
             "no_mask_all_three_compiled": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True,
-                                           "mask": False}}
+                                           "mask": False},
+            # inductor's autotuned GEMM/fusion templates (minutes of compile, no CUDA graphs: the step's
+            # optimizer and clipping run outside the compiled module)
+            "compiled_max_autotune": {"compiled": True, "compile_mode": "max-autotune-no-cudagraphs"},
+            "all_three_max_autotune": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True,
+                                       "compile_mode": "max-autotune-no-cudagraphs"}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +354,7 @@ def step_flops(n: int, layers: int, hidden: int, s: Sizes) -> tuple[int, float, 
 
 
 def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf16_weights: bool = False,
-          mask: bool = True) -> dict:
+          mask: bool = True, compile_mode: str | None = None) -> dict:
     """Median wall time of drscaling.train.train_step, eager or with the Towers module compiled.
     The keyword options are the ablation's: dropout off, no gradient clipping, bf16 parameters."""
     import torch
@@ -374,7 +379,9 @@ def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf1
     opt, sched = optimizer(model, lr=1e-4, weight_decay=0.01, warmup_steps=0)  # fused AdamW on CUDA
     q, p = train_batch(s)
     autocast = ctx.autocast()
-    step_model = torch.compile(model, backend=s.compile_backend) if compiled else model
+    # a mode is inductor's: the dry run's aot_eager backend only checks the capture
+    mode = {"mode": compile_mode} if compile_mode and s.compile_backend == "inductor" else {}
+    step_model = torch.compile(model, backend=s.compile_backend, **mode) if compiled else model
     last: list[torch.Tensor] = []
 
     def step() -> None:
@@ -386,6 +393,7 @@ def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf1
         step()
         sync(device)
         row["compile_backend"] = s.compile_backend
+        row["compile_mode"] = mode.get("mode", "default")
         row["first_step_s"] = time.perf_counter() - t
     times = wall_times(step, device, s.warmup, s.repeats)
     cfg = encoder.backbone.config
@@ -415,7 +423,7 @@ def ablation(ctx: Ctx, names: list[str] | None = None) -> dict:
         if names and name not in names:
             continue
         r = train(ctx, **({"compiled": False} | opts))
-        rows[name] = {k: r.get(k) for k in ("step_ms", "tokens_per_s", "mfu", "peak_mem_gib", "final_loss")}
+        rows[name] = {k: r.get(k) for k in ("step_ms", "tokens_per_s", "mfu", "peak_mem_gib", "final_loss", "first_step_s", "compile_mode")}
         free_memory()
     return {"variants": rows, "shape": ctx.sizes.shape}
 

@@ -27,3 +27,17 @@ def test_validation_report_holds_no_timestamps_or_run_ids(prepared, tmp_path):
     assert text == (tmp_path / "b.json").read_text()
     for volatile in ("run_time", "validation_time", "ge_load_time", "validation_id"):
         assert f'"{volatile}"' not in text
+
+
+def test_export_is_a_pure_function_of_the_model(tiny_model, tiny_onnx, tmp_path):
+    """The export stage's outputs are DVC-cached: exporting the same model again gives the same bytes
+    (timings go to MLflow, not export.json)."""
+    from drscaling.export import export_onnx
+
+    again = tmp_path / "again"
+    export_onnx(tiny_model, again, variants=("fp32", "opt", "int8"))
+    first = {p.relative_to(tiny_onnx): p.read_bytes() for p in sorted(tiny_onnx.rglob("*")) if p.is_file()}
+    second = {p.relative_to(again): p.read_bytes() for p in sorted(again.rglob("*")) if p.is_file()}
+    assert first.keys() == second.keys()
+    assert [name for name in first if first[name] != second[name]] == []
+    assert "seconds" not in (again / "export.json").read_text()

@@ -247,7 +247,7 @@ def _export_towers(src: Path, out_dir: Path, cfg: ExportConfig, source: str) -> 
         tmp.mkdir(parents=True)
         towers = {side: _export_tower(src / side, tmp / side, cfg, f"{source}/{side}") for side in SIDES}
         record = {"source": source, "dim": dim, "towers": towers}
-        write_json(tmp / TOWERS_FILE, record)
+        write_json(tmp / TOWERS_FILE, without_timings(record))
     for side in SIDES:
         _log_to_mlflow(towers[side], out_dir / side / "export.json", prefix=f"{side}_")
     return record
@@ -279,8 +279,14 @@ def _export_tower(src: Path, out_dir: Path, cfg: ExportConfig, source: str) -> d
             record["variants"][variant] = _check_variant(
                 variant, path, tokenizer, reference, max_len
             )
-        write_json(tmp / "export.json", record)
+        write_json(tmp / "export.json", without_timings(record))
     return record
+
+
+def without_timings(record: dict) -> dict:
+    """export.json as DVC caches it: a pure function of the model (timings go to MLflow only), so a
+    rerun of the export stage on the same models leaves dvc.lock as it was."""
+    return {k: without_timings(v) if isinstance(v, dict) else v for k, v in record.items() if not k.endswith("_seconds")}
 
 
 def _export_fp32(encoder: nn.Module, tokenizer, path: Path, opset: int) -> None:
@@ -409,7 +415,10 @@ def _log_to_mlflow(record: dict, export_json: Path, prefix: str = "") -> None:
     if prefix:
         mlflow.log_params({f"{prefix}shape": record["shape"],
                            f"{prefix}n_non_embedding": record["n_non_embedding"]})
+    mlflow.log_metrics({f"{prefix}onnx_export_seconds": record["export_seconds"]} if "export_seconds" in record else {})
     for variant, entry in record["variants"].items():
+        if "parity_seconds" in entry:
+            mlflow.log_metric(f"{prefix}onnx_{variant}_parity_seconds", entry["parity_seconds"])
         if entry.get("parity"):
             mlflow.log_metrics({
                 f"{prefix}onnx_{variant}_max_abs_diff": entry["parity"]["max_abs_diff"],
