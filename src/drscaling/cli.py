@@ -134,6 +134,7 @@ def _train_paths(args, out: str | Path):
 
 
 def cmd_train(args) -> None:
+    from drscaling.checkpoints import init_for
     from drscaling.train import TrainConfig, train
 
     base = params.section("train")
@@ -143,6 +144,7 @@ def cmd_train(args) -> None:
             raise DrscalingError(f"params.yaml has no section '{args.section}'")
         base = base | extra | {"eval": dict(base.get("eval") or {}) | dict(extra.get("eval") or {})}
     cfg = params.from_args(TrainConfig, args, base)
+    cfg.init = init_for(cfg.init, cfg.shape)  # params.yaml may map shape families to templates
     out = args.out or f"{A}/runs/{cfg.shape}-D{cfg.train_pairs or 'all'}-{cfg.annotation_source}-{cfg.key()}"
     m = train(cfg, _train_paths(args, out), discard_checkpoint=args.discard_checkpoint)
     if m.get("cached"):

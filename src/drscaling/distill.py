@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from drscaling import tracking
+from drscaling.checkpoints import resolve_start
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, Embedded, cached_evalset, embed_evalset, encode_fns, rank_split
@@ -101,10 +102,11 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
     teacher_dir = trained_folder(teacher, "teacher")
     big = load_retriever(teacher_dir)
     queries = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)[0]
-    tokenizer = shape_tokenizer(cfg.student_shape, cfg.student_init, paths.tokenizer)
+    start = resolve_start(cfg.student_shape, cfg.student_init)
+    tokenizer = shape_tokenizer(cfg.student_shape, start.load or "", paths.tokenizer)
     dim = big.query.meta.dim
     # Same dimension and the same normalisation as the teacher: the student must land in its space.
-    student, meta = build_model(cfg.student_shape, tokenizer, dim, seed=cfg.seed, init=cfg.student_init or None,
+    student, meta = build_model(cfg.student_shape, tokenizer, dim, seed=cfg.seed, init=start.load,
                                 scale=big.query.meta.scale, projection=cfg.projection)
     check(cfg, big, meta.n_non_embedding)
     check_lengths(meta, cfg.max_query_len, cfg.eval.max_query_len)

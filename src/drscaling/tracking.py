@@ -46,13 +46,16 @@ def data_version() -> str:
     return "unknown"
 
 
-def file_version(path: str | Path) -> str:
-    """Content hash of a file or folder (what a stage read), so runs on different inputs never match."""
+def file_version(path: str | Path, suffixes: tuple[str, ...] = ()) -> str:
+    """Content hash of a file or folder (what a stage read), so runs on different inputs never match.
+    `suffixes`: hash only a folder's files ending so (e.g. a checkpoint's weights)."""
     import hashlib
 
     path = Path(path)
     h = hashlib.md5()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if suffixes and path.is_dir():
+        files = [f for f in files if f.name.endswith(suffixes)]
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
         with open(f, "rb") as fh:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from drscaling import tracking
 from drscaling.annotate import load_annotations
+from drscaling.checkpoints import SCRATCH, Start, resolve_start
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, cached_evalset, embed_evalset, encode_fns, rank_split
@@ -54,7 +55,7 @@ CONVERGENCE_TOLERANCE = 0.02
 @dataclass
 class TrainConfig:
     shape: str = "bert-L2-H128"
-    init: str = ""  # "" = from config with the shared tokenizer; else a folder or hub name
+    init: str = ""  # "" = the shape's default; scratch; a folder, hub id or template (drscaling.checkpoints)
     towers: str = "shared"  # shared: one encoder (the paper); dual: separate query and passage towers
     annotation_source: str = "human"
     train_pairs: int = 0  # D; 0 = all available pairs
@@ -85,6 +86,8 @@ class TrainConfig:
         """Identity of a run: same key and same data = same results, so it is never trained twice."""
         d = dataclasses.asdict(self)
         d.pop("eval_every", None), d.pop("checkpoint_every", None)
+        if d["init"] == SCRATCH:  # the same run as the default "" (from config), so the same key
+            d["init"] = ""
         if series_layers(self.shape):  # which layers a series shape keeps is part of what was trained
             d["series_layers"] = series_layers(self.shape)
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -245,7 +248,8 @@ def load_checkpoint(path: Path, cfg: TrainConfig, towers: Towers, opt, sched, da
         )
     if data_key and state.get("data_key") != data_key:
         raise DrscalingError(
-            f"checkpoint {path} was trained on other data (the annotations or the prepared splits changed"
+            f"checkpoint {path} was trained on other data (the annotations, the prepared splits or the init"
+            " checkpoint's weights changed"
             f" since); resuming would mix both: {discard}"
         )
     try:
@@ -306,7 +310,7 @@ class _Data:
     pos_texts: list[str]
     corpus_texts: list[str]
     pos_idx: np.ndarray  # each pair's positive as an index into corpus_texts
-    key: str  # content hashes of the annotations and the prepared splits
+    key: str  # content hashes of the annotations, the prepared splits and a named init checkpoint
 
 
 @dataclass
@@ -324,6 +328,7 @@ class _Run:
     device: str
     dev: object
     test: object
+    start: Start  # the checkpoint the towers started from
 
 
 def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, discard_checkpoint: bool = False) -> dict:
@@ -331,6 +336,9 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
     The output folder is locked for the run; SIGTERM checkpoints and ends the MLflow run KILLED."""
     rank, _ = _ddp()
     data = _training_data(cfg, paths)  # clear errors first
+    start = resolve_start(cfg.shape, cfg.init)  # a missing checkpoint fails here, naming it
+    if start.load:  # a named checkpoint is an input: other weights at the same name are another run
+        data.key += start.digest
     done = finished(paths.out, cfg, data.key)
     if done:
         return done | {"resumed": False, "cached": True}
@@ -339,7 +347,7 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
     with lock, sigterm_at_step_boundary() as term:
         if discard_checkpoint:
             shutil.rmtree(paths.out / "checkpoint", ignore_errors=True)
-        return _train(cfg, paths, data, _build_run(cfg, paths), tags, term)
+        return _train(cfg, paths, data, _build_run(cfg, paths, start), tags, term)
 
 
 def _training_data(cfg: TrainConfig, paths: Paths) -> _Data:
@@ -350,11 +358,13 @@ def _training_data(cfg: TrainConfig, paths: Paths) -> _Data:
     return _Data(queries, pos_texts, corpus_texts, np.array([cindex[p] for p in pos_pids]), key)
 
 
-def _build_run(cfg: TrainConfig, paths: Paths) -> _Run:
+def _build_run(cfg: TrainConfig, paths: Paths, start: Start) -> _Run:
     rank, world = _ddp()
-    tokenizer = shape_tokenizer(cfg.shape, cfg.init, paths.tokenizer)
-    build = dict(seed=cfg.seed, init=cfg.init or None, scale=cfg.scale, pooling=cfg.pooling, projection=cfg.projection)
+    tokenizer = shape_tokenizer(cfg.shape, start.load or "", paths.tokenizer)
+    build = dict(seed=cfg.seed, init=start.load, scale=cfg.scale, pooling=cfg.pooling, projection=cfg.projection)
     encoder, meta = build_model(cfg.shape, tokenizer, cfg.dim, **build)
+    if start.load:  # the name the user gave, not the machine's cache path
+        meta.init = start.checkpoint
     meta.max_query_len, meta.max_passage_len = cfg.eval.max_query_len, cfg.max_passage_len
     check_lengths(meta, cfg.max_query_len, cfg.max_passage_len, cfg.eval.max_query_len, cfg.eval.max_passage_len)
     # Dual towers start as two copies of the same checkpoint (ScalingNote stage 1), then part ways.
@@ -374,7 +384,7 @@ def _build_run(cfg: TrainConfig, paths: Paths) -> _Run:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device == "cuda" else None)
     opt, sched = optimizer(towers, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.bf16 else contextlib.nullcontext()
-    return _Run(towers, model, retriever, tokenizer, meta, opt, sched, autocast, device, dev, test)
+    return _Run(towers, model, retriever, tokenizer, meta, opt, sched, autocast, device, dev, test, start)
 
 
 def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: dict) -> dict:
@@ -386,7 +396,7 @@ def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: d
         "best_step": 0, "step_seconds": [], "tokens": [], "data_key": data.key, "zero_shot": None,
     }
     resumed = state["step"] > 0
-    mlflow = _start_mlflow(cfg, run.meta, len(data.queries), state, tags, rank, paths.out)
+    mlflow = _start_mlflow(cfg, run.meta, len(data.queries), state, tags, rank, paths.out, run.start)
     best_test: dict = {}  # the best-dev model's test embeddings, reused by the final ranking metrics
     if rank == 0:
         state["run_id"] = mlflow.active_run().info.run_id if mlflow else None
@@ -408,7 +418,7 @@ def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: d
                 save_checkpoint(ckpt_dir, run.towers, run.opt, run.sched, state)
             if term["term"]:
                 raise Terminated(f"SIGTERM at step {step + 1} of {cfg.steps}; checkpointed, a rerun resumes here")
-        metrics = _finish(cfg, paths, state, run.meta, len(data.queries), run.device, mlflow, best_test) if rank == 0 else {}
+        metrics = _finish(cfg, paths, state, run, len(data.queries), mlflow, best_test) if rank == 0 else {}
     except BaseException as exc:
         if mlflow and rank == 0:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -497,7 +507,7 @@ def convergence(history: list[dict], steps: int) -> float:
 RUN_FILE = "run.json"  # the MLflow run of the training in this folder, written as soon as it starts
 
 
-def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, rank: int, out: Path):
+def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, rank: int, out: Path, start: Start):
     if rank != 0:
         return None
     tracking.configure()
@@ -517,9 +527,10 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
     params |= {"n_non_embedding": meta.n_non_embedding, "d": d, "config_key": cfg.key(),
                "n_non_embedding_total": meta.n_non_embedding * (2 if cfg.towers == "dual" else 1),
                "git_commit": tracking.git_commit(), "data_version": tracking.data_version(),
-               "device": _device(), "projection_init": meta.projection}
+               "device": _device(), "projection_init": meta.projection, **start.record()}
     mlflow.log_params(params)
     mlflow.set_tags({"drscaling.stage": "train", "shape": cfg.shape, "source": cfg.annotation_source, "towers": cfg.towers,
+                     "init_checkpoint": start.checkpoint,
                      "n": str(meta.n_non_embedding), "d": str(d), **(tags or {})})
     return mlflow
 
@@ -542,7 +553,8 @@ def _unfinished_run(out: Path, cfg: TrainConfig) -> str | None:
     return None if run.info.status == "FINISHED" else run.info.run_id
 
 
-def _finish(cfg, paths, state, meta, d, device, mlflow, best_test: dict) -> dict:
+def _finish(cfg, paths, state, run: _Run, d, mlflow, best_test: dict) -> dict:
+    meta, device = run.meta, run.device
     # A resumed run may not hold the best model's test embeddings: then the ranking encodes them.
     best = load_retriever(paths.out / "model").to(device)
     test = load_split(paths.prepared, "test")
@@ -560,6 +572,7 @@ def _finish(cfg, paths, state, meta, d, device, mlflow, best_test: dict) -> dict
     }
     result = {"shape": cfg.shape, "n": meta.n_non_embedding, "d": d, "source": cfg.annotation_source,
               "steps": cfg.steps, "config_key": cfg.key(), "data_key": state["data_key"], "run_id": state["run_id"],
+              **run.start.record(),
               "history": state["history"], **metrics}
     if mlflow:
         mlflow.log_metrics(tracking.metric_names(metrics))
