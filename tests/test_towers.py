@@ -27,7 +27,7 @@ from drscaling.serving import (
 
 QUERY_SHAPE, PASSAGE_SHAPE, DIM = "bert-L2-H128", "bert-L4-H128", 16
 SHORT = {"duration_s": 0.4, "warmup_s": 0.1, "query_seq_len": 8, "query_concurrency": (1, 2),
-         "passage_batch": 8, "passage_seq_len": 16, "passage_concurrency": (1,)}
+         "passage_batch": 8, "passage_seq_len": 16, "passage_concurrency": (1,), "repeats": 1}
 
 
 def make_towers(dest: Path, query_dim: int = DIM, passage_dim: int = DIM) -> Path:

@@ -2,21 +2,27 @@
 
 Inference: `measure` drives every served model with a tritonclient load generator (asynchronous
 gRPC requests from one thread, or one HTTP client per thread; bounded in time and count) over a
-grid of (batch size, concurrency), records throughput and latency percentiles to MLflow and JSON,
-converts the best throughput of each model to $ per million tokens at the configured $ per
-device-hour, and fits usd_per_token(N) = a * N**b across the measured shapes (least squares in log
-space; with one shape b is fixed at 1).
+grid of (batch size, concurrency), `repeats` times per setting, records throughput and latency
+percentiles (median over the repeats, and their spread) to MLflow and JSON, converts the best
+median throughput of each model to $ per million tokens at the configured $ per device-hour, and
+fits usd_per_token(N) = a * N**b across the measured shapes (least squares in log space; with one
+shape b is fixed at 1) with an interval from the repeats (cost_stats.fit_power). Settings whose
+repeats disagree by more than cost_stats.SPREAD_LIMIT, and a machine already loaded at the start,
+are printed as warnings and listed in "flags".
 
 Training: `training_costs` reads the training runs' median step time and tokens per step from
 MLflow and fits usd_per_step(N) = a * N**b the same way.
 
 The combined file (`measure_costs`) is what the budget module reads:
-    {"device_hour_usd": float, "device": str,
-     "inference": {"points": [{"shape", "n", "tokens_per_s", "usd_per_million_tokens"}],
-                   "fit": {"a", "b"}},            # usd per token = a * N**b
-     "training":  {"points": [{"shape", "n", "step_s", "tokens_per_step", "usd_per_step"}],
-                   "fit": {"a", "b"}}}            # usd per step = a * N**b
-"training" is absent when no training runs exist yet.
+    {"device_hour_usd": float, "device": str, "measured_at": ISO time, "machine": {...},
+     "repeats": int, "flags": [str],
+     "inference": {"points": [{"shape", "n", "tokens_per_s", "usd_per_million_tokens",
+                               "tokens_per_s_repeats", "tokens_per_s_spread"}],
+                   "fit": {"a", "b"[, "interval"]}},   # usd per token = a * N**b
+     "training":  {"points": [{"shape", "n", "step_s", "tokens_per_step", "usd_per_step", "runs"}],
+                   "fit": {"a", "b"[, "interval"]}}}   # usd per step = a * N**b
+"training" is absent when no training runs exist yet. The pipeline's copy is versioned data in git
+(costs/costs.json, `make measure`), not a DVC stage output: timings are not reproducible.
 
 Dual towers (models labelled `tower` = query / passage in their config, see serving.py) are not
 swept over the grid but measured at their own operating point: a query tower answers one query at
@@ -36,6 +42,7 @@ join it only when nothing else was measured.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import platform
 import statistics
@@ -48,6 +55,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from drscaling.cost_stats import SPREAD_LIMIT, fit_power, load_flags, machine_state, summarise_repeats
 from drscaling.errors import DrscalingError
 from drscaling.files import write_json
 from drscaling.serving import Client, TritonServer
@@ -89,8 +97,14 @@ class LoadConfig:
     passage_batch: int = 32
     passage_seq_len: int = 128
     passage_concurrency: tuple[int, ...] = (1,)
+    repeats: int = 3  # each setting measured this often; the costs use the median
+    max_spread: float = SPREAD_LIMIT  # relative spread of a setting's tokens/s above which it is flagged
 
     def validate(self) -> None:
+        if not 1 <= self.repeats <= 50:
+            raise DrscalingError(f"repeats must lie in 1..50 (got {self.repeats})")
+        if not self.max_spread > 0:
+            raise DrscalingError(f"max_spread must be > 0 (got {self.max_spread})")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise DrscalingError(f"batch_sizes must be >= 1 (got {self.batch_sizes})")
         if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 256:
@@ -119,22 +133,8 @@ class LoadConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Power-law fit
+# Prices and the machine
 # ---------------------------------------------------------------------------------------------
-
-
-def fit_power(n: Sequence[float], y: Sequence[float]) -> dict[str, float]:
-    """y = a * n**b by least squares on log y = log a + b log n; one distinct n -> b = 1."""
-    n_arr, y_arr = np.asarray(n, dtype=float), np.asarray(y, dtype=float)
-    if len(n_arr) == 0:
-        raise DrscalingError("no cost points to fit")
-    if (n_arr <= 0).any() or (y_arr <= 0).any():
-        raise DrscalingError("cost fit needs positive N and positive costs")
-    if len(np.unique(n_arr)) < 2:
-        # One shape cannot give a slope; proportional to N is the paper's own assumption.
-        return {"a": float(np.mean(y_arr / n_arr)), "b": 1.0}
-    b, log_a = np.polyfit(np.log(n_arr), np.log(y_arr), 1)
-    return {"a": float(np.exp(log_a)), "b": float(b)}
 
 
 def usd_per_million_tokens(tokens_per_s: float, device_hour_usd: float) -> float:
@@ -381,52 +381,50 @@ def measure(
     protocol: str = "grpc", warmup_s: float = 0.5, max_requests: int = 100_000,
     device: str | None = None, log_mlflow: bool = True, query_seq_len: int = 32,
     query_concurrency: Sequence[int] = (1, 8), passage_batch: int = 32, passage_seq_len: int = 128,
-    passage_concurrency: Sequence[int] = (1,),
+    passage_concurrency: Sequence[int] = (1,), repeats: int = 3, max_spread: float = SPREAD_LIMIT,
 ) -> dict:
     """Load-sweep each model ([(name, shape, n[, tower, retriever])], or None: every ready model
-    on the server, towers labelled from their configs).
+    on the server, towers labelled from their configs), every setting `repeats` times.
 
-    Returns {"device_hour_usd", "device", "load": {...}, "sweep": {model: [cells]},
-    "inference": {"points", "fit"}, "towers": [...]} and writes it to out_path (atomically) when
-    given. Each model's cost point uses its best tokens/s over its cells (the operating point you
-    would pick). Query and passage towers are measured at their own cells (LoadConfig.cells).
+    Returns {"device_hour_usd", "device", "measured_at", "machine", "flags", "load": {...},
+    "sweep": {model: [cells]}, "inference": {"points", "fit"}, "towers": [...]} and writes it to
+    out_path (atomically) when given. A cell holds the medians over its repeats, their spread and
+    flags (cost_stats.summarise_repeats). Each model's cost point uses its best median tokens/s over
+    its cells (the operating point you would pick). Query and passage towers are measured at their
+    own cells (LoadConfig.cells).
     """
     cfg = LoadConfig(tuple(batch_sizes), tuple(concurrency), float(duration_s), float(warmup_s),
                      int(seq_len), int(max_requests), protocol, int(query_seq_len),
                      tuple(query_concurrency), int(passage_batch), int(passage_seq_len),
-                     tuple(passage_concurrency))
+                     tuple(passage_concurrency), int(repeats), float(max_spread))
     cfg.validate()
     if device_hour_usd <= 0:
         raise DrscalingError(f"device_hour_usd must be > 0 (got {device_hour_usd})")
     served = served_models(url_or_server, protocol) if models is None else _as_models(models)
     if not served:
         raise DrscalingError("no models to measure (the server has none ready)")
-    with Client(url_or_server, protocol) as client:
-        for m in served:
-            client.check_ready(m.name)
-            limit = client.info(m.name)
-            longest = max(s for _, _, s in cfg.cells(m.tower))
-            if longest > limit.max_sequence_length:
-                raise DrscalingError(
-                    f"seq_len {longest} exceeds the {limit.max_sequence_length} positions of "
-                    f"model '{m.name}'"
-                )
+    _check_servable(url_or_server, served, cfg)
+    start = machine_state()
     result: dict = {
         "device_hour_usd": float(device_hour_usd), "device": device or device_description(),
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_description(start), "flags": _warn(load_flags(start)),
         "load": asdict(cfg), "sweep": {}, "inference": {"points": []}, "towers": [],
     }
     ctx = _mlflow_run("measure", {STAGE_TAG: "measure"}) if log_mlflow else contextlib.nullcontext()
     with ctx:
+        swept = _sweep_repeated(url_or_server, served, cfg)
         query_points = []
         for m in served:
-            cells = [run_load(url_or_server, m.name, b, c, cfg, seq_len=s)
-                     for b, c, s in tqdm(cfg.cells(m.tower), desc=f"measure {m.name}", leave=False)]
+            cells = swept[m.name]
+            result["flags"] += _warn([f for c in cells for f in c["flags"]])
             best = max(cells, key=lambda x: x["tokens_per_s"])
             result["sweep"][m.name] = cells
             point = {
                 "shape": m.shape, "n": m.n, "tokens_per_s": best["tokens_per_s"],
-                "usd_per_million_tokens": usd_per_million_tokens(best["tokens_per_s"],
-                                                                 device_hour_usd),
+                "usd_per_million_tokens": usd_per_million_tokens(best["tokens_per_s"], device_hour_usd),
+                "tokens_per_s_repeats": best["per_repeat"]["tokens_per_s"],
+                "tokens_per_s_spread": best["spread"]["tokens_per_s"]["rel"],
             }
             # Query towers are measured at batch 1 (latency): not a throughput point for the fit.
             (query_points if m.tower == "query" else result["inference"]["points"]).append(point)
@@ -437,21 +435,79 @@ def measure(
                 _log_model_sweep(m, cells, cfg, point, tower)
         if not result["inference"]["points"]:
             result["inference"]["points"] = query_points
-        pts = result["inference"]["points"]
-        result["inference"]["fit"] = fit_power(
-            [p["n"] for p in pts], [p["usd_per_million_tokens"] / 1e6 for p in pts]
-        )
+        result["inference"]["fit"] = _inference_fit(result["inference"]["points"], device_hour_usd)
+        result["machine"]["loadavg_1m_end"] = machine_state()["loadavg_1m"]
         if log_mlflow:
-            import mlflow
-
-            mlflow.log_metrics({"inference_fit_a": result["inference"]["fit"]["a"],
-                                "inference_fit_b": result["inference"]["fit"]["b"]})
-            mlflow.log_dict(result, "costs/inference_sweep.json")
+            _log_measure(result)
     if not result["towers"]:
         del result["towers"]
     if out_path is not None:
         write_json(out_path, result)
     return result
+
+
+def _check_servable(url_or_server, served: list[ServedModel], cfg: LoadConfig) -> None:
+    """Every model ready, and every cell's sequence within its model's positions (before any timing)."""
+    with Client(url_or_server, cfg.protocol) as client:
+        for m in served:
+            client.check_ready(m.name)
+            limit = client.info(m.name)
+            longest = max(s for _, _, s in cfg.cells(m.tower))
+            if longest > limit.max_sequence_length:
+                raise DrscalingError(
+                    f"seq_len {longest} exceeds the {limit.max_sequence_length} positions of "
+                    f"model '{m.name}'"
+                )
+
+
+def machine_description(state: dict) -> dict:
+    """What the measurements ran on and how busy it was: kept with the costs they explain."""
+    return {"device": device_description(), "platform": platform.platform(),
+            "python": platform.python_version(), "usable_cpus": state["usable_cpus"],
+            "loadavg_1m_start": state["loadavg_1m"]}
+
+
+def _warn(flags: list[str]) -> list[str]:
+    for flag in flags:
+        print(f"warning: {flag}")
+    return flags
+
+
+def _sweep_repeated(url_or_server, served: list[ServedModel], cfg: LoadConfig) -> dict[str, list[dict]]:
+    """Every model's cells, each measured cfg.repeats times and summarised (medians, spread, flags).
+
+    The repeats go round the whole grid (every model, every cell) instead of back to back: a burst
+    of load from elsewhere then slows one repeat of many settings, which the median discards,
+    instead of every repeat of one model (a rerun under load once put minilm-L3 below minilm-L4)."""
+    plan = [(m, i, cell) for m in served for i, cell in enumerate(cfg.cells(m.tower))]
+    runs: dict[str, list[list[dict]]] = {m.name: [[] for _ in cfg.cells(m.tower)] for m in served}
+    with tqdm(total=len(plan) * cfg.repeats, desc="measure", leave=False) as bar:
+        for _ in range(cfg.repeats):
+            for m, i, (b, c, s) in plan:
+                bar.set_postfix_str(f"{m.name} batch {b} x {c}")
+                runs[m.name][i].append(run_load(url_or_server, m.name, b, c, cfg, seq_len=s))
+                bar.update()
+    return {m.name: [summarise_repeats(r, cfg.max_spread, m.name) for r in runs[m.name]] for m in served}
+
+
+def _inference_fit(points: list[dict], device_hour_usd: float) -> dict:
+    """$/token = a * N**b over the points, its interval from each point's repeats."""
+    return fit_power([p["n"] for p in points], [p["usd_per_million_tokens"] / 1e6 for p in points],
+                     samples=[[usd_per_million_tokens(t, device_hour_usd) / 1e6 for t in p["tokens_per_s_repeats"]]
+                              for p in points])
+
+
+def _log_measure(result: dict) -> None:
+    import mlflow
+
+    fit = result["inference"]["fit"]
+    mlflow.log_metrics({"inference_fit_a": fit["a"], "inference_fit_b": fit["b"],
+                        "flags": len(result["flags"]), "loadavg_1m_start": result["machine"]["loadavg_1m_start"]})
+    if "b" in fit.get("interval", {}):
+        mlflow.log_metrics({"inference_fit_b_low": fit["interval"]["b"][0],
+                            "inference_fit_b_high": fit["interval"]["b"][1]})
+    mlflow.set_tag("drscaling.flags", "; ".join(result["flags"])[:5000] or "none")
+    mlflow.log_dict(result, "costs/inference_sweep.json")
 
 
 def tower_entry(m: ServedModel, cells: list[dict], point: dict) -> dict:
@@ -480,17 +536,19 @@ def _log_model_sweep(m: ServedModel, cells: list[dict], cfg: LoadConfig, point: 
                                 "drscaling.tower": m.tower}):
         mlflow.log_params({"model": m.name, "shape": m.shape, "n_non_embedding": m.n,
                            "seq_len": cells[0]["seq_len"], "protocol": cfg.protocol,
-                           "duration_s": cfg.duration_s, "tower": m.tower,
+                           "duration_s": cfg.duration_s, "repeats": cfg.repeats, "tower": m.tower,
                            "retriever": m.retriever or m.name})
         for step, cell in enumerate(cells):
             mlflow.log_metrics({
                 "batch": cell["batch"], "concurrency": cell["concurrency"],
                 "inferences_per_s": cell["inferences_per_s"], "tokens_per_s": cell["tokens_per_s"],
                 "p50_ms": cell["p50_ms"], "p95_ms": cell["p95_ms"], "p99_ms": cell["p99_ms"],
+                "tokens_per_s_spread": cell["spread"]["tokens_per_s"]["rel"],
             }, step=step)
             # Also one flat metric per cell, so the UI can compare cells across models directly.
             key = f"b{cell['batch']}_c{cell['concurrency']}"
             mlflow.log_metrics({f"{key}_tokens_per_s": cell["tokens_per_s"],
+                                f"{key}_tokens_per_s_spread": cell["spread"]["tokens_per_s"]["rel"],
                                 f"{key}_p99_ms": cell["p99_ms"]})
         mlflow.log_metrics({"best_tokens_per_s": point["tokens_per_s"],
                             "usd_per_million_tokens": point["usd_per_million_tokens"]})
@@ -562,13 +620,15 @@ def training_costs(
             f"no finished training runs (tag {STAGE_TAG}=train with train_step_seconds) in "
             f"{where}: train first (drscaling train / dvc repro train)"
         )
-    points = []
+    points, samples = [], []
     for shape, d in sorted(per_shape.items(), key=lambda kv: kv[1]["n"]):
         step_s = statistics.median(d["step_s"])
         points.append({"shape": shape, "n": d["n"], "step_s": step_s,
                        "tokens_per_step": statistics.median(d["tokens"]),
-                       "usd_per_step": step_s * device_hour_usd / 3600.0})
-    fit = fit_power([p["n"] for p in points], [p["usd_per_step"] for p in points])
+                       "usd_per_step": step_s * device_hour_usd / 3600.0, "runs": len(d["step_s"])})
+        # The runs of one shape (other D, other sweeps) are its repeats: they give the fit's interval.
+        samples.append([x * device_hour_usd / 3600.0 for x in d["step_s"]])
+    fit = fit_power([p["n"] for p in points], [p["usd_per_step"] for p in points], samples=samples)
     return {"points": points, "fit": fit}
 
 
@@ -577,25 +637,37 @@ def training_costs(
 # ---------------------------------------------------------------------------------------------
 
 
+INFERENCE_POINT_KEYS = ("shape", "n", "tokens_per_s", "usd_per_million_tokens", "tokens_per_s_repeats",
+                        "tokens_per_s_spread")
+TRAINING_POINT_KEYS = ("shape", "n", "step_s", "tokens_per_step", "usd_per_step", "runs")
+
+
+def _fit_fields(fit: dict) -> dict:
+    return {"a": float(fit["a"]), "b": float(fit["b"])} | ({"interval": fit["interval"]} if "interval" in fit else {})
+
+
 def combine(measured: dict, training: dict | None) -> dict:
-    """Keep exactly the contract's keys (the budget module reads this)."""
+    """Keep exactly the contract's keys (the budget module reads this), with when, where and how
+    reliably it was measured (a versioned costs file must say what machine its numbers are from)."""
     out = {
         "device_hour_usd": float(measured["device_hour_usd"]),
         "device": str(measured["device"]),
+        "measured_at": measured.get("measured_at"),
+        "machine": measured.get("machine", {}),
+        "repeats": measured.get("load", {}).get("repeats", 1),
+        "duration_s": measured.get("load", {}).get("duration_s"),
+        "flags": list(measured.get("flags", [])),
         "inference": {
-            "points": [{k: p[k] for k in ("shape", "n", "tokens_per_s", "usd_per_million_tokens")}
-                       for p in measured["inference"]["points"]],
-            "fit": {"a": float(measured["inference"]["fit"]["a"]),
-                    "b": float(measured["inference"]["fit"]["b"])},
+            "points": [{k: p[k] for k in INFERENCE_POINT_KEYS if k in p} for p in measured["inference"]["points"]],
+            "fit": _fit_fields(measured["inference"]["fit"]),
         },
     }
     if measured.get("towers"):
         out["towers"] = [{k: t[k] for k in TOWER_KEYS[t["tower"]]} for t in measured["towers"]]
     if training is not None:
         out["training"] = {
-            "points": [{k: p[k] for k in ("shape", "n", "step_s", "tokens_per_step", "usd_per_step")}
-                       for p in training["points"]],
-            "fit": {"a": float(training["fit"]["a"]), "b": float(training["fit"]["b"])},
+            "points": [{k: p[k] for k in TRAINING_POINT_KEYS if k in p} for p in training["points"]],
+            "fit": _fit_fields(training["fit"]),
         }
     return out
 
