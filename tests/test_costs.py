@@ -14,10 +14,10 @@ from drscaling.cost_stats import (
     SPREAD_LIMIT, format_fit, load_flags, machine_state, relative_spread, summarise_repeats,
 )
 from drscaling.costs import (
-    LoadConfig, combine, fit_power, measure, measure_costs, run_load, served_models, training_costs,
-    usd_per_million_tokens,
+    combine, fit_power, measure, measure_costs, served_models, training_costs, usd_per_million_tokens,
 )
 from drscaling.errors import DrscalingError
+from drscaling.loadgen import LoadConfig, run_load
 
 # One repeat: these tests are about the sweep and its files; repeats have their own tests below.
 SHORT = {"batch_sizes": (1, 4), "concurrency": (1, 2), "duration_s": 0.5, "warmup_s": 0.1,

@@ -306,7 +306,7 @@ def test_tower_budget_files_cli_and_errors(tmp_path, mlflow_tmp):
 def test_requests_that_outlast_the_window_still_count(towers_server):
     # A large tower's batch can take longer than the whole window (SmolLM2 at batch 32 on a CPU):
     # each thread still completes one counted request, and throughput spans its whole duration.
-    from drscaling.costs import LoadConfig, run_load
+    from drscaling.loadgen import LoadConfig, run_load
 
     cell = run_load(towers_server, "pair-passage", 8, 2, LoadConfig(duration_s=1e-4, warmup_s=0.0), seq_len=16)
     assert cell["requests"] >= 2
