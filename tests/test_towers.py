@@ -27,7 +27,7 @@ from drscaling.serving import (
 
 QUERY_SHAPE, PASSAGE_SHAPE, DIM = "bert-L2-H128", "bert-L4-H128", 16
 SHORT = {"duration_s": 0.4, "warmup_s": 0.1, "query_seq_len": 8, "query_concurrency": (1, 2),
-         "passage_batch": 8, "passage_seq_len": 16, "passage_concurrency": (1,)}
+         "passage_batch": 8, "passage_seq_len": 16, "passage_concurrency": (1,), "repeats": 1}
 
 
 def make_towers(dest: Path, query_dim: int = DIM, passage_dim: int = DIM) -> Path:
@@ -306,7 +306,7 @@ def test_tower_budget_files_cli_and_errors(tmp_path, mlflow_tmp):
 def test_requests_that_outlast_the_window_still_count(towers_server):
     # A large tower's batch can take longer than the whole window (SmolLM2 at batch 32 on a CPU):
     # each thread still completes one counted request, and throughput spans its whole duration.
-    from drscaling.costs import LoadConfig, run_load
+    from drscaling.loadgen import LoadConfig, run_load
 
     cell = run_load(towers_server, "pair-passage", 8, 2, LoadConfig(duration_s=1e-4, warmup_s=0.0), seq_len=16)
     assert cell["requests"] >= 2

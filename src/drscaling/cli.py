@@ -16,6 +16,9 @@ from drscaling import params
 from drscaling.errors import DrscalingError
 
 A = "artifacts"
+# Measured costs are versioned data in git (timings are not reproducible, so not a DVC stage output):
+# `make measure` re-measures them, the budget reads them (params.yaml budget.costs_path).
+COSTS = "costs/costs.json"
 
 
 def _p(args: argparse.Namespace, name: str, section: str, default):
@@ -298,7 +301,7 @@ def cmd_budget(args) -> None:
     eval_negatives = (params.section("train").get("eval") or {}).get("negatives")
     result = B.run_budget(
         laws, float(pick("budget", 20000)), bool(pick("include_inference", False)),
-        mode, pick("costs_path", f"{A}/costs/costs.json") if mode == "measured" else None, out,
+        mode, pick("costs_path", COSTS) if mode == "measured" else None, out,
         annotation_cost_path=ann_cost if mode == "measured" and ann_cost.exists() and not published else None,
         source_cost_paths=[] if published else sorted(Path(f"{A}/annotations").glob("*.cost.json")),
         # paper mode keeps the paper's own corpus and steps unless given on the command line
@@ -344,7 +347,7 @@ def cmd_budget_towers(args, pick) -> None:
     workload = B.TowerWorkload(**{f.name: value(f.name, f.default) for f in dataclasses.fields(B.TowerWorkload)})
     mode = pick("costs", "measured")
     out = Path(args.out or f"{A}/budget-towers")
-    costs_path = pick("costs_path", f"{A}/costs/costs.json") if mode == "measured" else None
+    costs_path = pick("costs_path", COSTS) if mode == "measured" else None
     result = B.run_tower_budget(args.towers, float(pick("budget", 20000)), mode, costs_path, out, workload)
     with tracking.stage_run("budget", f"budget-towers-{mode}-{result['budget']:g}",
                             {"drscaling.stage": "budget", "costs": mode, "drscaling.towers": "true"}):
@@ -509,7 +512,8 @@ def cmd_search(args) -> None:
 
 
 def _cost_figure(costs: dict, path: Path) -> None:
-    """$ per million tokens (inference) and $ per step (training) against N, points and fitted curves."""
+    """$ per million tokens (inference) and $ per step (training) against N: points with the range of
+    their repeats, fitted curves with the fit's interval of b in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -520,16 +524,25 @@ def _cost_figure(costs: dict, path: Path) -> None:
     parts = [("inference", "usd_per_million_tokens", 1e6, "$ per 1M tokens (served)"),
              ("training", "usd_per_step", 1.0, "$ per training step")]
     parts = [p for p in parts if p[0] in costs]
-    fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4.2), squeeze=False)
     for ax, (key, field, scale, label) in zip(axes[0], parts, strict=True):
         pts = costs[key]["points"]
         n = np.array([p["n"] for p in pts], dtype=float)
-        ax.scatter(n, [p[field] for p in pts], label="measured")
+        y = np.array([p[field] for p in pts])
+        if key == "inference" and all("tokens_per_s_repeats" in p for p in pts):
+            # $ is inverse to tokens/s: the slowest repeat is the highest cost.
+            lo = np.array([p["tokens_per_s"] / max(p["tokens_per_s_repeats"]) for p in pts]) * y
+            hi = np.array([p["tokens_per_s"] / min(p["tokens_per_s_repeats"]) for p in pts]) * y
+            ax.errorbar(n, y, yerr=[y - lo, hi - y], fmt="o", capsize=3, label="measured (median, range of repeats)")
+        else:
+            ax.scatter(n, y, label="measured")
         grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 50)
         f = costs[key]["fit"]
-        ax.plot(grid, scale * f["a"] * grid ** f["b"], "--", label=f"fit: {f['a'] * scale:.3g} N^{f['b']:.2f}")
+        iv = f.get("interval", {}).get("b")
+        band = f" (b {iv[0]:.2f}..{iv[1]:.2f})" if iv else ""
+        ax.plot(grid, scale * f["a"] * grid ** f["b"], "--", label=f"fit: {f['a'] * scale:.3g} N^{f['b']:.2f}{band}")
         ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel=label, title=key)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -539,31 +552,40 @@ def _cost_figure(costs: dict, path: Path) -> None:
 
 def cmd_measure(args) -> None:
     from drscaling import costs, tracking
+    from drscaling.cost_stats import format_fit
     from drscaling.serving import TritonServer
     from drscaling.sweep import run_ids
 
     cfg = params.section("measure")
-    out = Path(args.out or f"{A}/costs/costs.json")
+    out = Path(args.out or params.section("budget").get("costs_path") or COSTS)
     load = {k: cfg[k] for k in ("batch_sizes", "concurrency", "duration_s", "seq_len", "protocol", "query_seq_len",
-                                "query_concurrency", "passage_batch", "passage_seq_len", "passage_concurrency") if k in cfg}
+                                "query_concurrency", "passage_batch", "passage_seq_len", "passage_concurrency",
+                                "repeats", "max_spread") if k in cfg}
+    if args.repeats is not None:
+        load["repeats"] = args.repeats
     price = cfg.get("device_hour_usd", 3.93)
     preset = args.preset or params.section("sweep").get("preset")
     # Training $/step from exactly the runs behind this preset's results (an older preset of the same
     # name may have used another step shape); without results, every training run of the experiment.
     sweeps = Path(f"{A}/sweeps/{preset}")
     runs = run_ids(sweeps) or None
+    common = {"experiment_name": args.train_experiment, "preset": preset, "runs": runs, "device_hour_usd": price,
+              "sweep_path": out.with_name("load.json")}
     with tracking.stage_run("measure", "measure", {"drscaling.stage": "measure"}):
         if args.url:
-            result = costs.measure_costs(args.url, out, experiment_name=args.train_experiment, preset=preset, runs=runs,
-                                         device_hour_usd=price, sweep_path=out.with_name("load.json"), **load)
+            result = costs.measure_costs(args.url, out, **common, **load)
         else:
+            # The server log stays out of the (possibly versioned) costs folder.
             with TritonServer(args.repo, log_path=Path(f"{A}/costs/triton.log")) as server:
                 print(f"Triton ready at {server.http_url} (HTTP), {server.grpc_url} (gRPC); log {server.log_path}")
-                result = costs.measure_costs(server, out, experiment_name=args.train_experiment, preset=preset, runs=runs,
-                                             device_hour_usd=price, sweep_path=out.with_name("load.json"), **load)
+                result = costs.measure_costs(server, out, **common, **load)
         _cost_figure(result, out.with_name("cost_vs_n.png"))
+    print(f"{result['repeats']} repeats per setting on {result['device']} (load average at start "
+          f"{result['machine'].get('loadavg_1m_start')}, {result['machine'].get('usable_cpus')} usable cores)")
     for p in result["inference"]["points"]:
-        print(f"  {p['shape']:14} N={p['n']:>10}  {p['tokens_per_s']:>10.0f} tokens/s  ${p['usd_per_million_tokens']:.4f} per 1M tokens")
+        spread = f"  spread {p['tokens_per_s_spread']:.0%}" if "tokens_per_s_spread" in p else ""
+        print(f"  {p['shape']:14} N={p['n']:>10}  {p['tokens_per_s']:>10.0f} tokens/s{spread}  "
+              f"${p['usd_per_million_tokens']:.4f} per 1M tokens")
     for t in result.get("towers", []):
         if t["tower"] == "query":
             lat = ", ".join(f"c={x['concurrency']}: p50 {x['p50_ms']:.2f} ms, p99 {x['p99_ms']:.2f} ms, "
@@ -572,12 +594,11 @@ def cmd_measure(args) -> None:
         else:
             print(f"  passage tower {t['model']:22} {t['shape']:14} batch {t['batch']} x {t['seq_len']} tokens: "
                   f"{t['passages_per_s']:.3g} passages/s, {t['tokens_per_s']:.0f} tokens/s")
-    f = result["inference"]["fit"]
-    print(f"inference cost fit: $/token = {f['a']:.3g} * N^{f['b']:.3f}")
+    print("inference cost fit: " + format_fit(result["inference"]["fit"], "$/token"))
     if "training" in result:
-        t = result["training"]["fit"]
-        print(f"training cost fit:  $/step  = {t['a']:.3g} * N^{t['b']:.3f}")
-    print(f"costs written to {out}")
+        print("training cost fit:  " + format_fit(result["training"]["fit"], "$/step"))
+    # measure() printed each warning when it found it; the file keeps them.
+    print(f"costs written to {out}" + (f" with {len(result['flags'])} warning(s) in its 'flags'" if result["flags"] else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,7 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--costs", type=_costs_mode, metavar="{paper,measured}",
                    help="paper: eq. 12-14 from their parts; measured: the costs stage's file (default: params.yaml "
                         "budget.costs; paper with a published law set)")
-    p.add_argument("--costs-path", help=f"measured costs JSON (default {A}/costs/costs.json)")
+    p.add_argument("--costs-path", help=f"measured costs JSON (default: params.yaml budget.costs_path, else {COSTS}: "
+                                        "the versioned costs `make measure` writes)")
     p.add_argument("--source", help="annotation source whose $/pair is Zdata (measured mode)")
     p.add_argument("--steps", type=int)
     p.add_argument("--corpus-pages", type=float)
@@ -804,7 +826,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="measure an already running server instead")
     p.add_argument("--train-experiment", default="sweeps", help="MLflow experiment holding the training runs")
     p.add_argument("--preset", help="training cost from this sweep preset's runs (default: params sweep.preset)")
-    p.add_argument("--out", help=f"default {A}/costs/costs.json")
+    p.add_argument("--out", help=f"costs JSON; load.json and cost_vs_n.png go beside it (default: params.yaml "
+                                 f"budget.costs_path, else {COSTS}, the versioned costs the budget reads)")
+    p.add_argument("--repeats", type=int, help="measure each load setting this often; the costs use the median "
+                                               "(default: params.yaml measure.repeats, else 3)")
     return ap
 
 
