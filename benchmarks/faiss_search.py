@@ -1,8 +1,8 @@
 """FAISS (flat, IVF, HNSW; drscaling.vector_index) against the numpy search that serving.search did.
 
 Random unit vectors (default dim 384, 1,000 queries, k 100) at each corpus size. For each method:
-build time (once), search throughput in queries/s (median of --repeats runs over all queries) and
-recall@k against the exact top k. Two numpy baselines:
+build time (once), search throughput (median of --repeats runs over all queries) in queries per
+wall second and per CPU second, and recall@k against the exact top k. Two numpy baselines:
 - "numpy, one query": what serving.search did before FAISS, `emb @ q` then argpartition + argsort,
   one query at a time; timed on the first --single-queries queries (it is slow) and scaled per query;
 - "numpy, batched": the same exact search over query chunks (one matmul per chunk), the fair batch rival.
@@ -61,14 +61,16 @@ def numpy_batched(emb: np.ndarray, queries: np.ndarray, k: int, chunk: int = 128
     return ids
 
 
-def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
-    """Median seconds over `repeats` runs, and the last result."""
-    secs, result = [], None
+def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[tuple[float, float], np.ndarray]:
+    """Median (wall, CPU) seconds over `repeats` runs, and the last result. CPU time (this process,
+    all threads) is what the work costs; wall time also counts waiting for a core on a loaded machine."""
+    wall, cpu, result = [], [], None
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         result = fn()
-        secs.append(time.perf_counter() - t)
-    return statistics.median(secs), result
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return (statistics.median(wall), statistics.median(cpu)), result
 
 
 def bench_size(n: int, args, rng: np.random.Generator, centres: np.ndarray | None) -> list[dict]:
@@ -77,14 +79,15 @@ def bench_size(n: int, args, rng: np.random.Generator, centres: np.ndarray | Non
     k, nq, few = args.k, args.queries, min(args.single_queries, args.queries)
     rows = []
 
-    def row(method: str, secs: float, queries_timed: int, found: np.ndarray | None, build_s: float | None = None,
-            **settings) -> None:
-        r = vector_index.recall(found, exact[: len(found)]) if found is not None else None
-        rows.append({"passages": n, "method": method, "queries_per_s": queries_timed / secs,
-                     "recall_at_k": r, "build_s": build_s, **settings})
-        print(f"{n:>9,}  {method:<24} {queries_timed / secs:>10.1f} q/s  recall@{k} "
-              f"{'-' if r is None else f'{r:.4f}'}  build {'-' if build_s is None else f'{build_s:.1f} s'}",
-              flush=True)
+    def row(method: str, secs: tuple[float, float], queries_timed: int, found: np.ndarray,
+            build_s: tuple[float, float] | None = None, **settings) -> None:
+        r = vector_index.recall(found, exact[: len(found)])
+        rows.append({"passages": n, "method": method, "queries_per_s": queries_timed / secs[0],
+                     "queries_per_cpu_s": queries_timed / secs[1], "recall_at_k": r,
+                     "build_s": build_s and build_s[0], "build_cpu_s": build_s and build_s[1], **settings})
+        build = "-" if build_s is None else f"{build_s[0]:.1f} s (CPU {build_s[1]:.1f} s)"
+        print(f"{n:>9,}  {method:<22} {queries_timed / secs[0]:>9.1f} q/s  {queries_timed / secs[1]:>9.1f} q/CPU-s  "
+              f"recall@{k} {r:.4f}  build {build}", flush=True)
 
     secs, exact = timed(lambda: numpy_batched(emb, queries, k), args.repeats)
     row("numpy, batched", secs, nq, exact)
@@ -94,9 +97,7 @@ def bench_size(n: int, args, rng: np.random.Generator, centres: np.ndarray | Non
                 IndexConfig("hnsw", hnsw_m=args.hnsw_m, ef_search=args.ef_search)):
         if cfg.index_type not in args.types:
             continue
-        t = time.perf_counter()
-        index = vector_index.build(emb, cfg)
-        build_s = time.perf_counter() - t
+        build_s, index = timed(lambda cfg=cfg: vector_index.build(emb, cfg), 1)
         secs, (_, found) = timed(lambda index=index: vector_index.search(index, queries, k), args.repeats)
         row(f"faiss {cfg.index_type}", secs, nq, found, build_s, **cfg.describe(n))
         if cfg.index_type == "flat":

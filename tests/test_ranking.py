@@ -9,7 +9,9 @@ import pytest
 
 from drscaling.data import Split, load_split
 from drscaling.errors import DrscalingError
-from drscaling.evaluate import EvalConfig, encode_fns, rank_pool, rank_split, ranked_metrics, ranking_metrics, top_k
+from drscaling.evaluate import (
+    Embedded, EvalConfig, EvalSet, encode_fns, rank_pool, rank_split, ranked_metrics, ranking_metrics, top_k,
+)
 from drscaling.model import Retriever, Tower, build_model, load_tokenizer
 
 CFG = EvalConfig(negatives=16, draws=1, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=600)
@@ -68,24 +70,38 @@ def random_retriever(tokenizer_dir) -> Retriever:
     return Retriever.single(Tower(encoder, tok, meta))
 
 
-def pool_embeddings(retriever: Retriever, prepared, split: Split) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+@pytest.fixture(scope="module")
+def test_split_embedded(prepared, random_retriever) -> Embedded:
+    """The test split's queries and rank pool, encoded once: rank_split reuses them (`known`)."""
+    split = load_split(prepared, "test")
     pool = rank_pool(prepared, split, CFG.rank_pool, CFG.seed)
-    encode_q, encode_p = encode_fns(retriever, CFG)
-    qids = list(dict.fromkeys(split.qrels["qid"]))
+    encode_q, encode_p = encode_fns(random_retriever, CFG)
     qtext = dict(zip(split.queries["qid"], split.queries["text"], strict=True))
-    return (encode_q([qtext[x] for x in qids], CFG.max_query_len),
-            encode_p(list(pool["text"]), CFG.max_passage_len), qids, {p: i for i, p in enumerate(pool["pid"])})
+    qids = list(qtext)
+    es = EvalSet("test", [qtext[x] for x in qids], list(pool["text"]), np.empty(0), np.empty(0),
+                 qids=qids, pids=list(pool["pid"]))
+    return Embedded(encode_q(es.queries, CFG.max_query_len), encode_p(es.passages, CFG.max_passage_len), es)
 
 
-def test_rank_split_on_the_test_split_equals_the_hand_written_metrics(prepared, random_retriever):
+def reference_inputs(embedded: Embedded, qrels: pd.DataFrame, graded: bool) -> tuple[np.ndarray, list]:
+    """Scores of the judged queries over the pool, and their relevant passages (sets, or index -> grade)."""
+    index = {pid: i for i, pid in enumerate(embedded.es.pids)}
+    qids = list(dict.fromkeys(qrels["qid"]))
+    rel: dict[str, dict[int, int]] = {x: {} for x in qids}
+    grades = qrels["relevance"] if graded else [1] * len(qrels)
+    for qid, pid, g in zip(qrels["qid"], qrels["pid"], grades, strict=True):
+        rel[qid][index[pid]] = int(g)
+    rows = [embedded.es.qids.index(x) for x in qids]
+    scores = embedded.queries[rows] @ embedded.passages.T
+    return scores, [rel[x] if graded else set(rel[x]) for x in qids]
+
+
+def test_rank_split_on_the_test_split_equals_the_hand_written_metrics(prepared, random_retriever, test_split_embedded):
     split = load_split(prepared, "test", relevance=True)
-    q, p, qids, index = pool_embeddings(random_retriever, prepared, split)
-    relevant = {x: set() for x in qids}
-    for qid, pid in zip(split.qrels["qid"], split.qrels["pid"], strict=True):
-        relevant[qid].add(index[pid])
-    old = reference_metrics(q @ p.T, [relevant[x] for x in qids])
-    new = rank_split(random_retriever, prepared, split, CFG)
-    assert new["rank_pool"] == CFG.rank_pool and len(qids) == 300
+    old = reference_metrics(*reference_inputs(test_split_embedded, split.qrels, graded=False))
+    new = rank_split(random_retriever, prepared, split, CFG, known=test_split_embedded)
+    assert new["rank_pool"] == CFG.rank_pool and split.qrels["qid"].nunique() == 300
+    assert old["mrr@10"] > 0.005  # a random encoder still ranks some positives in the top 10
     assert_same(new, old)
 
 
@@ -101,23 +117,19 @@ def test_graded_relevance_gains_as_trec_eval():
     assert graded["ndcg@10"] == pytest.approx((2 * d2 + 1 / np.log2(5)) / (2 + d2), abs=1e-12)
 
 
-def test_rank_split_passes_the_grades_to_ndcg(prepared, random_retriever):
+def test_rank_split_passes_the_grades_to_ndcg(prepared, random_retriever, test_split_embedded):
     split = load_split(prepared, "test", relevance=True)
     assert set(split.qrels["relevance"]) == {1}  # the Debian data has one relevant passage per query
     # A second relevant passage of grade 2 per query: graded and binary nDCG now differ.
     rng = np.random.default_rng(0)
-    extra = pd.DataFrame({"qid": split.qrels["qid"], "relevance": 2,
-                          "pid": rng.choice(split.corpus["pid"], size=len(split.qrels))})
-    extra = extra[extra["pid"] != split.qrels["pid"]]
-    qrels = pd.concat([split.qrels, extra[["qid", "pid", "relevance"]]], ignore_index=True)
-    graded = Split(split.corpus, split.queries, qrels)
-    q, p, qids, index = pool_embeddings(random_retriever, prepared, graded)
-    grades = {x: {} for x in qids}
-    for qid, pid, g in zip(qrels["qid"], qrels["pid"], qrels["relevance"], strict=True):
-        grades[qid][index[pid]] = int(g)
-    got = rank_split(random_retriever, prepared, graded, CFG)
-    assert got["ndcg@10"] == pytest.approx(ranking_metrics(q @ p.T, [grades[x] for x in qids])["ndcg@10"], abs=1e-9)
-    binary = rank_split(random_retriever, prepared, Split(split.corpus, split.queries, qrels[["qid", "pid"]]), CFG)
+    extra = pd.DataFrame({"qid": split.qrels["qid"], "pid": rng.choice(split.corpus["pid"], size=len(split.qrels)),
+                          "relevance": 2})
+    qrels = pd.concat([split.qrels, extra[extra["pid"] != split.qrels["pid"]]], ignore_index=True)
+    got = rank_split(random_retriever, prepared, Split(split.corpus, split.queries, qrels), CFG, known=test_split_embedded)
+    expected = ranking_metrics(*reference_inputs(test_split_embedded, qrels, graded=True))
+    assert got["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-9)
+    binary = rank_split(random_retriever, prepared, Split(split.corpus, split.queries, qrels[["qid", "pid"]]), CFG,
+                        known=test_split_embedded)
     assert abs(got["ndcg@10"] - binary["ndcg@10"]) > 1e-4
     assert got["recall@1000"] == pytest.approx(binary["recall@1000"])  # recall ignores grades
 

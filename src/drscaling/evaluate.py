@@ -187,6 +187,8 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 def ranked_metrics(ranked: np.ndarray, relevant: Sequence[Relevant]) -> dict[str, float]:
     """Mean MEASURES over queries, by ir-measures. ranked[i]: query i's passage indices, best first;
     relevant[i]: a set (grade 1 each) or {index: grade}; nDCG uses the grades as gains, like trec_eval."""
+    import ir_measures  # here: importing it takes ~1 s, which every other command would pay
+
     if len(ranked) != len(relevant):
         raise DrscalingError(f"{len(ranked)} rankings but {len(relevant)} relevance sets")
     if any(not rel for rel in relevant):
@@ -197,8 +199,6 @@ def ranked_metrics(ranked: np.ndarray, relevant: Sequence[Relevant]) -> dict[str
     # trec_eval does) would rank by index strings instead of by this ranking.
     by_rank = [float(ranked.shape[1] - r) for r in range(ranked.shape[1])]
     run = {str(i): dict(zip(map(str, row.tolist()), by_rank, strict=True)) for i, row in enumerate(ranked)}
-    import ir_measures  # here: importing it takes ~1 s, which every other command would pay
-
     sums = dict.fromkeys(MEASURES, 0.0)
     names = {ir_measures.parse_measure(m): name for name, m in MEASURES.items()}
     for value in ir_measures.evaluator(list(names), qrels).iter_calc(run):
