@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import CORPUS
 
+from drscaling import vector_index
 from drscaling.budget import (
     TowerCostTable, TowerWorkload, compare_towers, format_tower_comparison, read_tower_metrics,
     run_tower_budget,
@@ -164,8 +165,7 @@ def test_index_and_search_with_towers(towers_server, tmp_path):
     with pytest.raises(DrscalingError, match="passage tower of 'pair': query it with 'pair-query'"):
         search(towers_server, "pair-passage", tmp_path / "index", "q")
     # An index of another dimension than the query tower: a clear error, not a numpy one.
-    (tmp_path / "index" / "embeddings.npy").unlink()
-    np.save(tmp_path / "index" / "embeddings.npy", np.zeros((len(passages), 8), np.float32))
+    vector_index.save(vector_index.build(np.ones((len(passages), 8), np.float32)), tmp_path / "index" / "faiss.index")
     with pytest.raises(DrscalingError, match="embeds in 16 dimensions but the index"):
         search(towers_server, "pair", tmp_path / "index", "q")
 

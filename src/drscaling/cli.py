@@ -496,9 +496,15 @@ def cmd_encode(args) -> None:
 def cmd_index(args) -> None:
     from drscaling.serving import build_index
 
+    from drscaling.vector_index import config_from
+
+    index = config_from(index_type=args.index_type, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
+                        ef_construction=args.ef_construction, ef_search=args.ef_search)
     info = build_index(args.url, args.model, args.corpus, args.out, protocol=args.protocol, tokenizer=args.tokenizer,
-                       repo=args.repo)
-    print(f"indexed {info['n']} passages with {info['model']} into {args.out} (query it with --model {info['query_model']})")
+                       repo=args.repo, index=index)
+    settings = ", ".join(f"{k} {v}" for k, v in info["index"].items() if k != "type")
+    print(f"indexed {info['n']} passages with {info['model']} into {args.out} ({info['index']['type']} FAISS index"
+          f"{': ' + settings if settings else ''}; query it with --model {info['query_model']})")
 
 
 def cmd_search(args) -> None:
@@ -506,7 +512,7 @@ def cmd_search(args) -> None:
 
     for rank, (pid, score, text) in enumerate(
         search(args.url, args.model, args.index, args.query, k=args.k, protocol=args.protocol, tokenizer=args.tokenizer,
-               repo=args.repo), 1
+               repo=args.repo, nprobe=args.nprobe, ef_search=args.ef_search), 1
     ):
         print(f"{rank:>3}. {score:8.3f}  {pid}  {text[:100].replace(chr(10), ' ')}")
 
@@ -816,10 +822,12 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "index":
             p.add_argument("--corpus", required=True)
             p.add_argument("--out", required=True)
+            _index_flags(p, build=True)
         else:
             p.add_argument("--index", required=True)
             p.add_argument("-k", type=int, default=10)
             p.add_argument("query")
+            _index_flags(p, build=False)
     p = cmd("measure", cmd_measure, "load-test served encoders on Triton and fit $ per token (and $ per step) against N; "
             "query towers: latency at batch 1 (concurrency 1 and 8), passage towers: throughput at batch 32")
     p.add_argument("--repo", default=f"{A}/serving/repo", help="start Triton on this repository")
@@ -831,6 +839,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="measure each load setting this often; the costs use the median "
                                                "(default: params.yaml measure.repeats, else 3)")
     return ap
+
+
+def _index_flags(p: argparse.ArgumentParser, build: bool) -> None:
+    """FAISS flags of `index` (the index type and its settings) and `search` (search-time settings)."""
+    from drscaling.vector_index import INDEX_TYPES, IndexConfig
+
+    d = IndexConfig()
+    if build:
+        p.add_argument("--index-type", choices=INDEX_TYPES, default=d.index_type,
+                       help="flat: exact inner product; ivf / hnsw: approximate, for large corpora")
+        p.add_argument("--nlist", type=int, help="ivf: number of lists (default 4*sqrt(passages), at most passages/39)")
+        p.add_argument("--hnsw-m", type=int, help=f"hnsw: links per node (default {d.hnsw_m})")
+        p.add_argument("--ef-construction", type=int, help=f"hnsw: candidates kept while building (default {d.ef_construction})")
+    nprobe, ef = (d.nprobe, d.ef_search) if build else ("the index's own",) * 2
+    p.add_argument("--nprobe", type=int, help=f"ivf: lists scanned per query (default {nprobe})")
+    p.add_argument("--ef-search", type=int, help=f"hnsw: candidates kept per query (default {ef})")
 
 
 def main(argv: list[str] | None = None) -> int:

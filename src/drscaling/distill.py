@@ -179,7 +179,7 @@ def compare(teacher: Retriever, distilled: Retriever, baseline: Path | None, pre
     """Test metrics of the deployments; the teacher's passage embeddings are computed once and
     reused for the distilled pair, which shares that tower."""
     es = cached_evalset(prepared, "test", cfg)
-    split = load_split(prepared, "test")
+    split = load_split(prepared, "test", relevance=True)
     out: dict = {}
     teacher_q, teacher_p = encode_fns(teacher, cfg, device)
     big = embed_evalset(teacher_q, teacher_p, es, cfg)

@@ -557,7 +557,7 @@ def _finish(cfg, paths, state, run: _Run, d, mlflow, best_test: dict) -> dict:
     meta, device = run.meta, run.device
     # A resumed run may not hold the best model's test embeddings: then the ranking encodes them.
     best = load_retriever(paths.out / "model").to(device)
-    test = load_split(paths.prepared, "test")
+    test = load_split(paths.prepared, "test", relevance=True)
     ranks = rank_split(best, paths.prepared, test, cfg.eval, device, known=best_test.get("embedded")) if cfg.eval.rank_pool else {}
     secs = state["step_seconds"]
     zero = state.get("zero_shot") or {}
