@@ -22,8 +22,22 @@ NAME = f"drscaling-{SHAPE}"
 
 
 @pytest.fixture(scope="module")
-def trained(prepared, annotations, tokenizer_dir, tmp_path_factory) -> dict:
+def store(tmp_path_factory) -> str:
+    """This module's own registry: the session store holds other tests' versions of the same shape."""
+    return f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _use_store(store, _mlflow_uri_per_test):
+    os.environ["MLFLOW_TRACKING_URI"] = store
+    mlflow.set_tracking_uri(store)
+
+
+@pytest.fixture(scope="module")
+def trained(store, prepared, annotations, tokenizer_dir, tmp_path_factory) -> dict:
     """Two tiny training runs of one shape (two data sizes: two versions of its registered model)."""
+    os.environ["MLFLOW_TRACKING_URI"] = store  # before any test of the module has set it
+    mlflow.set_tracking_uri(store)
     out = {}
     for d in (60, 120):
         cfg = TrainConfig(shape=SHAPE, steps=4, batch_size=8, negatives=16, max_query_len=16, max_passage_len=24,

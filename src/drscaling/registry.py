@@ -51,8 +51,9 @@ REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "numpy", "panda
 
 
 def registered_name(shape: str, towers: str = "shared") -> str:
-    """The registered model of a shape: one per shape (dual towers are a model of their own)."""
-    name = f"{PREFIX}{shape}" + ("-dual" if towers == "dual" else "")
+    """The registered model of a shape: one per shape; dual towers and distilled deployments (named by
+    their query tower's shape) are models of their own."""
+    name = f"{PREFIX}{shape}" + {"dual": "-dual", "distilled": "-distilled"}.get(towers, "")
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 
@@ -90,7 +91,7 @@ def requirements() -> list[str]:
 CARD_FIELDS = (  # (key, label) in the order the card shows them
     ("shape", "shape"), ("towers", "towers"), ("n_non_embedding", "N (non-embedding parameters)"),
     ("d", "D (training pairs)"), ("source", "annotation source"), ("init", "initialised from"),
-    ("dim", "embedding dimension"), ("pooling", "pooling"), ("ce_test", "test contrastive entropy (this checkpoint)"),
+    ("passage_shape", "passage tower"), ("dim", "embedding dimension"), ("pooling", "pooling"), ("ce_test", "test contrastive entropy (this checkpoint)"),
     ("ce_test_interval", "95% interval (bootstrap over test pairs)"),
     ("ce_test_min", "min test CE over training (the laws' point)"), ("ce_test_zero_shot", "zero-shot test CE"),
     ("mrr@10", "MRR@10"), ("ndcg@10", "NDCG@10"), ("converged", "converged"), ("steps", "steps"),
@@ -114,6 +115,16 @@ def model_card(result: dict, meta, towers: str, versions: dict[str, str],
         "config_key": result.get("config_key"), "run_id": result.get("run_id"),
         "data_version": tracking.data_version(), **versions,
     }
+
+
+def distilled_card(result: dict, dim: int, source: str) -> dict:
+    """The card of a distilled deployment (distill.py): the student query tower's N, the teacher's
+    passage tower, the distilled queries as D, and the pair's test metrics."""
+    d = result["distilled"]
+    return {"shape": d["query_shape"], "towers": "distilled", "n_non_embedding": d["query_n"],
+            "passage_shape": d["passage_shape"], "d": result["distill"]["d"], "source": source, "dim": dim,
+            "steps": result["distill"]["steps"], "ce_test": d["ce"], "mrr@10": d.get("mrr@10"),
+            "ndcg@10": d.get("ndcg@10")}
 
 
 def _fmt(value: Any) -> str:
@@ -184,7 +195,7 @@ def describe_version(name: str, version: str, card: dict) -> None:
     client.update_model_version(name, version, description=card_markdown(card))
     for key in ("config_key", "d", "source", "ce_test", "ce_test_min", "mrr@10", "n_non_embedding"):
         if card.get(key) is not None:  # tag keys cannot hold '@': mrr@10 is mrr_at_10, as in metrics
-            client.set_model_version_tag(name, version, key.replace("@", "_at_"), _fmt(card[key]))
+            client.set_model_version_tag(name, version, key.replace("@", "_at_"), str(card[key]))
 
 
 def _stored_folder(info, folder_name: str) -> Path | None:
