@@ -98,7 +98,7 @@ def test_recommended_alias_serves_and_evaluates(trained, prepared):
     # without an exact config the budget's best shape gets its version of lowest CE
     low = min(trained.values(), key=lambda r: r["ce_test_at_best_dev"])
     assert registry.recommend({"shapes": {"best": {"shape": SHAPE}}})["version"] == \
-        mlflow.MlflowClient().get_model_version_by_alias(NAME, "recommended").version
+        str(mlflow.MlflowClient().get_model_version_by_alias(NAME, "recommended").version)
     assert mlflow.MlflowClient().get_model_version_by_alias(NAME, "recommended").run_id == low["run_id"]
 
 
