@@ -104,8 +104,9 @@ def test_training_lowers_contrastive_entropy_and_logs_to_mlflow(prepared, annota
     assert run.data.params["annotation_source"] == "human" and "git_commit" in run.data.params
     assert {"ce_test_min", "ce_dev_best", "ce_test_at_best_dev", "mrr_at_10", "train_step_seconds"} <= set(run.data.metrics)
     assert run.data.tags["drscaling.stage"] == "train" and run.data.tags["purpose"] == "test"
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(m["run_id"], "model")}
-    assert "model/drscaling.json" in artifacts
+    # the model is the run's MLflow Model (registry.py), not a loose folder of artifacts
+    assert "python_function" in mlflow.models.get_model_info(f"runs:/{m['run_id']}/model").flavors
+    assert "model_card.json" in {a.path for a in mlflow.MlflowClient().list_artifacts(m["run_id"])}
 
     # same parameters, same data: not trained again
     again = train(cfg, paths(prepared, annotations, tokenizer_dir, tmp_path / "run"))

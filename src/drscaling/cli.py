@@ -167,7 +167,7 @@ def cmd_distill(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from drscaling import tracking
+    from drscaling import registry, tracking
     from drscaling.evaluate import EvalConfig, evaluate_model
     from drscaling.files import write_json
 
@@ -184,6 +184,7 @@ def cmd_evaluate(args) -> None:
             mlflow.log_params({"model": args.model, "data": prepared, "split": args.split,
                                "n_non_embedding": result["n_non_embedding"]} | {f"eval_{k}": v for k, v in vars(cfg).items()})
             mlflow.log_metrics(tracking.metric_names({k: v for k, v in result.items() if isinstance(v, float)}))
+            registry.log_dataset(prepared, tracking.file_version(prepared), "evaluation", name=f"prepared/{args.split}")
     print(json.dumps(result, indent=2))
 
 
@@ -217,13 +218,14 @@ def cmd_fit(args) -> None:
     pick = lambda name, default=None: v if (v := getattr(args, name, None)) is not None else fit.get(name, default)  # noqa: E731
     out = Path(args.out or f"{A}/laws")
     points = out / "points.jsonl"
-    write_jsonl(points, merge_results(Path(f"{A}/sweeps/{preset}")))
+    sweeps = Path(args.sweeps or f"{A}/sweeps") / preset
+    write_jsonl(points, merge_results(sweeps))
     summary = laws.fit_sweep(points, out, n_bootstrap=int(pick("n_bootstrap", 1000)), seed=int(fit.get("seed", 0)),
                              holdout_largest=int(fit.get("holdout_largest", 1)), sources=pick("sources"),
                              workers=pick("workers"), bootstrap_method=pick("bootstrap_method", "parametric"))
     with tracking.stage_run("laws", f"fit-{preset}", {"drscaling.stage": "fit", "preset": preset}):
         laws.log_to_mlflow(summary)
-    _figures_to_sweep_parents(Path(f"{A}/sweeps/{preset}"), summary.get("figures") or {})
+    _figures_to_sweep_parents(sweeps, summary.get("figures") or {})
     print(laws.format_fits(laws.load_laws(summary["laws_path"]), summary.get("skipped")))
 
 
@@ -276,7 +278,7 @@ def _costs_mode(text: str) -> str | None:
 
 def cmd_budget(args) -> None:
     from drscaling import budget as B
-    from drscaling import tracking
+    from drscaling import registry, tracking
 
     cfg = params.section("budget")
     pick = lambda name, default=None: v if (v := getattr(args, name, None)) is not None else cfg.get(name, default)  # noqa: E731
@@ -292,12 +294,12 @@ def cmd_budget(args) -> None:
     scale = cfg.get("measured") or {}
     ann_cost = Path(f"{A}/annotations/{source}.cost.json")
     shapes = runs = None
-    points = Path(f"{A}/laws/points.jsonl")
-    if points.exists() and not published:
+    points = Path(laws).with_name("points.jsonl")  # written beside laws.json by `drscaling fit`
+    if not published and points.exists():
         rows = [json.loads(line) for line in points.read_text().splitlines() if line.strip()]
         shapes = {r["shape"]: r["n"] for r in rows if r.get("shape")}
         runs = [{"shape": r.get("shape"), "n": r.get("n"), "d": r.get("d"), "loss": r.get("ce_test_min"),
-                 "source": r.get("source")} for r in rows]
+                 "source": r.get("source"), "config_key": r.get("config_key")} for r in rows]
     eval_negatives = (params.section("train").get("eval") or {}).get("negatives")
     result = B.run_budget(
         laws, float(pick("budget", 20000)), bool(pick("include_inference", False)),
@@ -323,9 +325,16 @@ def cmd_budget(args) -> None:
             metrics, flag_tags = B.mlflow_fields(result)
             mlflow.log_metrics(metrics)
             mlflow.set_tags(flag_tags)
+            picked = None if published else registry.recommend(result)  # @recommended on the picked version
+            if picked:
+                mlflow.set_tag("budget.recommended_model", f"{picked['name']}/{picked['version']}")
     if args.show_derivation or mode == "paper":
         print("\n".join(B.paper_derivation()))
     print(B.format_recommendation(result))
+    if not args.no_mlflow and not published:
+        print(f"MLflow registry: {picked['uri']} = version {picked['version']} ({picked['why']})" if picked else
+              "MLflow registry: no registered version of the picked run (trained before models were registered,"
+              " or in another tracking store); @recommended not set")
     print(f"written to {out / 'budget.json'}")
 
 
@@ -431,14 +440,16 @@ def cmd_export(args) -> None:
     prepared = _p(args, "prepared", "data", f"{A}/prepared")
     repo = Path(args.repo) if args.repo else None
     if args.from_sweep:
-        rows = [r for r in merge_results(Path(f"{A}/sweeps/{args.from_sweep}")) if r["sweep"] == "model"]
+        rows = [r for r in merge_results(Path(args.sweeps or f"{A}/sweeps") / args.from_sweep) if r["sweep"] == "model"]
         if not rows:
             raise DrscalingError(f"the {args.from_sweep} preset has no model sweep results to export")
         targets = {r["shape"]: r["model_dir"] for r in rows}
     elif args.model:
-        targets = {args.name or Path(str(args.model)).parent.name or "model": args.model}
+        from drscaling.registry import model_name
+
+        targets = {args.name or model_name(str(args.model)): args.model}
     else:
-        raise DrscalingError("give --model (a model folder or runs:/<id>/model) or --from-sweep PRESET")
+        raise DrscalingError("give --model (a model folder, runs:/<id>/model or models:/<name>@<alias>) or --from-sweep PRESET")
     out_root = Path(args.out or f"{A}/export")
     for name, model in targets.items():
         result = export_one(model, out_root / name if len(targets) > 1 or args.from_sweep else out_root, variants,
@@ -718,7 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_flags(p, DistillConfig)
 
     p = cmd("evaluate", cmd_evaluate, "contrastive entropy and ranking metrics of any saved model")
-    p.add_argument("--model", required=True, help="drscaling model folder or any HF encoder folder")
+    p.add_argument("--model", required=True, help="drscaling model folder, any HF encoder folder, an MLflow run "
+                   "(runs:/<id>/model or its id) or a registered model (models:/drscaling-<shape>@recommended)")
     p.add_argument("--prepared", help="canonical dataset folder")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--out", help="write the metrics JSON here")
@@ -733,6 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="processes for the bootstrap refits (default: min(2, CPUs))")
     p.add_argument("--bootstrap-method", choices=["parametric", "pairs"],
                    help="interval method (default parametric: see drscaling/laws/bootstrap.py)")
+    p.add_argument("--sweeps", help=f"folder holding <preset>/results-*.jsonl (default {A}/sweeps)")
     p.add_argument("--out", help=f"default {A}/laws")
     p = cmd("report", cmd_report, "write the Markdown report (coefficient tables, figures, budget)")
     p.add_argument("--laws")
@@ -782,11 +795,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("summary", cmd_summary, "print the fitted laws and the budget recommendation")
 
     p = cmd("export", cmd_export, "export trained encoders to ONNX (+ optimised variants) and a Triton repository")
-    p.add_argument("--model", help="model folder, runs:/<run id>/model, or a run id; a dual-tower folder "
+    p.add_argument("--model", help="model folder, runs:/<run id>/model, a run id, or models:/<name>@<alias>; a dual-tower folder "
                                    "(query/ + passage/) exports to <out>/query and <out>/passage and is "
                                    "served as <name>-query and <name>-passage")
     p.add_argument("--name", help="model name in the repository (default: from the folder)")
     p.add_argument("--from-sweep", metavar="PRESET", help="export every shape of that preset's model sweep")
+    p.add_argument("--sweeps", help=f"--from-sweep: folder holding <preset>/results-*.jsonl (default {A}/sweeps)")
     p.add_argument("--variants", nargs="+", choices=["fp32", "opt", "fp16", "int8"])
     p.add_argument("--out", help=f"default {A}/export")
     p.add_argument("--repo", help="also write a Triton model repository here")

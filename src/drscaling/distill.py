@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from drscaling import tracking
+from drscaling import registry, tracking
 from drscaling.checkpoints import resolve_start
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
@@ -170,7 +170,8 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
             save_retriever(small, tmp / "model", extra={"distilled_from": str(teacher_dir)})
             write_json(tmp / "metrics.json", result)
         mlflow.log_dict(result, "distill.json")
-        mlflow.log_artifacts(str(paths.out / "model" / "query"), artifact_path="query_tower")
+        # the deployment (student query tower + teacher passage tower), once, as a registered MLflow Model
+        registry.log_encoder(paths.out / "model", registry.distilled_card(result, meta.dim, cfg.annotation_source))
     return result
 
 

@@ -103,15 +103,28 @@ def cached_evalset(prepared: str | Path, split: str, cfg: EvalConfig) -> EvalSet
     return _EVALSETS[key]
 
 
-def contrastive_entropy_from_scores(scores: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> float:
-    """scores: [n_pairs, n_passages]. Mean over draws and pairs of -log softmax(positive | negatives)."""
+def pair_losses(scores: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> np.ndarray:
+    """scores: [n_pairs, n_passages]. Each pair's -log softmax(positive | negatives), mean over draws."""
     rows = np.arange(len(positive))
     pos = scores[rows, positive]  # [n]
     neg = scores[rows[None, :, None], negatives]  # [draws, n, K]
     logits = np.concatenate([np.broadcast_to(pos[None, :, None], neg.shape[:2] + (1,)), neg], axis=2)
     m = logits.max(axis=2, keepdims=True)
     logz = m[..., 0] + np.log(np.exp(logits - m).sum(axis=2))
-    return float((logz - pos[None, :]).mean())
+    return (logz - pos[None, :]).mean(axis=0)
+
+
+def contrastive_entropy_from_scores(scores: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> float:
+    """Mean over draws and pairs of -log softmax(positive | negatives)."""
+    return float(pair_losses(scores, positive, negatives).mean())
+
+
+def bootstrap_interval(values: np.ndarray, level: float = 0.95, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampling the test pairs)."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
 @dataclass
@@ -124,6 +137,10 @@ class Embedded:
 
     def ce(self) -> float:
         return contrastive_entropy_from_scores(self.queries @ self.passages.T, self.es.positive, self.es.negatives)
+
+    def ce_interval(self, level: float = 0.95) -> tuple[float, float]:
+        """The CE's bootstrap interval over the test pairs (how much another test sample would move it)."""
+        return bootstrap_interval(pair_losses(self.queries @ self.passages.T, self.es.positive, self.es.negatives), level)
 
 
 def embed_evalset(encode_query: EncodeFn, encode_passage: EncodeFn, es: EvalSet, cfg: EvalConfig) -> Embedded:
@@ -267,10 +284,12 @@ def _reuse(ids: list[str], texts: list[str], known: dict[str, np.ndarray] | None
 
 
 def evaluate_model(model_dir: str | Path, prepared: str | Path, split: str, cfg: EvalConfig) -> dict:
-    """Any saved model (shared or dual towers) or plain HF encoder folder on any canonical split."""
+    """Any saved model (shared or dual towers), plain HF encoder folder or MLflow model URI on any canonical split."""
     from drscaling.model import check_lengths, load_retriever
+    from drscaling.registry import local_model
 
-    retriever = load_retriever(model_dir)
+    with local_model(model_dir) as folder:  # a folder, runs:/..., a run id or models:/name@alias
+        retriever = load_retriever(folder)
     check_lengths(retriever.query.meta, cfg.max_query_len)
     check_lengths(retriever.passage.meta, cfg.max_passage_len)
     data = load_split(prepared, split, relevance=True)

@@ -24,6 +24,26 @@ def configure() -> str:
     return uri
 
 
+# MLflow 3 opens an experiment on its GenAI overview unless it carries this tag; ours hold runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def use_experiment(name: str) -> None:
+    """Make `name` the active experiment (created when missing), tagged so the UI opens on its runs."""
+    import mlflow
+
+    tag_experiment(mlflow.set_experiment(name).experiment_id)
+
+
+def tag_experiment(experiment_id: str) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    key, value = EXPERIMENT_KIND
+    if client.get_experiment(experiment_id).tags.get(key) != value:
+        client.set_experiment_tag(experiment_id, key, value)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -79,7 +99,7 @@ def attach_project_run() -> None:
     import mlflow
 
     if mlflow.active_run() is None:
-        mlflow.start_run(run_id=run_id)
+        tag_experiment(mlflow.start_run(run_id=run_id).info.experiment_id)
 
 
 @contextlib.contextmanager
@@ -91,7 +111,7 @@ def stage_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator:
 
     nested = mlflow.active_run() is not None
     if not nested:
-        mlflow.set_experiment(experiment)
+        use_experiment(experiment)
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
         mlflow.set_tags(tags)
         yield run

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from drscaling import tracking
+from drscaling import registry, tracking
 from drscaling.annotate import load_annotations
 from drscaling.checkpoints import SCRATCH, Start, resolve_start
 from drscaling.data import load_split
@@ -310,7 +310,8 @@ class _Data:
     pos_texts: list[str]
     corpus_texts: list[str]
     pos_idx: np.ndarray  # each pair's positive as an index into corpus_texts
-    key: str  # content hashes of the annotations, the prepared splits and a named init checkpoint
+    versions: dict[str, str]  # content hashes of the annotations and of the prepared splits
+    key: str  # those hashes, plus a named init checkpoint's (train() adds it)
 
 
 @dataclass
@@ -352,10 +353,12 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
 
 def _training_data(cfg: TrainConfig, paths: Paths) -> _Data:
     queries, pos_pids, pos_texts, corpus_texts = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)
-    key = tracking.file_version(paths.annotations / f"{cfg.annotation_source}.jsonl") + tracking.file_version(paths.prepared)
+    versions = {"annotations_version": tracking.file_version(paths.annotations / f"{cfg.annotation_source}.jsonl"),
+                "prepared_version": tracking.file_version(paths.prepared)}
     corpus_pids = list(load_split(paths.prepared, "train").corpus["pid"])
     cindex = {p: i for i, p in enumerate(corpus_pids)}
-    return _Data(queries, pos_texts, corpus_texts, np.array([cindex[p] for p in pos_pids]), key)
+    return _Data(queries, pos_texts, corpus_texts, np.array([cindex[p] for p in pos_pids]), versions,
+                 versions["annotations_version"] + versions["prepared_version"])
 
 
 def _build_run(cfg: TrainConfig, paths: Paths, start: Start) -> _Run:
@@ -400,10 +403,12 @@ def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: d
     best_test: dict = {}  # the best-dev model's test embeddings, reused by the final ranking metrics
     if rank == 0:
         state["run_id"] = mlflow.active_run().info.run_id if mlflow else None
+    if mlflow:  # the data as MLflow datasets, digests = the content hashes above
+        registry.log_training_data(paths, cfg.annotation_source, data.versions)
     try:
         if rank == 0 and state["zero_shot"] is None:  # where the run starts: the untouched model
             state["zero_shot"] = _zero_shot(run.retriever, run.dev, run.test, cfg, run.device, mlflow,
-                                            tracking.file_version(paths.prepared))
+                                            data.versions["prepared_version"])
         bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps,
                    desc=f"train {cfg.shape} D={len(data.queries)}", disable=rank != 0)
         for step in bar:
@@ -418,7 +423,8 @@ def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: d
                 save_checkpoint(ckpt_dir, run.towers, run.opt, run.sched, state)
             if term["term"]:
                 raise Terminated(f"SIGTERM at step {step + 1} of {cfg.steps}; checkpointed, a rerun resumes here")
-        metrics = _finish(cfg, paths, state, run, len(data.queries), mlflow, best_test) if rank == 0 else {}
+        metrics = (_finish(cfg, paths, state, run, len(data.queries), mlflow, best_test, data.versions)
+                   if rank == 0 else {})
     except BaseException as exc:
         if mlflow and rank == 0:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -515,7 +521,7 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
 
     nested = mlflow.active_run() is not None  # inside a sweep: a child of its parent run
     if not nested:
-        mlflow.set_experiment(os.environ.get("DRSCALING_EXPERIMENT", "train"))
+        tracking.use_experiment(os.environ.get("DRSCALING_EXPERIMENT", "train"))
     run_id = state.get("run_id") or _unfinished_run(out, cfg)
     if run_id:  # resume (or adopt the run of a process killed before its first checkpoint)
         mlflow.start_run(run_id=run_id, log_system_metrics=True, nested=nested)
@@ -553,7 +559,7 @@ def _unfinished_run(out: Path, cfg: TrainConfig) -> str | None:
     return None if run.info.status == "FINISHED" else run.info.run_id
 
 
-def _finish(cfg, paths, state, run: _Run, d, mlflow, best_test: dict) -> dict:
+def _finish(cfg, paths, state, run: _Run, d, mlflow, best_test: dict, versions: dict[str, str]) -> dict:
     meta, device = run.meta, run.device
     # A resumed run may not hold the best model's test embeddings: then the ranking encodes them.
     best = load_retriever(paths.out / "model").to(device)
@@ -576,7 +582,8 @@ def _finish(cfg, paths, state, run: _Run, d, mlflow, best_test: dict) -> dict:
               "history": state["history"], **metrics}
     if mlflow:
         mlflow.log_metrics(tracking.metric_names(metrics))
-        mlflow.log_artifacts(str(paths.out / "model"), artifact_path="model")
+        # once, as an MLflow Model registered under its shape, with its model card (registry.py)
+        registry.log_trained(paths.out / "model", result, meta, cfg.towers, versions, best_test.get("embedded"))
         mlflow.log_dict(state["history"], "history.json")
     write_json(paths.out / "metrics.json", result)  # last: its presence marks the run finished
     shutil.rmtree(paths.out / "checkpoint", ignore_errors=True)  # finished: metrics.json is the record
