@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drscaling import budget as B
 from drscaling.budget import (
@@ -484,3 +486,46 @@ def test_thousand_sample_propagation_is_fast() -> None:
     opt = solve(fit, PAPER, 1e6, include_inference=True)
     assert opt["n_bootstrap"] == 1000 and opt["n_ci95"][0] < opt["n"] < opt["n_ci95"][1]
     assert time.perf_counter() - start < 10  # ~0.2 s; generous for a loaded 2-core machine
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: whatever the law, the prices and the budget, the chosen (N, D) never costs more than
+# the budget (or the solver says, clearly, that the budget buys nothing)
+# ---------------------------------------------------------------------------------------------
+
+
+def _log_uniform(lo: float, hi: float):
+    return st.floats(math.log10(lo), math.log10(hi)).map(lambda e: 10.0 ** e)
+
+
+COST_MODELS = st.builds(
+    B.CostModel, mode=st.just("measured"), usd_per_pair=_log_uniform(1e-4, 10.0),
+    train_a=_log_uniform(1e-15, 1e-6), train_b=st.floats(0.5, 1.5),
+    infer_a=_log_uniform(1e-12, 1.0), infer_b=st.floats(0.5, 1.5),
+)
+JOINT_LAWS = st.fixed_dictionaries({
+    "A": _log_uniform(1e2, 1e8), "B": _log_uniform(1e1, 1e6), "alpha": st.floats(0.05, 2.0),
+    "beta": st.floats(0.05, 2.0), "delta": st.floats(0.001, 1.0)})
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(params=JOINT_LAWS, costs=COST_MODELS, budget=_log_uniform(1.0, 1e9), inference=st.booleans())
+def test_property_chosen_point_never_costs_more_than_the_budget(params, costs, budget, inference):
+    fit = law("ND", params)
+    try:
+        opt = solve(fit, costs, budget, include_inference=inference)
+    except DrscalingError as exc:
+        assert "below the cheapest feasible point" in str(exc)
+        assert float(costs.model_cost(1e4, inference)) + costs.usd_per_pair >= budget
+        return
+    spent = costs.usd_per_pair * opt["d"] + float(costs.model_cost(opt["n"], inference))
+    assert spent <= budget * (1 + 1e-12), (spent, budget)
+    assert opt["cost"]["total"] <= budget * (1 + 1e-12)
+    assert opt["d"] >= 1.0 and 1e4 <= opt["n"] <= 1e12
+    shapes = {"s": 1e5, "m": 1e7, "l": 1e9}
+    try:
+        best = solve_shapes(fit, costs, budget, inference, shapes)["best"]
+    except DrscalingError as exc:
+        assert "buys none of the shapes" in str(exc)
+        return
+    assert best["cost"]["total"] <= budget * (1 + 1e-12) and best["d"] >= 1.0
