@@ -569,3 +569,22 @@ def test_property_msmarco_any_text(case, junk):
             for split in SPLITS:  # stable: a re-import is byte-identical, ids included
                 for f in ("corpus", "queries", "qrels"):
                     assert (Path(tmp) / "a" / split / f"{f}.jsonl").read_bytes() == (Path(tmp) / "b" / split / f"{f}.jsonl").read_bytes()
+
+
+def test_msmarco_texts_keep_carriage_returns_and_repeats_are_counted(tmp_path):
+    # Found by the property above: a bare \r inside a passage crashed the TSV reader (csv.Error).
+    src = tmp_path / "ms"
+    src.mkdir()
+    (src / "collection.tsv").write_bytes(b"0\tfirst\rpassage\n1\tsecond passage\n1\tsecond passage\n2\t \n")
+    for split in ("train", "dev", "eval"):
+        (src / f"queries.{split}.tsv").write_text(f"q{split}\tquery of {split}\nq{split}\tquery of {split}\n")
+    (src / "qrels.train.tsv").write_text("qtrain\t0\n")
+    (src / "qrels.dev.tsv").write_text("qdev 0 1 1\nqdev 0 9 1\n")
+    (src / "qrels.eval.tsv").write_text("qeval\t0\nqeval\t2\n")
+    report = import_msmarco(src, tmp_path / "out")
+    assert dict(report) == {"train": 1, "dev": 1, "test": 1}
+    data = check_dataset(tmp_path / "out", carved=False)
+    assert {r["pid"]: r["text"] for r in data["train"]["corpus"]} == {"0": "first\rpassage", "1": "second passage"}
+    msg = report.message()
+    assert "dropped 1 repeated entr(ies)" in msg and "dropped 1 entr(ies) with empty text (e.g. id '2')" in msg
+    assert "qrels.dev.tsv: dropped 1 judgement(s) naming an unknown passage" in msg and "'9'" in msg
