@@ -50,6 +50,7 @@ LR_SCHEDULES = ("linear", "constant")
 # A run has converged when the best test CE improved by less than this (relative) over the last
 # quarter of its steps: more steps would not move the point its law is fitted on.
 CONVERGENCE_TOLERANCE = 0.02
+CHECKPOINT_DIR = "checkpoint"  # <out>/checkpoint/checkpoint.pt while a run is unfinished
 
 
 @dataclass
@@ -228,9 +229,10 @@ def save_checkpoint(path: Path, towers: Towers, opt, sched, state: dict) -> None
         )
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, towers: Towers, opt, sched, data_key: str = "") -> dict | None:
-    """The saved state of an interrupted run, or None. Refuses, with what to do, a checkpoint that is
-    unreadable, was made with other parameters or on other data, or does not fit the shape. Only
+def read_checkpoint(path: Path, cfg: TrainConfig, data_key: str = "") -> dict | None:
+    """The saved checkpoint of an interrupted run, or None; read before anything is built, so a
+    checkpoint that cannot be resumed is refused before any compute. Refuses, with what to do, one
+    that is unreadable, was made for another shape, with other parameters or on other data. Only
     tensors and plain containers are unpickled (weights_only)."""
     file = path / "checkpoint.pt"
     if not file.exists():
@@ -241,6 +243,11 @@ def load_checkpoint(path: Path, cfg: TrainConfig, towers: Towers, opt, sched, da
         state = ck["state"]
     except Exception as exc:  # noqa: BLE001 - truncated zip, foreign pickle, missing keys: all unusable
         raise DrscalingError(f"checkpoint {file} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); {discard}") from exc
+    if state.get("shape") != cfg.shape:
+        raise DrscalingError(
+            f"checkpoint {path} was made for shape {state.get('shape')}, not {cfg.shape}: its weights cannot"
+            f" continue another shape; use another output folder or {discard}"
+        )
     if state.get("config_key") != cfg.key():
         raise DrscalingError(
             f"checkpoint {path} was made with different parameters (shape {state.get('shape')});"
@@ -252,14 +259,19 @@ def load_checkpoint(path: Path, cfg: TrainConfig, towers: Towers, opt, sched, da
             " checkpoint's weights changed"
             f" since); resuming would mix both: {discard}"
         )
+    return ck
+
+
+def restore_checkpoint(ck: dict, path: Path, cfg: TrainConfig, towers: Towers, opt, sched) -> dict:
+    """Load a checkpoint read by read_checkpoint into the built towers, optimiser and schedule; returns
+    the run's saved state. (The torch generator is restored by the caller, last.)"""
     try:
         towers.load_state_dict(ck["model"])
     except RuntimeError as exc:
         raise DrscalingError(f"checkpoint {path} does not fit shape {cfg.shape}: {exc}") from exc
     opt.load_state_dict(ck["opt"])
     sched.load_state_dict(ck["sched"])
-    torch.set_rng_state(ck["torch_rng"])
-    return state
+    return ck["state"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -330,6 +342,7 @@ class _Run:
     dev: object
     test: object
     start: Start  # the checkpoint the towers started from
+    restored: dict | None = None  # the saved state of the interrupted run this one resumes
 
 
 def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, discard_checkpoint: bool = False) -> dict:
@@ -347,8 +360,9 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
     lock = folder_lock(paths.out, f"training {cfg.shape}") if rank == 0 else contextlib.nullcontext()
     with lock, sigterm_at_step_boundary() as term:
         if discard_checkpoint:
-            shutil.rmtree(paths.out / "checkpoint", ignore_errors=True)
-        return _train(cfg, paths, data, _build_run(cfg, paths, start), tags, term)
+            shutil.rmtree(paths.out / CHECKPOINT_DIR, ignore_errors=True)
+        saved = read_checkpoint(paths.out / CHECKPOINT_DIR, cfg, data.key)  # refused here: before any compute
+        return _train(cfg, paths, data, _build_run(cfg, paths, start, saved), tags, term)
 
 
 def _training_data(cfg: TrainConfig, paths: Paths) -> _Data:
@@ -361,7 +375,7 @@ def _training_data(cfg: TrainConfig, paths: Paths) -> _Data:
                  versions["annotations_version"] + versions["prepared_version"])
 
 
-def _build_run(cfg: TrainConfig, paths: Paths, start: Start) -> _Run:
+def _build_run(cfg: TrainConfig, paths: Paths, start: Start, saved: dict | None = None) -> _Run:
     rank, world = _ddp()
     tokenizer = shape_tokenizer(cfg.shape, start.load or "", paths.tokenizer)
     build = dict(seed=cfg.seed, init=start.load, scale=cfg.scale, pooling=cfg.pooling, projection=cfg.projection)
@@ -375,8 +389,6 @@ def _build_run(cfg: TrainConfig, paths: Paths, start: Start) -> _Run:
     towers = Towers(encoder, passage)
     query_tower = Tower(encoder, tokenizer, meta)
     retriever = Retriever(query_tower, Tower(passage, tokenizer, meta) if passage is not None else query_tower)
-    dev = cached_evalset(paths.prepared, "dev", cfg.eval)
-    test = cached_evalset(paths.prepared, "test", cfg.eval)
     device = _device()
     towers.to(device)
     if cfg.gradient_checkpointing:
@@ -387,13 +399,19 @@ def _build_run(cfg: TrainConfig, paths: Paths, start: Start) -> _Run:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device == "cuda" else None)
     opt, sched = optimizer(towers, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.bf16 else contextlib.nullcontext()
-    return _Run(towers, model, retriever, tokenizer, meta, opt, sched, autocast, device, dev, test, start)
+    # A checkpoint that does not fit the towers is refused before the evaluation sets are built.
+    restored = restore_checkpoint(saved, paths.out / CHECKPOINT_DIR, cfg, towers, opt, sched) if saved else None
+    dev = cached_evalset(paths.prepared, "dev", cfg.eval)
+    test = cached_evalset(paths.prepared, "test", cfg.eval)
+    if saved:  # last, so nothing between here and the next step draws from the restored generator
+        torch.set_rng_state(saved["torch_rng"])
+    return _Run(towers, model, retriever, tokenizer, meta, opt, sched, autocast, device, dev, test, start, restored)
 
 
 def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: dict) -> dict:
     rank, world = _ddp()
-    ckpt_dir = paths.out / "checkpoint"
-    state = load_checkpoint(ckpt_dir, cfg, run.towers, run.opt, run.sched, data.key) or {
+    ckpt_dir = paths.out / CHECKPOINT_DIR
+    state = run.restored or {
         "step": 0, "config_key": cfg.key(), "shape": cfg.shape, "run_id": None, "history": [],
         "best_dev": float("inf"), "test_at_best_dev": float("inf"), "test_min": float("inf"),
         "best_step": 0, "step_seconds": [], "tokens": [], "data_key": data.key, "zero_shot": None,
@@ -586,5 +604,5 @@ def _finish(cfg, paths, state, run: _Run, d, mlflow, best_test: dict, versions: 
         registry.log_trained(paths.out / "model", result, meta, cfg.towers, versions, best_test.get("embedded"))
         mlflow.log_dict(state["history"], "history.json")
     write_json(paths.out / "metrics.json", result)  # last: its presence marks the run finished
-    shutil.rmtree(paths.out / "checkpoint", ignore_errors=True)  # finished: metrics.json is the record
+    shutil.rmtree(paths.out / CHECKPOINT_DIR, ignore_errors=True)  # finished: metrics.json is the record
     return result
