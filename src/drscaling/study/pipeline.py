@@ -17,8 +17,15 @@ import yaml
 from drscaling.errors import DrscalingError
 from drscaling.files import write_text
 
-GENERATED = ("supervised", "llm")  # sources a model writes: a study always generates them for its own data
 A = "artifacts"
+
+
+def generated(source: str) -> bool:
+    """A source a model writes: the shipped pre-generated files are for the embedded data, so a study
+    generates them for its own (--regenerate)."""
+    from drscaling.annotation.sources import GeneratedSource, get
+
+    return isinstance(get(source), GeneratedSource)
 
 
 @dataclass
@@ -47,7 +54,7 @@ def data_stages(fmt: str, data: str, sizes: tuple[int, int] | None, sources: lis
               outs=[f"{A}/tokenizer"], params=["tokenizer"]),
     ]
     for source in sources:
-        regenerate = ["--regenerate"] if source in GENERATED else []
+        regenerate = ["--regenerate"] if generated(source) else []
         stages.append(Stage(f"annotate-{source}", ["annotate", "--source", source, *regenerate], deps=[prepared, report],
                             outs=[f"{A}/annotations/{source}.jsonl"], params=["annotate"],
                             files=[f"{A}/annotations/{source}.cost.json", f"{A}/validation/annotations-{source}.json"]))
@@ -123,13 +130,24 @@ def init_dvc(root: Path, tracked: str | None) -> None:
     """A DVC project in the study folder (nested in a git repository when there is one), with the copy
     of the user's data as a tracked input."""
     if not (root / ".dvc").exists():
-        inside_git = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-inside-work-tree"],
-                                    capture_output=True, text=True).stdout.strip() == "true"
-        dvc(root, "init", "--subdir" if inside_git else "--no-scm", "-q")
+        dvc(root, "init", "--subdir" if _git_tracks(root) else "--no-scm", "-q")
         dvc(root, "config", "core.analytics", "false")
         dvc(root, "config", "core.check_update", "false")
     if tracked:
         dvc(root, "add", "-q", tracked)
+
+
+def _git_tracks(root: Path) -> bool:
+    """Inside a git work tree and not git-ignored (the project ignores studies/): then the study is a
+    DVC project nested in the repository (`dvc init --subdir`); else one of its own (`--no-scm`)."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+
+    try:
+        inside = git("rev-parse", "--is-inside-work-tree").stdout.strip() == "true"
+        return inside and git("check-ignore", "-q", str(root)).returncode != 0
+    except OSError:  # no git
+        return False
 
 
 def write_dvc(root: Path, stages: list[Stage]) -> None:

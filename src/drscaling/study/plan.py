@@ -71,6 +71,8 @@ def _min_points(axes: str) -> int:
 
 def _fit_d(values: list[int], available: int, where: str, notes: list[str]) -> list[int]:
     """The data sizes `available` pairs can supply: larger ones replaced by all of them."""
+    if available < 1:
+        return []
     kept = sorted({v for v in values if 0 < v <= available} | ({available} if 0 in values else set()))
     dropped = [v for v in values if v > available]
     if dropped:
@@ -95,9 +97,12 @@ def _adapt(preset: Preset, available: dict[str, int], notes: list[str]) -> Prese
         if skipped:
             notes.append(f"source sweep: {', '.join(skipped)} left out (not annotated in this study; "
                          "pass --sources to add them)")
-        low = min((available[s] for s in sources), default=0)
-        out.source["sources"] = sources
-        out.source["train_pairs"] = _fit_d(out.source.get("train_pairs", []), low, "source sweep", notes)
+        if sources:
+            low = min(available[s] for s in sources)
+            out.source["sources"] = sources
+            out.source["train_pairs"] = _fit_d(out.source.get("train_pairs", []), low, "source sweep", notes)
+        else:
+            out.source = {}
     if out.joint:
         out.joint["train_pairs"] = _fit_d(out.joint.get("train_pairs", []), available["human"], "joint sweep", notes)
     return out

@@ -164,7 +164,7 @@ def run_study(cfg: StudyConfig) -> Path:
         else:
             for i, stage in enumerate(laws, start=1):
                 _stage(cfg, stage, i, len(laws))
-    _finish(cfg, root, study, laws)
+    _finish(cfg, root, study)
     return root
 
 
@@ -191,8 +191,9 @@ def _run_dvc(cfg: StudyConfig, root: Path, data_stages: list[P.Stage], laws: lis
     P.dvc(root, "repro", stream=True)
 
 
-def _finish(cfg: StudyConfig, root: Path, study: F.StudyFolder, laws: list[P.Stage]) -> None:
+def _finish(cfg: StudyConfig, root: Path, study: F.StudyFolder) -> None:
     report = root / "artifacts/report/report.md"
+    print(report.read_text(encoding="utf-8"), flush=True)
     _say(cfg, f"study {study.name} done: report {report}; laws {root / 'artifacts/laws/laws.json'}")
     _say(cfg, f"MLflow: experiment {study.experiment} (mlflow ui; every run of this study is there)")
     if cfg.dvc:
