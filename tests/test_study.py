@@ -114,8 +114,11 @@ def test_bad_inputs_are_refused_before_training(tmp_path, raw_pairs, capsys):
     # another format than the one named
     with pytest.raises(DrscalingError, match="is not --format beir data; it looks like JSON lines of {query, passage}"):
         run_study(StudyConfig(data=str(good), format="beir", out=tmp_path / "s1"))
-    with pytest.raises(DrscalingError, match="reads a folder"):
+    with pytest.raises(DrscalingError, match="is not --format msmarco data; it looks like JSON lines"):
         run_study(StudyConfig(data=str(good), format="msmarco", out=tmp_path / "s1"))
+    (tmp_path / "notes.txt").write_text("not a dataset\n")
+    with pytest.raises(DrscalingError, match="--format msmarco reads a folder"):
+        run_study(StudyConfig(data=str(tmp_path / "notes.txt"), format="msmarco", out=tmp_path / "s1"))
     assert not (tmp_path / "s1").exists()
     # an empty text, on its line
     rows = pairs_from(raw_pairs, 300)
