@@ -199,6 +199,15 @@ def cmd_sweep(args) -> None:
     print(format_results(results))
 
 
+def cmd_study(args) -> None:
+    """Thin: parse, hand off to drscaling.study."""
+    from drscaling.study import StudyConfig, run_study
+
+    run_study(StudyConfig(data=args.data, format=args.format, preset=args.preset, out=args.out, name=args.name,
+                          sources=tuple(args.sources), dvc=args.dvc, new_data_version=args.new_data_version,
+                          n_bootstrap=args.n_bootstrap, costs_path=args.costs_path))
+
+
 # ---------------------------------------------------------------------------------------------
 # laws, report, budget
 # ---------------------------------------------------------------------------------------------
@@ -250,10 +259,12 @@ def _figures_to_sweep_parents(sweeps: Path, figures) -> None:
 
 def cmd_report(args) -> None:
     from drscaling import report, tracking
+    from drscaling.study.folder import data_lines
 
     laws_path = Path(args.laws or f"{A}/laws/laws.json")
     budget = Path(args.budget_json or f"{A}/budget/budget.json")
-    out = report.write_report(laws_path, args.out, budget if budget.exists() else None)
+    out = report.write_report(laws_path, args.out, budget if budget.exists() else None,
+                              header=data_lines(params.section("study")))
     with tracking.stage_run("laws", "report", {"drscaling.stage": "report"}):
         report.log_report(out, laws_path, budget if budget.exists() else None)
     print(f"report written to {out}")
@@ -650,6 +661,12 @@ def _annotate_parser(p: argparse.ArgumentParser) -> None:
                    help="--regenerate: discard a partial run made with other settings instead of refusing to mix them")
 
 
+def sources_names() -> tuple[str, ...]:
+    from drscaling.annotation import sources
+
+    return sources.names()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from drscaling.distill import DistillConfig
     from drscaling.evaluate import EvalConfig
@@ -718,6 +735,25 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--preset", help="preset name in pipelines/ or a YAML path")
             p.add_argument("--only", choices=["model", "data", "source", "joint"], help="run one sweep of the preset")
+
+    p = cmd("study", cmd_study, "scaling laws for your own data: import, annotate, sweeps sized to the data, fit, "
+            "budget and report in one command (one MLflow experiment; --dvc: a DVC pipeline in the study folder)")
+    p.add_argument("data", help="pairs: a JSONL file of {query, passage}; msmarco/beir: a folder; ir_datasets: an id")
+    p.add_argument("--format", choices=["pairs", "msmarco", "beir", "ir_datasets"], default="pairs")
+    p.add_argument("--preset", default="quick", help="sweep preset to size to the data (name in pipelines/ or a YAML "
+                                                     "path; default quick, the CPU preset)")
+    p.add_argument("--out", type=Path, help="study folder (default studies/<name>); reruns resume there")
+    p.add_argument("--name", help="study name (default: from DATA's file name); the MLflow experiment is study-<name>")
+    p.add_argument("--sources", nargs="+", default=["human"], choices=sources_names(),
+                   help="annotation sources to annotate and sweep (default human; ict is free; supervised and llm "
+                        "generate queries for this data, slowly on a CPU, and are priced by what they cost)")
+    p.add_argument("--dvc", action="store_true", help="make the study folder a DVC project (the data `dvc add`ed, "
+                   "the stages in its dvc.yaml) and run the sweeps onwards with `dvc repro`")
+    p.add_argument("--new-data-version", action="store_true",
+                   help="accept DATA for a study folder made from other data (its next data version)")
+    p.add_argument("--n-bootstrap", type=int, help="bootstrap refits per law (default: params.yaml fit.n_bootstrap)")
+    p.add_argument("--costs-path", help="measured costs JSON (default costs/costs.json in the project; the paper's "
+                                        "cost model when absent)")
 
     p = cmd("distill", cmd_distill, "distil a trained large query tower into a small one (ScalingNote stage 2)")
     p.add_argument("--teacher", required=True, help="trained model or run folder (e.g. dual smollm2-135m towers)")

@@ -122,7 +122,7 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
 
     nested = mlflow.active_run() is not None  # e.g. under `mlflow run`
     if not nested:
-        tracking.use_experiment("sweeps")
+        tracking.use_experiment(tracking.experiment("sweeps"))
     label = f"{preset.name}-{only or 'all'}"
     state_file = out / f"parent-{label}.json"
     parent_id = read_json(state_file).get("run_id") if state_file.exists() else None

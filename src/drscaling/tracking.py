@@ -84,6 +84,18 @@ def file_version(path: str | Path, suffixes: tuple[str, ...] = ()) -> str:
     return h.hexdigest()
 
 
+def experiment(default: str) -> str:
+    """The MLflow experiment a stage logs to: $DRSCALING_EXPERIMENT, else the working directory's
+    params.yaml `study.experiment` (a study folder puts every stage of a study in one experiment),
+    else the stage's own `default`."""
+    name = os.environ.get("DRSCALING_EXPERIMENT")
+    if name:
+        return name
+    from drscaling import params  # lazy: params imports this module
+
+    return str(params.section("study").get("experiment") or default)
+
+
 def metric_names(metrics: dict) -> dict[str, float]:
     """MLflow forbids '@' in names: mrr@10 is logged as mrr_at_10 (files keep the usual spelling)."""
     return {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if v is not None}
@@ -103,15 +115,15 @@ def attach_project_run() -> None:
 
 
 @contextlib.contextmanager
-def stage_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator:
+def stage_run(default_experiment: str, run_name: str, tags: dict[str, str]) -> Iterator:
     """A stage's MLflow run: a child when a run is already active (a sweep, `mlflow run`), else a
-    top-level run in `experiment`."""
+    top-level run in experiment(default_experiment)."""
     configure()
     import mlflow
 
     nested = mlflow.active_run() is not None
     if not nested:
-        use_experiment(experiment)
+        use_experiment(experiment(default_experiment))
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
         mlflow.set_tags(tags)
         yield run

@@ -110,10 +110,11 @@ class Paths:
 def training_pairs(paths: Paths, source: str, train_pairs: int, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
     """(queries, positive pids, positive passages, corpus texts) for the first D pairs of a seeded
     permutation: smaller D are subsets of larger ones, as in a data-size sweep. D = 0: all pairs."""
-    ann = load_annotations(paths.annotations / f"{source}.jsonl")
+    ann_path = paths.annotations / f"{source}.jsonl"
+    ann = load_annotations(ann_path)
     corpus = load_split(paths.prepared, "train").corpus
     text = dict(zip(corpus["pid"], corpus["text"], strict=True))
-    ann = ann[ann["pid"].isin(text.keys())]
+    check_annotations_match(ann, text.keys(), ann_path, paths.prepared)
     available = len(ann)
     d = train_pairs or available
     if d > available:
@@ -123,6 +124,20 @@ def training_pairs(paths: Paths, source: str, train_pairs: int, seed: int) -> tu
     order = np.random.default_rng(seed).permutation(available)[:d]
     ann = ann.iloc[order]
     return list(ann["query"]), list(ann["pid"]), [text[p] for p in ann["pid"]], list(corpus["text"])
+
+
+def check_annotations_match(ann, corpus_pids, ann_path: Path, prepared: Path) -> None:
+    """Every annotation must name a passage of the train corpus it is trained against: one that does
+    not was made from another dataset (or another import of it), and training on the rest would
+    silently measure something else."""
+    unknown = ~ann["pid"].isin(set(corpus_pids))
+    if unknown.any():
+        corpus_file = Path(prepared) / "train" / "corpus.jsonl"
+        raise DrscalingError(
+            f"{ann_path}: {int(unknown.sum()):,} of {len(ann):,} annotations name passages that are not in the "
+            f"train corpus {corpus_file} (e.g. pid {ann.loc[unknown, 'pid'].iloc[0]!r}): the annotations were "
+            f"made from another dataset. Annotate this one (`drscaling annotate --source <source> --prepared "
+            f"{prepared} --out <folder>/<source>.jsonl`) and pass that folder as --annotations")
 
 
 def check_config(cfg: TrainConfig, n_corpus: int) -> None:
@@ -539,7 +554,7 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
 
     nested = mlflow.active_run() is not None  # inside a sweep: a child of its parent run
     if not nested:
-        tracking.use_experiment(os.environ.get("DRSCALING_EXPERIMENT", "train"))
+        tracking.use_experiment(tracking.experiment("train"))
     run_id = state.get("run_id") or _unfinished_run(out, cfg)
     if run_id:  # resume (or adopt the run of a process killed before its first checkpoint)
         mlflow.start_run(run_id=run_id, log_system_metrics=True, nested=nested)
