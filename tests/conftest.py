@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
+import hypothesis.configuration
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,9 +20,88 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = REPO / "data" / "debian" / "pairs.jsonl"
 
+# ---------------------------------------------------------------------------------------------
+# The test run must leave the repository as it found it: tests run in a temporary working folder
+# (so relative paths such as MLflow's default ./mlruns artifact root land there), and the session
+# fails if any file under the repository appeared, changed or vanished.
+# ---------------------------------------------------------------------------------------------
+
+# Never compared: git's own files, the environment, byte code (Python writes it on import).
+_UNWATCHED_DIRS = {".git", ".venv", "__pycache__"}
+_UNWATCHED_SUFFIXES = (".pyc", ".egg-info")
+
+
+def repository_files(root: Path = REPO) -> dict[str, tuple[int, int]]:
+    """{path relative to the repository: (size, mtime in ns)} of every file a test could touch."""
+    out: dict[str, tuple[int, int]] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _UNWATCHED_DIRS and not d.endswith(_UNWATCHED_SUFFIXES)]
+        for name in files:
+            if name.endswith(_UNWATCHED_SUFFIXES):
+                continue
+            path = Path(folder) / name
+            try:
+                st = path.lstat()
+            except FileNotFoundError:  # removed while walking
+                continue
+            out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def repository_changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    changes = [f"new      {p}" for p in sorted(after.keys() - before.keys())]
+    changes += [f"removed  {p}" for p in sorted(before.keys() - after.keys())]
+    changes += [f"changed  {p}" for p in sorted(before.keys() & after.keys()) if before[p] != after[p]]
+    return changes
+
+
+_REPO_BEFORE = repository_files()  # at conftest import: before any test module runs
+_REPO_CHANGES: list[str] = []
+
+# hypothesis keeps its caches (constants, unicode tables, examples) under the working folder it was
+# imported in, which is the repository root under `make test`: point it at a temporary folder.
+_HYPOTHESIS_HOME = Path(tempfile.mkdtemp(prefix="drscaling-tests-hypothesis-"))
+hypothesis.configuration.set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+
+
+def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
+    """A run that changed the repository fails, whatever its tests said."""
+    shutil.rmtree(_HYPOTHESIS_HOME, ignore_errors=True)
+    _REPO_CHANGES[:] = repository_changes(_REPO_BEFORE, repository_files())
+    if _REPO_CHANGES:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if session.config.pluginmanager.get_plugin("terminalreporter") is None:
+            print(_changes_message(), file=sys.stderr)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
+    if _REPO_CHANGES:  # printed last, just above the counts, so it cannot scroll out of sight
+        terminalreporter.write_sep("!", "FAILED: the test run changed the repository", red=True, bold=True)
+        terminalreporter.write_line(_changes_message(), red=True)
+
+
+def _changes_message() -> str:
+    shown = "\n".join(_REPO_CHANGES[:40])
+    if len(_REPO_CHANGES) > 40:
+        shown += f"\n... and {len(_REPO_CHANGES) - 40} more"
+    return (f"the test run changed {len(_REPO_CHANGES)} file(s) under {REPO}; tests must write only under"
+            f" their temporary folders (relative paths resolve in one):\n{shown}")
+
 
 @pytest.fixture(scope="session", autouse=True)
-def mlflow_store(tmp_path_factory) -> str:
+def temp_working_folder(tmp_path_factory) -> Path:
+    """Every test runs in a temporary working folder, never the repository root: whatever a test or
+    a library writes to a relative path (MLflow's ./mlruns, ./artifacts, .hypothesis) stays out of
+    the checkout. Tests name repository files through REPO."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    previous = Path.cwd()
+    os.chdir(cwd)
+    yield cwd
+    os.chdir(previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(temp_working_folder, tmp_path_factory) -> str:
     """Every test talks to one real MLflow SQLite store in a temp folder, never the project's."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri

@@ -78,19 +78,26 @@ def test_export_from_mlflow_run_logs_parity(tmp_path, tiny_model, mlflow_tmp):
         export_onnx("0" * 32, tmp_path / "c")
 
 
-def test_quality_delta(tiny_model, tiny_onnx, tmp_path):
+def test_quality_delta_is_contrastive_entropy(tiny_model, tiny_onnx, prepared, tmp_path):
+    """Export quality is the contrastive entropy of each variant on the test split (the metric
+    `drscaling export` scores with), and PyTorch's value is what the evaluator gives the model."""
     import shutil
+
+    from drscaling.cli import _ce_metric
+    from drscaling.evaluate import EvalConfig, evaluate_model
 
     onnx_dir = tmp_path / "onnx"
     shutil.copytree(tiny_onnx, onnx_dir)
-
-    def mean_norm(encode_fn) -> float:  # a stand-in quality metric: any number from embeddings
-        return float(np.linalg.norm(encode_fn(CORPUS[:6], 32), axis=1).mean())
-
-    result = quality_delta(onnx_dir, mean_norm, model_dir=tiny_model)
+    cfg = EvalConfig(negatives=32, draws=2, max_query_len=16, max_passage_len=32, rank_pool=0)
+    result = quality_delta(onnx_dir, _ce_metric(prepared, cfg), model_dir=tiny_model)
+    assert result["torch"] == pytest.approx(evaluate_model(tiny_model, prepared, "test", cfg)["ce"], abs=1e-5)
+    assert 0 < result["torch"] < 2 * np.log(33)  # a CE in nats (random weights: near ln(33)), not a norm
     assert set(result["variants"]) == {"fp32", "opt", "int8"}
-    assert abs(result["variants"]["fp32"]["delta"]) < 1e-4
-    assert abs(result["variants"]["int8"]["delta"]) < 0.05 * result["torch"]
+    for name in ("fp32", "opt"):  # the same function as PyTorch: the same CE
+        assert abs(result["variants"][name]["delta"]) < 1e-4, name
+    assert abs(result["variants"]["int8"]["delta"]) < 0.05  # nats
+    for v in result["variants"].values():
+        assert v["delta"] == pytest.approx(v["value"] - result["torch"])
     assert json.loads((onnx_dir / "export.json").read_text())["quality"] == result
 
 

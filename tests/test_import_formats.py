@@ -33,8 +33,10 @@ DEFAULTS = {"dev": 1000, "test": 1000}
 # ---------------------------------------------------------------------------------------------
 
 
-def check_dataset(root: Path) -> dict[str, dict[str, list[dict]]]:
-    """The canonical format's structural rules (what `drscaling validate` checks, without GX's cost)."""
+def check_dataset(root: Path, carved: bool = True) -> dict[str, dict[str, list[dict]]]:
+    """The canonical format's structural rules (what `drscaling validate` checks, without GX's cost).
+    `carved`: the importer split the data itself, so no dev/test judgement may touch train's (MS MARCO's
+    files name their own splits, which the importer keeps as they are)."""
     data = {s: {f: read_jsonl(root / s / f"{f}.jsonl") for f in ("corpus", "queries", "qrels")} for s in SPLITS}
     assert sorted(p.name for p in root.iterdir()) == sorted(SPLITS)
     train_q = {r["qid"] for r in data["train"]["qrels"]}
@@ -53,7 +55,7 @@ def check_dataset(root: Path) -> dict[str, dict[str, list[dict]]]:
         for row in files["qrels"]:
             assert set(row) <= {"qid", "pid", "relevance"}
             assert row.get("relevance", 1) >= 1
-        if split != "train":
+        if carved and split != "train":
             assert not {q for q, _ in pairs} & train_q, f"{split} query in train"
             assert not {p for _, p in pairs} & train_p, f"{split} positive in train"
     return data
@@ -522,3 +524,67 @@ def test_property_beir_any_text(case, junk, ascii_only):
         assert dict(report) == {s: len(data[s]["qrels"]) for s in SPLITS}
         known = {str(d["_id"]) for d in docs}
         assert all(r["pid"] in known for s in SPLITS for r in data[s]["corpus"])  # BEIR ids kept as they are
+
+
+MS_ID = mostly(st.sampled_from([str(i) for i in range(10)]), WILD, 20)
+
+
+@st.composite
+def msmarco_case(draw):
+    """collection.tsv, queries.<split>.tsv and qrels.<split>.tsv (TREC or two-column) with ids that
+    mostly exist, sometimes repeat or dangle, and texts of any kind (tabs and blanks included)."""
+    line = st.tuples(MS_ID, TEXT).map(lambda t: f"{t[0]}\t{t[1]}")
+    files = {"collection.tsv": draw(st.lists(line, min_size=1, max_size=10))}
+    for split in ("train", "dev", "eval"):
+        files[f"queries.{split}.tsv"] = draw(st.lists(line, min_size=1, max_size=6))
+        trec = draw(st.booleans())
+        judged = st.tuples(MS_ID, MS_ID, st.integers(-1, 2)).map(
+            lambda t, trec=trec: f"{t[0]}\t0\t{t[1]}\t{t[2]}" if trec else f"{t[0]}\t{t[1]}")
+        files[f"qrels.{split}.tsv"] = draw(st.lists(judged, min_size=1, max_size=8))
+    return files
+
+
+@PROPS
+@given(case=msmarco_case(), junk=mostly(st.none(), st.binary(max_size=10)))
+def test_property_msmarco_any_text(case, junk):
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "ms"
+        src.mkdir()
+        for name, lines in case.items():
+            data = "\n".join(lines).encode("utf-8", errors="surrogatepass") + b"\n"
+            (src / name).write_bytes(data + (junk or b"") if name == "collection.tsv" else data)
+        outcomes = []
+        for name in ("a", "b"):
+            try:
+                import_msmarco(src, Path(tmp) / name)
+                outcomes.append("ok")
+            except DrscalingError as exc:
+                assert str(exc)
+                assert nothing_left(Path(tmp), Path(tmp) / name)
+                outcomes.append("error")
+        event(outcomes[0])
+        assert outcomes[0] == outcomes[1]
+        if outcomes[0] == "ok":
+            check_dataset(Path(tmp) / "a", carved=False)
+            for split in SPLITS:  # stable: a re-import is byte-identical, ids included
+                for f in ("corpus", "queries", "qrels"):
+                    assert (Path(tmp) / "a" / split / f"{f}.jsonl").read_bytes() == (Path(tmp) / "b" / split / f"{f}.jsonl").read_bytes()
+
+
+def test_msmarco_texts_keep_carriage_returns_and_repeats_are_counted(tmp_path):
+    # Found by the property above: a bare \r inside a passage crashed the TSV reader (csv.Error).
+    src = tmp_path / "ms"
+    src.mkdir()
+    (src / "collection.tsv").write_bytes(b"0\tfirst\rpassage\n1\tsecond passage\n1\tsecond passage\n2\t \n")
+    for split in ("train", "dev", "eval"):
+        (src / f"queries.{split}.tsv").write_text(f"q{split}\tquery of {split}\nq{split}\tquery of {split}\n")
+    (src / "qrels.train.tsv").write_text("qtrain\t0\n")
+    (src / "qrels.dev.tsv").write_text("qdev 0 1 1\nqdev 0 9 1\n")
+    (src / "qrels.eval.tsv").write_text("qeval\t0\nqeval\t2\n")
+    report = import_msmarco(src, tmp_path / "out")
+    assert dict(report) == {"train": 1, "dev": 1, "test": 1}
+    data = check_dataset(tmp_path / "out", carved=False)
+    assert {r["pid"]: r["text"] for r in data["train"]["corpus"]} == {"0": "first\rpassage", "1": "second passage"}
+    msg = report.message()
+    assert "dropped 1 repeated entr(ies)" in msg and "dropped 1 entr(ies) with empty text (e.g. id '2')" in msg
+    assert "qrels.dev.tsv: dropped 1 judgement(s) naming an unknown passage" in msg and "'9'" in msg

@@ -567,3 +567,52 @@ def test_printout_lists_points_dof_intervals_heldout_and_flags() -> None:
     assert "zero-shot" in text and "NO (+20.0%)" in text and "unknown" in text
     assert "95% CI [" in text and "held-out largest N" in text and "FLAGS:" in text
     assert "skipped ND: no rows" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties: for any parameters inside the fit bounds, every registered law falls (or stays flat)
+# as N or D grows, and never goes below its irreducible floor.
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FLOOR_MAX = 10.0  # the fit bounds the floor by the largest observed loss: CE up to ln(2^14) or so
+SIZES = np.geomspace(1.0, 1e13, 60)  # one parameter .. far past any model; one pair .. any corpus
+
+
+@st.composite
+def params_in_bounds(draw, kind: str) -> dict[str, float]:
+    """Natural-scale parameters drawn uniformly (in the optimiser's space) inside the bounds the fit
+    itself uses for this form."""
+    form = get_form(kind)
+    logx = np.log(SIZES)
+    bounds = form.bounds(logx, logx, np.log([FLOOR_MAX]), FitConfig())
+    theta = [draw(st.floats(lo, hi, allow_nan=False)) for lo, hi in bounds]
+    return form.from_theta(np.array(theta))
+
+
+def _check_monotone_above_floor(kind: str, params: dict[str, float], y: np.ndarray) -> None:
+    floor = params[get_form(kind).floor]
+    assert np.all(np.isfinite(y)), (kind, params)
+    assert np.all(y >= floor), (kind, params, float(y.min()), floor)
+    steps = np.diff(y, axis=-1)
+    assert np.all(steps <= 1e-12 * np.abs(y[..., 1:])), (kind, params, float(steps.max()))
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(data=st.data(), kind=st.sampled_from(["N", "D"]))
+def test_property_single_laws_fall_with_size_and_stay_above_delta(data, kind):
+    params = data.draw(params_in_bounds(kind))
+    y = predict(kind, params, **{kind.lower(): SIZES})
+    _check_monotone_above_floor(kind, params, y)
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(data=st.data(), kind=st.sampled_from(["ND", "ND_additive"]))
+def test_property_joint_laws_fall_in_n_and_in_d_and_stay_above_delta(data, kind):
+    params = data.draw(params_in_bounds(kind))
+    grid_n, grid_d = np.meshgrid(SIZES[::4], SIZES[::4], indexing="ij")  # [n, d]
+    y = predict(kind, params, n=grid_n, d=grid_d)
+    _check_monotone_above_floor(kind, params, y)  # along D, each N
+    _check_monotone_above_floor(kind, params, y.T)  # along N, each D

@@ -81,12 +81,45 @@ def dvc_repo(tmp_path, raw_pairs) -> Path:
     return repo
 
 
+COSTS = {"device_hour_usd": 2.0, "device": "test CPU", "measured_at": "2026-01-01T00:00:00+00:00",
+         "inference": {"points": [], "fit": {"a": 1e-15, "b": 1.0}},
+         "training": {"points": [], "fit": {"a": 2e-12, "b": 0.9}}}
+
+
+def _add_budget_on_versioned_costs(repo: Path) -> None:
+    """The project's arrangement: measured costs in git (costs/), the budget stage reading them through
+    params.yaml budget.costs_path, no stage producing them."""
+    (repo / "costs").mkdir()
+    (repo / "costs/costs.json").write_text(json.dumps(COSTS))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    project = yaml.safe_load((REPO / "params.yaml").read_text())["budget"]
+    params["budget"] = {"costs": "measured", "costs_path": project["costs_path"], "include_inference": False}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dvc["stages"]["budget"] = {
+        "cmd": "drscaling budget --laws paper --costs measured --no-mlflow --out artifacts/budget",
+        "deps": ["${budget.costs_path}"], "params": ["budget"], "outs": [{"artifacts/budget": {"cache": False}}]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    with open(repo / ".gitignore", "a") as fh:  # as in the project: results stay out of git
+        fh.write("/artifacts/\n")
+
+
 def test_dvc_repro_is_idempotent_and_pull_restores(dvc_repo, tmp_path):
+    _add_budget_on_versioned_costs(dvc_repo)
     first = run(["dvc", "repro"], dvc_repo)
     assert "Running stage 'validate'" in first.stdout and "validation passed" in first.stdout
+    assert "Running stage 'budget'" in first.stdout
+    assert json.loads((dvc_repo / "artifacts/budget/budget.json").read_text())["costs"]["mode"] == "measured"
+    run(["git", "add", "-A"], dvc_repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first run"], dvc_repo)
     second = run(["dvc", "repro"], dvc_repo)
     assert "Running stage" not in second.stdout
     assert "up to date" in run(["dvc", "status"], dvc_repo).stdout
+    assert run(["git", "status", "--porcelain"], dvc_repo).stdout == ""  # nothing rewritten, dvc.lock included
+    # a re-measurement (new costs/costs.json in git) reruns the budget, and only the budget
+    (dvc_repo / "costs/costs.json").write_text(json.dumps(COSTS | {"device_hour_usd": 3.0}))
+    third = run(["dvc", "repro"], dvc_repo)
+    assert "Running stage 'budget'" in third.stdout and third.stdout.count("Running stage") == 1
 
     run(["dvc", "push", "-q"], dvc_repo)  # stage outputs join the snapshot in the remote
     before = (dvc_repo / "data/debian/pairs.jsonl").read_bytes()
@@ -162,6 +195,20 @@ def test_dvc_exp_queue_runs_a_sweep_variation(dvc_repo):
     run(["dvc", "exp", "apply", "slow-lr"], dvc_repo)
     assert yaml.safe_load((dvc_repo / "params.yaml").read_text())["sweep"]["train"] == {"lr": 0.0003}
     assert json.loads((dvc_repo / "artifacts/sweeps/tiny/metrics-model.json").read_text()) == metrics
+
+
+def test_measured_costs_are_versioned_data_not_a_stage():
+    """Triton timings are not reproducible, so no stage writes the costs the budget reads: they are git's."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "measure" not in stages
+    assert "${budget.costs_path}" in stages["budget"]["deps"]
+    assert yaml.safe_load((REPO / "params.yaml").read_text())["budget"]["costs_path"] == "costs/costs.json"
+    outs = [o if isinstance(o, str) else next(iter(o)) for st in stages.values()
+            for o in st.get("do", st).get("outs", [])]
+    assert outs and not [o for o in outs if o.startswith("costs")]
+    ignored = run(["git", "check-ignore", "-q", "costs/costs.json"], REPO, check=False)
+    assert ignored.returncode == 1  # not ignored: versioned
+    assert "drscaling measure --repo artifacts/serving/repo --out $(COSTS)" in (REPO / "Makefile").read_text()
 
 
 def test_mlflow_project_entry_point(prepared, tmp_path, mlflow_store):

@@ -15,6 +15,7 @@ from drscaling.model import load_tokenizer
 from drscaling.serving import (
     TritonServer, build_index, build_model_repository, encode_texts, infer_ids, search,
 )
+from drscaling.vector_index import config_from
 
 MODEL = "tiny"
 _SERVER: dict[str, TritonServer] = {}
@@ -140,10 +141,28 @@ def test_index_and_search(triton, tmp_path):
     hits = search(triton, MODEL, tmp_path / "index", passages[2], k=3)
     assert len(hits) == 3 and hits[0][1] >= hits[1][1] >= hits[2][1]
     assert all(isinstance(h[0], str) and isinstance(h[2], str) for h in hits)
-    # Exact inner product: the scores equal a brute-force ranking of the stored embeddings.
+    # Exact inner product (FAISS flat, the default): the ranking and scores of numpy's brute force.
+    assert meta["index"] == {"type": "flat"} and (tmp_path / "index" / "faiss.index").exists()
     q = encode_texts(triton, MODEL, [passages[2]], max_len=32)[0]
-    best = np.argsort(-(emb @ q))[:3]
+    best = np.argsort(-(emb @ q), kind="stable")[:3]
     assert [h[0] for h in hits] == [f"p{i}" for i in best]
+    np.testing.assert_allclose([h[1] for h in hits], (emb @ q)[best], rtol=0, atol=1e-5)
+    # HNSW and IVF indexes from the same flags as the CLI; on six passages both find the exact top 3.
+    for kind, flags in (("hnsw", {"hnsw_m": 8}), ("ivf", {"nlist": 2, "nprobe": 2})):
+        approx = build_index(triton, MODEL, corpus, tmp_path / kind, index=config_from(index_type=kind, **flags))
+        assert approx["index"]["type"] == kind
+        assert [h[0] for h in search(triton, MODEL, tmp_path / kind, passages[2], k=3, nprobe=2, ef_search=16)] \
+            == [h[0] for h in hits]
+    with pytest.raises(DrscalingError, match="nlist 50 exceeds the 6 passages"):
+        build_index(triton, MODEL, corpus, tmp_path / "bad", index=config_from(index_type="ivf", nlist=50))
+    assert not (tmp_path / "bad").exists()
+    # An index written before FAISS (no faiss.index) is still searched exactly, from embeddings.npy.
+    (tmp_path / "index" / "faiss.index").rename(tmp_path / "faiss.index")
+    assert search(triton, MODEL, tmp_path / "index", passages[2], k=3) == hits
+    (tmp_path / "index" / "faiss.index").write_bytes(b"junk")
+    with pytest.raises(DrscalingError, match="not a readable FAISS index"):
+        search(triton, MODEL, tmp_path / "index", "q")
+    (tmp_path / "faiss.index").replace(tmp_path / "index" / "faiss.index")
     with pytest.raises(DrscalingError, match="built with model 'tiny'"):
         search(triton, "other", tmp_path / "index", "q")
     with pytest.raises(DrscalingError, match="k must be"):

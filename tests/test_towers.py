@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import CORPUS
 
+from drscaling import vector_index
 from drscaling.budget import (
     TowerCostTable, TowerWorkload, compare_towers, format_tower_comparison, read_tower_metrics,
     run_tower_budget,
@@ -27,7 +28,7 @@ from drscaling.serving import (
 
 QUERY_SHAPE, PASSAGE_SHAPE, DIM = "bert-L2-H128", "bert-L4-H128", 16
 SHORT = {"duration_s": 0.4, "warmup_s": 0.1, "query_seq_len": 8, "query_concurrency": (1, 2),
-         "passage_batch": 8, "passage_seq_len": 16, "passage_concurrency": (1,)}
+         "passage_batch": 8, "passage_seq_len": 16, "passage_concurrency": (1,), "repeats": 1}
 
 
 def make_towers(dest: Path, query_dim: int = DIM, passage_dim: int = DIM) -> Path:
@@ -164,8 +165,7 @@ def test_index_and_search_with_towers(towers_server, tmp_path):
     with pytest.raises(DrscalingError, match="passage tower of 'pair': query it with 'pair-query'"):
         search(towers_server, "pair-passage", tmp_path / "index", "q")
     # An index of another dimension than the query tower: a clear error, not a numpy one.
-    (tmp_path / "index" / "embeddings.npy").unlink()
-    np.save(tmp_path / "index" / "embeddings.npy", np.zeros((len(passages), 8), np.float32))
+    vector_index.save(vector_index.build(np.ones((len(passages), 8), np.float32)), tmp_path / "index" / "faiss.index")
     with pytest.raises(DrscalingError, match="embeds in 16 dimensions but the index"):
         search(towers_server, "pair", tmp_path / "index", "q")
 
@@ -306,7 +306,7 @@ def test_tower_budget_files_cli_and_errors(tmp_path, mlflow_tmp):
 def test_requests_that_outlast_the_window_still_count(towers_server):
     # A large tower's batch can take longer than the whole window (SmolLM2 at batch 32 on a CPU):
     # each thread still completes one counted request, and throughput spans its whole duration.
-    from drscaling.costs import LoadConfig, run_load
+    from drscaling.loadgen import LoadConfig, run_load
 
     cell = run_load(towers_server, "pair-passage", 8, 2, LoadConfig(duration_s=1e-4, warmup_s=0.0), seq_len=16)
     assert cell["requests"] >= 2

@@ -87,13 +87,14 @@ def test_non_embedding_parameter_count():
 def test_training_lowers_contrastive_entropy_and_logs_to_mlflow(prepared, annotations, tokenizer_dir, tmp_path):
     cfg = small_cfg(steps=100, eval_every=25, checkpoint_every=50)
     tok = load_tokenizer(tokenizer_dir)
-    untrained, meta = build_model(cfg.shape, tok, cfg.dim, seed=cfg.seed)
+    untrained, meta = build_model(cfg.shape, tok, cfg.dim, seed=cfg.seed, projection=cfg.projection)
     es = build_evalset(load_split(prepared, "test"), "test", EVAL)
     ce_untrained = contrastive_entropy(Retriever.single(Tower(untrained, tok, meta)), es, EVAL)
 
     m = train(cfg, paths(prepared, annotations, tokenizer_dir, tmp_path / "run"), tags={"purpose": "test"})
     assert m["ce_test_min"] < ce_untrained - 0.3, (m["ce_test_min"], ce_untrained)
-    assert m["ce_test_min"] <= m["ce_test_at_best_dev"]
+    # the run's starting point is the untrained model, scored here independently of the run
+    assert m["ce_test_zero_shot"] == pytest.approx(ce_untrained, abs=1e-4)
     assert m["n"] == 495872 - 128 * 768 - 768 + 128 * 64 + 64  # L2/H128 with a 64-d projection
     assert (tmp_path / "run/model/drscaling.json").exists()
     assert not (tmp_path / "run/checkpoint").exists()
@@ -104,8 +105,18 @@ def test_training_lowers_contrastive_entropy_and_logs_to_mlflow(prepared, annota
     assert run.data.params["annotation_source"] == "human" and "git_commit" in run.data.params
     assert {"ce_test_min", "ce_dev_best", "ce_test_at_best_dev", "mrr_at_10", "train_step_seconds"} <= set(run.data.metrics)
     assert run.data.tags["drscaling.stage"] == "train" and run.data.tags["purpose"] == "test"
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(m["run_id"], "model")}
-    assert "model/drscaling.json" in artifacts
+    # the model is the run's MLflow Model (registry.py), not a loose folder of artifacts
+    assert "python_function" in mlflow.models.get_model_info(f"runs:/{m['run_id']}/model").flavors
+    assert "model_card.json" in {a.path for a in mlflow.MlflowClient().list_artifacts(m["run_id"])}
+    # the summary metrics name the evaluations logged step by step: the lowest test CE, and the test CE
+    # where dev was lowest (the saved model, scored again on its own below)
+    logged = {k: {h.step: h.value for h in mlflow.MlflowClient().get_metric_history(m["run_id"], k)}
+              for k in ("ce_dev", "ce_test")}
+    assert sorted(logged["ce_test"]) == [0, 25, 50, 75, 100]  # step 0: the untrained model
+    trained = {s: v for s, v in logged["ce_test"].items() if s > 0}
+    best_dev_step = min((s for s in logged["ce_dev"] if s > 0), key=lambda s: logged["ce_dev"][s])
+    assert m["best_step"] == best_dev_step and m["ce_test_at_best_dev"] == pytest.approx(trained[best_dev_step])
+    assert m["ce_test_min"] == pytest.approx(min(trained.values()))
 
     # same parameters, same data: not trained again
     again = train(cfg, paths(prepared, annotations, tokenizer_dir, tmp_path / "run"))
@@ -168,7 +179,8 @@ def test_bad_parameters_fail_before_compute(prepared, annotations, tokenizer_dir
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_checkpoint_from_another_shape_is_refused(prepared, annotations, tokenizer_dir, tmp_path, monkeypatch):
+def test_checkpoint_from_another_shape_is_refused_before_any_compute(prepared, annotations, tokenizer_dir, tmp_path,
+                                                                     monkeypatch):
     import drscaling.train as T
 
     out = tmp_path / "run"
@@ -187,8 +199,29 @@ def test_checkpoint_from_another_shape_is_refused(prepared, annotations, tokeniz
     failed = mlflow.search_runs(experiment_names=["train"], filter_string="attributes.status = 'FAILED'", output_format="list")
     assert any("simulated crash" in r.data.tags.get("error", "") for r in failed)
     monkeypatch.setattr(T, "contrastive_loss", real)
-    with pytest.raises(DrscalingError, match="different parameters"):
-        train(small_cfg(shape="bert-L4-H128"), paths(prepared, annotations, tokenizer_dir, out))
+
+    # What the refused run computed: neither a model nor an evaluation set may be built for it.
+    built: list[str] = []
+    for name in ("build_model", "cached_evalset"):
+        def record(*a, _name=name, _real=getattr(T, name), **k):
+            built.append(_name)
+            return _real(*a, **k)
+        monkeypatch.setattr(T, name, record)
+    other = small_cfg(shape="bert-L4-H128")
+    with pytest.raises(DrscalingError, match=r"made for shape bert-L2-H128, not bert-L4-H128.*--discard-checkpoint"):
+        train(other, paths(prepared, annotations, tokenizer_dir, out))
+    assert built == []
+
+    # A checkpoint whose record claims this shape but whose weights are another's (copied or edited
+    # by hand) gets through the record checks; loading its weights refuses it, still before the
+    # evaluation sets are built.
+    file = out / "checkpoint" / "checkpoint.pt"
+    ck = torch.load(file, weights_only=True)
+    ck["state"].update(shape=other.shape, config_key=other.key())
+    torch.save(ck, file)
+    with pytest.raises(DrscalingError, match=r"does not fit shape bert-L4-H128"):
+        train(other, paths(prepared, annotations, tokenizer_dir, out))
+    assert "cached_evalset" not in built and "build_model" in built
 
 
 def test_evaluate_zero_shot_pretrained_baseline(prepared):
@@ -245,24 +278,61 @@ def test_dual_towers_train_save_and_evaluate(prepared, annotations, tokenizer_di
     assert int(run.data.params["n_non_embedding_total"]) == 2 * m["n"]
 
 
-def test_ddp_two_cpu_processes_with_torchrun(prepared, annotations, tokenizer_dir, tmp_path):
-    """DistributedDataParallel (gloo on CPU): each rank embeds its slice of the batch in one forward."""
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "drscaling", "train", "--prepared", str(prepared), "--annotations", str(annotations),
-           "--tokenizer", str(tokenizer_dir), "--shape", "bert-L2-H128", "--steps", "6", "--batch-size", "8",
-           "--negatives", "16", "--max-query-len", "16", "--max-passage-len", "32", "--dim", "32",
-           "--eval-every", "6", "--eval-negatives", "32", "--eval-draws", "2", "--eval-rank-pool", "0",
-           "--eval-max-query-len", "16", "--eval-max-passage-len", "32", "--out", str(out)]
+def _no_dropout_init(tokenizer_dir: Path, folder: Path) -> Path:
+    """An L2/H128 BERT without dropout, saved as an --init folder: a training step is then a pure
+    function of the weights and the batch, so two DDP ranks must reach what one process reaches."""
+    from transformers import BertConfig, BertModel
+
+    tok = load_tokenizer(tokenizer_dir)
+    config = BertConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=512, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process(prepared, annotations, tokenizer_dir, tmp_path):
+    """DistributedDataParallel (torchrun, gloo on CPU): each rank embeds its half of the batch and the
+    gradients are averaged, so 2 ranks must train the same model as 1 process on the whole batch."""
+    from drscaling import params
+
+    init = _no_dropout_init(tokenizer_dir, tmp_path / "init")
+    evals = {"negatives": 32, "draws": 2, "rank_pool": 0, "max_query_len": 16, "max_passage_len": 32}
+    flags = ["-m", "drscaling", "train", "--prepared", str(prepared), "--annotations", str(annotations),
+             "--tokenizer", str(tokenizer_dir), "--shape", "bert-L2-H128", "--init", str(init), "--steps", "6",
+             "--batch-size", "8", "--negatives", "16", "--in-batch-negatives", "false", "--lr", "0.001",
+             "--warmup-steps", "0", "--max-query-len", "16", "--max-passage-len", "32", "--dim", "32",
+             "--eval-every", "6"] + [a for k, v in evals.items() for a in (f"--eval-{k.replace('_', '-')}", str(v))]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 6 and np.isfinite(metrics["ce_test_min"])
-    run = mlflow.get_run(metrics["run_id"])
-    assert run.info.status == "FINISHED"
-    # every step counted both ranks' tokens
-    assert metrics["train_tokens_per_step"] > 8 * 16
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    runs = {}
+    for name, launcher in (("ddp", torchrun), ("one", [sys.executable])):
+        done = subprocess.run(launcher + flags + ["--out", str(tmp_path / name)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert runs[name]["steps"] == 6 and mlflow.get_run(runs[name]["run_id"]).info.status == "FINISHED"
+    ddp, one = runs["ddp"], runs["one"]
+
+    # the same model: its weights moved from the start by the same update, up to float round-off
+    start = dict(build_model("bert-L2-H128", load_tokenizer(init), 32, init=str(init), projection="identity")[0].state_dict())
+    w_ddp = load_model(tmp_path / "ddp/model")[0].state_dict()
+    w_one = load_model(tmp_path / "one/model")[0].state_dict()
+    moved = sum(float((w_one[k] - start[k]).float().norm() ** 2) for k in start) ** 0.5
+    apart = sum(float((w_ddp[k] - w_one[k]).float().norm() ** 2) for k in start) ** 0.5
+    assert moved > 0 and apart < 0.02 * moved, (apart, moved)
+    for key in ("ce_test_min", "ce_dev_best"):
+        assert ddp[key] == pytest.approx(one[key], abs=2e-3), key
+    # ... and each rank saw its own half: rank 0's first loss (its 4 pairs) is not the whole batch's
+    first = [mlflow.MlflowClient().get_metric_history(r["run_id"], "train_loss")[0].value for r in (ddp, one)]
+    assert abs(first[0] - first[1]) > 1e-4, first
+
+    # one evaluation (at step 6): the run's test CE is the saved model's, scored by the evaluator alone
+    cfg = params.build(EvalConfig, dict(params.section("train").get("eval") or {}) | evals)
+    assert one["ce_test_min"] == pytest.approx(evaluate_model(tmp_path / "one/model", prepared, "test", cfg)["ce"], abs=1e-4)
 
 
 def test_last_token_pooling_and_scaled_embeddings(tokenizer_dir):

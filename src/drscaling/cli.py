@@ -16,6 +16,9 @@ from drscaling import params
 from drscaling.errors import DrscalingError
 
 A = "artifacts"
+# Measured costs are versioned data in git (timings are not reproducible, so not a DVC stage output):
+# `make measure` re-measures them, the budget reads them (params.yaml budget.costs_path).
+COSTS = "costs/costs.json"
 
 
 def _p(args: argparse.Namespace, name: str, section: str, default):
@@ -134,6 +137,7 @@ def _train_paths(args, out: str | Path):
 
 
 def cmd_train(args) -> None:
+    from drscaling.checkpoints import init_for
     from drscaling.train import TrainConfig, train
 
     base = params.section("train")
@@ -143,6 +147,7 @@ def cmd_train(args) -> None:
             raise DrscalingError(f"params.yaml has no section '{args.section}'")
         base = base | extra | {"eval": dict(base.get("eval") or {}) | dict(extra.get("eval") or {})}
     cfg = params.from_args(TrainConfig, args, base)
+    cfg.init = init_for(cfg.init, cfg.shape)  # params.yaml may map shape families to templates
     out = args.out or f"{A}/runs/{cfg.shape}-D{cfg.train_pairs or 'all'}-{cfg.annotation_source}-{cfg.key()}"
     m = train(cfg, _train_paths(args, out), discard_checkpoint=args.discard_checkpoint)
     if m.get("cached"):
@@ -162,7 +167,7 @@ def cmd_distill(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from drscaling import tracking
+    from drscaling import registry, tracking
     from drscaling.evaluate import EvalConfig, evaluate_model
     from drscaling.files import write_json
 
@@ -179,6 +184,7 @@ def cmd_evaluate(args) -> None:
             mlflow.log_params({"model": args.model, "data": prepared, "split": args.split,
                                "n_non_embedding": result["n_non_embedding"]} | {f"eval_{k}": v for k, v in vars(cfg).items()})
             mlflow.log_metrics(tracking.metric_names({k: v for k, v in result.items() if isinstance(v, float)}))
+            registry.log_dataset(prepared, tracking.file_version(prepared), "evaluation", name=f"prepared/{args.split}")
     print(json.dumps(result, indent=2))
 
 
@@ -191,6 +197,15 @@ def cmd_sweep(args) -> None:
     results = run_sweep(preset, _train_paths(args, out), params.section("train"), out, args.only,
                         overrides=sweep.get("train") or {})
     print(format_results(results))
+
+
+def cmd_study(args) -> None:
+    """Thin: parse, hand off to drscaling.study."""
+    from drscaling.study import StudyConfig, run_study
+
+    run_study(StudyConfig(data=args.data, format=args.format, preset=args.preset, out=args.out, name=args.name,
+                          sources=tuple(args.sources), dvc=args.dvc, new_data_version=args.new_data_version,
+                          n_bootstrap=args.n_bootstrap, costs_path=args.costs_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,13 +227,14 @@ def cmd_fit(args) -> None:
     pick = lambda name, default=None: v if (v := getattr(args, name, None)) is not None else fit.get(name, default)  # noqa: E731
     out = Path(args.out or f"{A}/laws")
     points = out / "points.jsonl"
-    write_jsonl(points, merge_results(Path(f"{A}/sweeps/{preset}")))
+    sweeps = Path(args.sweeps or f"{A}/sweeps") / preset
+    write_jsonl(points, merge_results(sweeps))
     summary = laws.fit_sweep(points, out, n_bootstrap=int(pick("n_bootstrap", 1000)), seed=int(fit.get("seed", 0)),
                              holdout_largest=int(fit.get("holdout_largest", 1)), sources=pick("sources"),
                              workers=pick("workers"), bootstrap_method=pick("bootstrap_method", "parametric"))
     with tracking.stage_run("laws", f"fit-{preset}", {"drscaling.stage": "fit", "preset": preset}):
         laws.log_to_mlflow(summary)
-    _figures_to_sweep_parents(Path(f"{A}/sweeps/{preset}"), summary.get("figures") or {})
+    _figures_to_sweep_parents(sweeps, summary.get("figures") or {})
     print(laws.format_fits(laws.load_laws(summary["laws_path"]), summary.get("skipped")))
 
 
@@ -243,10 +259,12 @@ def _figures_to_sweep_parents(sweeps: Path, figures) -> None:
 
 def cmd_report(args) -> None:
     from drscaling import report, tracking
+    from drscaling.study.folder import data_lines
 
     laws_path = Path(args.laws or f"{A}/laws/laws.json")
     budget = Path(args.budget_json or f"{A}/budget/budget.json")
-    out = report.write_report(laws_path, args.out, budget if budget.exists() else None)
+    out = report.write_report(laws_path, args.out, budget if budget.exists() else None,
+                              header=data_lines(params.section("study")))
     with tracking.stage_run("laws", "report", {"drscaling.stage": "report"}):
         report.log_report(out, laws_path, budget if budget.exists() else None)
     print(f"report written to {out}")
@@ -271,7 +289,7 @@ def _costs_mode(text: str) -> str | None:
 
 def cmd_budget(args) -> None:
     from drscaling import budget as B
-    from drscaling import tracking
+    from drscaling import registry, tracking
 
     cfg = params.section("budget")
     pick = lambda name, default=None: v if (v := getattr(args, name, None)) is not None else cfg.get(name, default)  # noqa: E731
@@ -287,16 +305,16 @@ def cmd_budget(args) -> None:
     scale = cfg.get("measured") or {}
     ann_cost = Path(f"{A}/annotations/{source}.cost.json")
     shapes = runs = None
-    points = Path(f"{A}/laws/points.jsonl")
-    if points.exists() and not published:
+    points = Path(laws).with_name("points.jsonl")  # written beside laws.json by `drscaling fit`
+    if not published and points.exists():
         rows = [json.loads(line) for line in points.read_text().splitlines() if line.strip()]
         shapes = {r["shape"]: r["n"] for r in rows if r.get("shape")}
         runs = [{"shape": r.get("shape"), "n": r.get("n"), "d": r.get("d"), "loss": r.get("ce_test_min"),
-                 "source": r.get("source")} for r in rows]
+                 "source": r.get("source"), "config_key": r.get("config_key")} for r in rows]
     eval_negatives = (params.section("train").get("eval") or {}).get("negatives")
     result = B.run_budget(
         laws, float(pick("budget", 20000)), bool(pick("include_inference", False)),
-        mode, pick("costs_path", f"{A}/costs/costs.json") if mode == "measured" else None, out,
+        mode, pick("costs_path", COSTS) if mode == "measured" else None, out,
         annotation_cost_path=ann_cost if mode == "measured" and ann_cost.exists() and not published else None,
         source_cost_paths=[] if published else sorted(Path(f"{A}/annotations").glob("*.cost.json")),
         # paper mode keeps the paper's own corpus and steps unless given on the command line
@@ -318,9 +336,16 @@ def cmd_budget(args) -> None:
             metrics, flag_tags = B.mlflow_fields(result)
             mlflow.log_metrics(metrics)
             mlflow.set_tags(flag_tags)
+            picked = None if published else registry.recommend(result)  # @recommended on the picked version
+            if picked:
+                mlflow.set_tag("budget.recommended_model", f"{picked['name']}/{picked['version']}")
     if args.show_derivation or mode == "paper":
         print("\n".join(B.paper_derivation()))
     print(B.format_recommendation(result))
+    if not args.no_mlflow and not published:
+        print(f"MLflow registry: {picked['uri']} = version {picked['version']} ({picked['why']})" if picked else
+              "MLflow registry: no registered version of the picked run (trained before models were registered,"
+              " or in another tracking store); @recommended not set")
     print(f"written to {out / 'budget.json'}")
 
 
@@ -342,7 +367,7 @@ def cmd_budget_towers(args, pick) -> None:
     workload = B.TowerWorkload(**{f.name: value(f.name, f.default) for f in dataclasses.fields(B.TowerWorkload)})
     mode = pick("costs", "measured")
     out = Path(args.out or f"{A}/budget-towers")
-    costs_path = pick("costs_path", f"{A}/costs/costs.json") if mode == "measured" else None
+    costs_path = pick("costs_path", COSTS) if mode == "measured" else None
     result = B.run_tower_budget(args.towers, float(pick("budget", 20000)), mode, costs_path, out, workload)
     with tracking.stage_run("budget", f"budget-towers-{mode}-{result['budget']:g}",
                             {"drscaling.stage": "budget", "costs": mode, "drscaling.towers": "true"}):
@@ -426,14 +451,16 @@ def cmd_export(args) -> None:
     prepared = _p(args, "prepared", "data", f"{A}/prepared")
     repo = Path(args.repo) if args.repo else None
     if args.from_sweep:
-        rows = [r for r in merge_results(Path(f"{A}/sweeps/{args.from_sweep}")) if r["sweep"] == "model"]
+        rows = [r for r in merge_results(Path(args.sweeps or f"{A}/sweeps") / args.from_sweep) if r["sweep"] == "model"]
         if not rows:
             raise DrscalingError(f"the {args.from_sweep} preset has no model sweep results to export")
         targets = {r["shape"]: r["model_dir"] for r in rows}
     elif args.model:
-        targets = {args.name or Path(str(args.model)).parent.name or "model": args.model}
+        from drscaling.registry import model_name
+
+        targets = {args.name or model_name(str(args.model)): args.model}
     else:
-        raise DrscalingError("give --model (a model folder or runs:/<id>/model) or --from-sweep PRESET")
+        raise DrscalingError("give --model (a model folder, runs:/<id>/model or models:/<name>@<alias>) or --from-sweep PRESET")
     out_root = Path(args.out or f"{A}/export")
     for name, model in targets.items():
         result = export_one(model, out_root / name if len(targets) > 1 or args.from_sweep else out_root, variants,
@@ -491,9 +518,15 @@ def cmd_encode(args) -> None:
 def cmd_index(args) -> None:
     from drscaling.serving import build_index
 
+    from drscaling.vector_index import config_from
+
+    index = config_from(index_type=args.index_type, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
+                        ef_construction=args.ef_construction, ef_search=args.ef_search)
     info = build_index(args.url, args.model, args.corpus, args.out, protocol=args.protocol, tokenizer=args.tokenizer,
-                       repo=args.repo)
-    print(f"indexed {info['n']} passages with {info['model']} into {args.out} (query it with --model {info['query_model']})")
+                       repo=args.repo, index=index)
+    settings = ", ".join(f"{k} {v}" for k, v in info["index"].items() if k != "type")
+    print(f"indexed {info['n']} passages with {info['model']} into {args.out} ({info['index']['type']} FAISS index"
+          f"{': ' + settings if settings else ''}; query it with --model {info['query_model']})")
 
 
 def cmd_search(args) -> None:
@@ -501,13 +534,14 @@ def cmd_search(args) -> None:
 
     for rank, (pid, score, text) in enumerate(
         search(args.url, args.model, args.index, args.query, k=args.k, protocol=args.protocol, tokenizer=args.tokenizer,
-               repo=args.repo), 1
+               repo=args.repo, nprobe=args.nprobe, ef_search=args.ef_search), 1
     ):
         print(f"{rank:>3}. {score:8.3f}  {pid}  {text[:100].replace(chr(10), ' ')}")
 
 
 def _cost_figure(costs: dict, path: Path) -> None:
-    """$ per million tokens (inference) and $ per step (training) against N, points and fitted curves."""
+    """$ per million tokens (inference) and $ per step (training) against N: points with the range of
+    their repeats, fitted curves with the fit's interval of b in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -518,16 +552,25 @@ def _cost_figure(costs: dict, path: Path) -> None:
     parts = [("inference", "usd_per_million_tokens", 1e6, "$ per 1M tokens (served)"),
              ("training", "usd_per_step", 1.0, "$ per training step")]
     parts = [p for p in parts if p[0] in costs]
-    fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4.2), squeeze=False)
     for ax, (key, field, scale, label) in zip(axes[0], parts, strict=True):
         pts = costs[key]["points"]
         n = np.array([p["n"] for p in pts], dtype=float)
-        ax.scatter(n, [p[field] for p in pts], label="measured")
+        y = np.array([p[field] for p in pts])
+        if key == "inference" and all("tokens_per_s_repeats" in p for p in pts):
+            # $ is inverse to tokens/s: the slowest repeat is the highest cost.
+            lo = np.array([p["tokens_per_s"] / max(p["tokens_per_s_repeats"]) for p in pts]) * y
+            hi = np.array([p["tokens_per_s"] / min(p["tokens_per_s_repeats"]) for p in pts]) * y
+            ax.errorbar(n, y, yerr=[y - lo, hi - y], fmt="o", capsize=3, label="measured (median, range of repeats)")
+        else:
+            ax.scatter(n, y, label="measured")
         grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 50)
         f = costs[key]["fit"]
-        ax.plot(grid, scale * f["a"] * grid ** f["b"], "--", label=f"fit: {f['a'] * scale:.3g} N^{f['b']:.2f}")
+        iv = f.get("interval", {}).get("b")
+        band = f" (b {iv[0]:.2f}..{iv[1]:.2f})" if iv else ""
+        ax.plot(grid, scale * f["a"] * grid ** f["b"], "--", label=f"fit: {f['a'] * scale:.3g} N^{f['b']:.2f}{band}")
         ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel=label, title=key)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -537,31 +580,40 @@ def _cost_figure(costs: dict, path: Path) -> None:
 
 def cmd_measure(args) -> None:
     from drscaling import costs, tracking
+    from drscaling.cost_stats import format_fit
     from drscaling.serving import TritonServer
     from drscaling.sweep import run_ids
 
     cfg = params.section("measure")
-    out = Path(args.out or f"{A}/costs/costs.json")
+    out = Path(args.out or params.section("budget").get("costs_path") or COSTS)
     load = {k: cfg[k] for k in ("batch_sizes", "concurrency", "duration_s", "seq_len", "protocol", "query_seq_len",
-                                "query_concurrency", "passage_batch", "passage_seq_len", "passage_concurrency") if k in cfg}
+                                "query_concurrency", "passage_batch", "passage_seq_len", "passage_concurrency",
+                                "repeats", "max_spread") if k in cfg}
+    if args.repeats is not None:
+        load["repeats"] = args.repeats
     price = cfg.get("device_hour_usd", 3.93)
     preset = args.preset or params.section("sweep").get("preset")
     # Training $/step from exactly the runs behind this preset's results (an older preset of the same
     # name may have used another step shape); without results, every training run of the experiment.
     sweeps = Path(f"{A}/sweeps/{preset}")
     runs = run_ids(sweeps) or None
+    common = {"experiment_name": args.train_experiment, "preset": preset, "runs": runs, "device_hour_usd": price,
+              "sweep_path": out.with_name("load.json")}
     with tracking.stage_run("measure", "measure", {"drscaling.stage": "measure"}):
         if args.url:
-            result = costs.measure_costs(args.url, out, experiment_name=args.train_experiment, preset=preset, runs=runs,
-                                         device_hour_usd=price, sweep_path=out.with_name("load.json"), **load)
+            result = costs.measure_costs(args.url, out, **common, **load)
         else:
+            # The server log stays out of the (possibly versioned) costs folder.
             with TritonServer(args.repo, log_path=Path(f"{A}/costs/triton.log")) as server:
                 print(f"Triton ready at {server.http_url} (HTTP), {server.grpc_url} (gRPC); log {server.log_path}")
-                result = costs.measure_costs(server, out, experiment_name=args.train_experiment, preset=preset, runs=runs,
-                                             device_hour_usd=price, sweep_path=out.with_name("load.json"), **load)
+                result = costs.measure_costs(server, out, **common, **load)
         _cost_figure(result, out.with_name("cost_vs_n.png"))
+    print(f"{result['repeats']} repeats per setting on {result['device']} (load average at start "
+          f"{result['machine'].get('loadavg_1m_start')}, {result['machine'].get('usable_cpus')} usable cores)")
     for p in result["inference"]["points"]:
-        print(f"  {p['shape']:14} N={p['n']:>10}  {p['tokens_per_s']:>10.0f} tokens/s  ${p['usd_per_million_tokens']:.4f} per 1M tokens")
+        spread = f"  spread {p['tokens_per_s_spread']:.0%}" if "tokens_per_s_spread" in p else ""
+        print(f"  {p['shape']:14} N={p['n']:>10}  {p['tokens_per_s']:>10.0f} tokens/s{spread}  "
+              f"${p['usd_per_million_tokens']:.4f} per 1M tokens")
     for t in result.get("towers", []):
         if t["tower"] == "query":
             lat = ", ".join(f"c={x['concurrency']}: p50 {x['p50_ms']:.2f} ms, p99 {x['p99_ms']:.2f} ms, "
@@ -570,12 +622,11 @@ def cmd_measure(args) -> None:
         else:
             print(f"  passage tower {t['model']:22} {t['shape']:14} batch {t['batch']} x {t['seq_len']} tokens: "
                   f"{t['passages_per_s']:.3g} passages/s, {t['tokens_per_s']:.0f} tokens/s")
-    f = result["inference"]["fit"]
-    print(f"inference cost fit: $/token = {f['a']:.3g} * N^{f['b']:.3f}")
+    print("inference cost fit: " + format_fit(result["inference"]["fit"], "$/token"))
     if "training" in result:
-        t = result["training"]["fit"]
-        print(f"training cost fit:  $/step  = {t['a']:.3g} * N^{t['b']:.3f}")
-    print(f"costs written to {out}")
+        print("training cost fit:  " + format_fit(result["training"]["fit"], "$/step"))
+    # measure() printed each warning when it found it; the file keeps them.
+    print(f"costs written to {out}" + (f" with {len(result['flags'])} warning(s) in its 'flags'" if result["flags"] else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,6 +659,12 @@ def _annotate_parser(p: argparse.ArgumentParser) -> None:
                         f"(1 s, 2 s, ...): {bound:g} s with the defaults")
     p.add_argument("--restart", action="store_true",
                    help="--regenerate: discard a partial run made with other settings instead of refusing to mix them")
+
+
+def sources_names() -> tuple[str, ...]:
+    from drscaling.annotation import sources
+
+    return sources.names()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -679,6 +736,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--preset", help="preset name in pipelines/ or a YAML path")
             p.add_argument("--only", choices=["model", "data", "source", "joint"], help="run one sweep of the preset")
 
+    p = cmd("study", cmd_study, "scaling laws for your own data: import, annotate, sweeps sized to the data, fit, "
+            "budget and report in one command (one MLflow experiment; --dvc: a DVC pipeline in the study folder)")
+    p.add_argument("data", help="pairs: a JSONL file of {query, passage}; msmarco/beir: a folder; ir_datasets: an id")
+    p.add_argument("--format", choices=["pairs", "msmarco", "beir", "ir_datasets"], default="pairs")
+    p.add_argument("--preset", default="quick", help="sweep preset to size to the data (name in pipelines/ or a YAML "
+                                                     "path; default quick, the CPU preset)")
+    p.add_argument("--out", type=Path, help="study folder (default studies/<name>); reruns resume there")
+    p.add_argument("--name", help="study name (default: from DATA's file name); the MLflow experiment is study-<name>")
+    p.add_argument("--sources", nargs="+", default=["human"], choices=sources_names(),
+                   help="annotation sources to annotate and sweep (default human; ict is free; supervised and llm "
+                        "generate queries for this data, slowly on a CPU, and are priced by what they cost)")
+    p.add_argument("--dvc", action="store_true", help="make the study folder a DVC project (the data `dvc add`ed, "
+                   "the stages in its dvc.yaml) and run the sweeps onwards with `dvc repro`")
+    p.add_argument("--new-data-version", action="store_true",
+                   help="accept DATA for a study folder made from other data (its next data version)")
+    p.add_argument("--n-bootstrap", type=int, help="bootstrap refits per law (default: params.yaml fit.n_bootstrap)")
+    p.add_argument("--costs-path", help="measured costs JSON (default costs/costs.json in the project; the paper's "
+                                        "cost model when absent)")
+
     p = cmd("distill", cmd_distill, "distil a trained large query tower into a small one (ScalingNote stage 2)")
     p.add_argument("--teacher", required=True, help="trained model or run folder (e.g. dual smollm2-135m towers)")
     p.add_argument("--baseline", help="a small model trained end to end on the same data and steps, to compare with")
@@ -689,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_flags(p, DistillConfig)
 
     p = cmd("evaluate", cmd_evaluate, "contrastive entropy and ranking metrics of any saved model")
-    p.add_argument("--model", required=True, help="drscaling model folder or any HF encoder folder")
+    p.add_argument("--model", required=True, help="drscaling model folder, any HF encoder folder, an MLflow run "
+                   "(runs:/<id>/model or its id) or a registered model (models:/drscaling-<shape>@recommended)")
     p.add_argument("--prepared", help="canonical dataset folder")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--out", help="write the metrics JSON here")
@@ -704,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="processes for the bootstrap refits (default: min(2, CPUs))")
     p.add_argument("--bootstrap-method", choices=["parametric", "pairs"],
                    help="interval method (default parametric: see drscaling/laws/bootstrap.py)")
+    p.add_argument("--sweeps", help=f"folder holding <preset>/results-*.jsonl (default {A}/sweeps)")
     p.add_argument("--out", help=f"default {A}/laws")
     p = cmd("report", cmd_report, "write the Markdown report (coefficient tables, figures, budget)")
     p.add_argument("--laws")
@@ -716,7 +794,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--costs", type=_costs_mode, metavar="{paper,measured}",
                    help="paper: eq. 12-14 from their parts; measured: the costs stage's file (default: params.yaml "
                         "budget.costs; paper with a published law set)")
-    p.add_argument("--costs-path", help=f"measured costs JSON (default {A}/costs/costs.json)")
+    p.add_argument("--costs-path", help=f"measured costs JSON (default: params.yaml budget.costs_path, else {COSTS}: "
+                                        "the versioned costs `make measure` writes)")
     p.add_argument("--source", help="annotation source whose $/pair is Zdata (measured mode)")
     p.add_argument("--steps", type=int)
     p.add_argument("--corpus-pages", type=float)
@@ -752,11 +831,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("summary", cmd_summary, "print the fitted laws and the budget recommendation")
 
     p = cmd("export", cmd_export, "export trained encoders to ONNX (+ optimised variants) and a Triton repository")
-    p.add_argument("--model", help="model folder, runs:/<run id>/model, or a run id; a dual-tower folder "
+    p.add_argument("--model", help="model folder, runs:/<run id>/model, a run id, or models:/<name>@<alias>; a dual-tower folder "
                                    "(query/ + passage/) exports to <out>/query and <out>/passage and is "
                                    "served as <name>-query and <name>-passage")
     p.add_argument("--name", help="model name in the repository (default: from the folder)")
     p.add_argument("--from-sweep", metavar="PRESET", help="export every shape of that preset's model sweep")
+    p.add_argument("--sweeps", help=f"--from-sweep: folder holding <preset>/results-*.jsonl (default {A}/sweeps)")
     p.add_argument("--variants", nargs="+", choices=["fp32", "opt", "fp16", "int8"])
     p.add_argument("--out", help=f"default {A}/export")
     p.add_argument("--repo", help="also write a Triton model repository here")
@@ -792,18 +872,39 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "index":
             p.add_argument("--corpus", required=True)
             p.add_argument("--out", required=True)
+            _index_flags(p, build=True)
         else:
             p.add_argument("--index", required=True)
             p.add_argument("-k", type=int, default=10)
             p.add_argument("query")
+            _index_flags(p, build=False)
     p = cmd("measure", cmd_measure, "load-test served encoders on Triton and fit $ per token (and $ per step) against N; "
             "query towers: latency at batch 1 (concurrency 1 and 8), passage towers: throughput at batch 32")
     p.add_argument("--repo", default=f"{A}/serving/repo", help="start Triton on this repository")
     p.add_argument("--url", help="measure an already running server instead")
     p.add_argument("--train-experiment", default="sweeps", help="MLflow experiment holding the training runs")
     p.add_argument("--preset", help="training cost from this sweep preset's runs (default: params sweep.preset)")
-    p.add_argument("--out", help=f"default {A}/costs/costs.json")
+    p.add_argument("--out", help=f"costs JSON; load.json and cost_vs_n.png go beside it (default: params.yaml "
+                                 f"budget.costs_path, else {COSTS}, the versioned costs the budget reads)")
+    p.add_argument("--repeats", type=int, help="measure each load setting this often; the costs use the median "
+                                               "(default: params.yaml measure.repeats, else 3)")
     return ap
+
+
+def _index_flags(p: argparse.ArgumentParser, build: bool) -> None:
+    """FAISS flags of `index` (the index type and its settings) and `search` (search-time settings)."""
+    from drscaling.vector_index import INDEX_TYPES, IndexConfig
+
+    d = IndexConfig()
+    if build:
+        p.add_argument("--index-type", choices=INDEX_TYPES, default=d.index_type,
+                       help="flat: exact inner product; ivf / hnsw: approximate, for large corpora")
+        p.add_argument("--nlist", type=int, help="ivf: number of lists (default 4*sqrt(passages), at most passages/39)")
+        p.add_argument("--hnsw-m", type=int, help=f"hnsw: links per node (default {d.hnsw_m})")
+        p.add_argument("--ef-construction", type=int, help=f"hnsw: candidates kept while building (default {d.ef_construction})")
+    nprobe, ef = (d.nprobe, d.ef_search) if build else ("the index's own",) * 2
+    p.add_argument("--nprobe", type=int, help=f"ivf: lists scanned per query (default {nprobe})")
+    p.add_argument("--ef-search", type=int, help=f"hnsw: candidates kept per query (default {ef})")
 
 
 def main(argv: list[str] | None = None) -> int:

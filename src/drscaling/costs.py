@@ -2,21 +2,27 @@
 
 Inference: `measure` drives every served model with a tritonclient load generator (asynchronous
 gRPC requests from one thread, or one HTTP client per thread; bounded in time and count) over a
-grid of (batch size, concurrency), records throughput and latency percentiles to MLflow and JSON,
-converts the best throughput of each model to $ per million tokens at the configured $ per
-device-hour, and fits usd_per_token(N) = a * N**b across the measured shapes (least squares in log
-space; with one shape b is fixed at 1).
+grid of (batch size, concurrency), `repeats` times per setting, records throughput and latency
+percentiles (median over the repeats, and their spread) to MLflow and JSON, converts the best
+median throughput of each model to $ per million tokens at the configured $ per device-hour, and
+fits usd_per_token(N) = a * N**b across the measured shapes (least squares in log space; with one
+shape b is fixed at 1) with an interval from the repeats (cost_stats.fit_power). Settings whose
+repeats disagree by more than cost_stats.SPREAD_LIMIT, and a machine already loaded at the start,
+are printed as warnings and listed in "flags".
 
 Training: `training_costs` reads the training runs' median step time and tokens per step from
 MLflow and fits usd_per_step(N) = a * N**b the same way.
 
 The combined file (`measure_costs`) is what the budget module reads:
-    {"device_hour_usd": float, "device": str,
-     "inference": {"points": [{"shape", "n", "tokens_per_s", "usd_per_million_tokens"}],
-                   "fit": {"a", "b"}},            # usd per token = a * N**b
-     "training":  {"points": [{"shape", "n", "step_s", "tokens_per_step", "usd_per_step"}],
-                   "fit": {"a", "b"}}}            # usd per step = a * N**b
-"training" is absent when no training runs exist yet.
+    {"device_hour_usd": float, "device": str, "measured_at": ISO time, "machine": {...},
+     "repeats": int, "flags": [str],
+     "inference": {"points": [{"shape", "n", "tokens_per_s", "usd_per_million_tokens",
+                               "tokens_per_s_repeats", "tokens_per_s_spread"}],
+                   "fit": {"a", "b"[, "interval"]}},   # usd per token = a * N**b
+     "training":  {"points": [{"shape", "n", "step_s", "tokens_per_step", "usd_per_step", "runs"}],
+                   "fit": {"a", "b"[, "interval"]}}}   # usd per step = a * N**b
+"training" is absent when no training runs exist yet. The pipeline's copy is versioned data in git
+(costs/costs.json, `make measure`), not a DVC stage output: timings are not reproducible.
 
 Dual towers (models labelled `tower` = query / passage in their config, see serving.py) are not
 swept over the grid but measured at their own operating point: a query tower answers one query at
@@ -36,20 +42,20 @@ join it only when nothing else was measured.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import platform
 import statistics
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
+from drscaling.cost_stats import SPREAD_LIMIT, fit_power, load_flags, machine_state, summarise_repeats
 from drscaling.errors import DrscalingError
 from drscaling.files import write_json
+from drscaling.loadgen import LoadConfig, run_load
 from drscaling.serving import Client, TritonServer
 
 # The paper's price: $3.93 per device-hour (an A100 on a public cloud at the time of writing).
@@ -74,67 +80,9 @@ class ServedModel:
     retriever: str = ""
 
 
-@dataclass
-class LoadConfig:
-    batch_sizes: tuple[int, ...] = (1, 8, 32)
-    concurrency: tuple[int, ...] = (1, 8)
-    duration_s: float = 5.0
-    warmup_s: float = 0.5
-    seq_len: int = 64
-    max_requests: int = 100_000  # per (batch, concurrency) cell: a hard cap besides the duration
-    protocol: str = "grpc"
-    # Dual towers: queries one at a time (latency), passages in bulk (throughput).
-    query_seq_len: int = 32
-    query_concurrency: tuple[int, ...] = (1, 8)
-    passage_batch: int = 32
-    passage_seq_len: int = 128
-    passage_concurrency: tuple[int, ...] = (1,)
-
-    def validate(self) -> None:
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise DrscalingError(f"batch_sizes must be >= 1 (got {self.batch_sizes})")
-        if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 256:
-            raise DrscalingError(f"concurrency must lie in 1..256 (got {self.concurrency})")
-        if not 0 < self.duration_s <= 600:
-            raise DrscalingError(f"duration_s must lie in (0, 600] (got {self.duration_s})")
-        for name in ("seq_len", "query_seq_len", "passage_seq_len"):
-            if getattr(self, name) < 2:
-                raise DrscalingError(f"{name} must be >= 2 (got {getattr(self, name)})")
-        if self.passage_batch < 1:
-            raise DrscalingError(f"passage_batch must be >= 1 (got {self.passage_batch})")
-        for name in ("query_concurrency", "passage_concurrency"):
-            values = getattr(self, name)
-            if not values or min(values) < 1 or max(values) > 256:
-                raise DrscalingError(f"{name} must lie in 1..256 (got {values})")
-        if self.protocol not in ("http", "grpc"):
-            raise DrscalingError(f"protocol must be 'http' or 'grpc' (got '{self.protocol}')")
-
-    def cells(self, tower: str) -> list[tuple[int, int, int]]:
-        """(batch, concurrency, seq_len) of every load cell a model of this role is measured at."""
-        if tower == "query":
-            return [(1, c, self.query_seq_len) for c in self.query_concurrency]
-        if tower == "passage":
-            return [(self.passage_batch, c, self.passage_seq_len) for c in self.passage_concurrency]
-        return [(b, c, self.seq_len) for b in self.batch_sizes for c in self.concurrency]
-
-
 # ---------------------------------------------------------------------------------------------
-# Power-law fit
+# Prices and the machine
 # ---------------------------------------------------------------------------------------------
-
-
-def fit_power(n: Sequence[float], y: Sequence[float]) -> dict[str, float]:
-    """y = a * n**b by least squares on log y = log a + b log n; one distinct n -> b = 1."""
-    n_arr, y_arr = np.asarray(n, dtype=float), np.asarray(y, dtype=float)
-    if len(n_arr) == 0:
-        raise DrscalingError("no cost points to fit")
-    if (n_arr <= 0).any() or (y_arr <= 0).any():
-        raise DrscalingError("cost fit needs positive N and positive costs")
-    if len(np.unique(n_arr)) < 2:
-        # One shape cannot give a slope; proportional to N is the paper's own assumption.
-        return {"a": float(np.mean(y_arr / n_arr)), "b": 1.0}
-    b, log_a = np.polyfit(np.log(n_arr), np.log(y_arr), 1)
-    return {"a": float(np.exp(log_a)), "b": float(b)}
 
 
 def usd_per_million_tokens(tokens_per_s: float, device_hour_usd: float) -> float:
@@ -150,179 +98,6 @@ def device_description() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return f"CPU {model} x{os.cpu_count()} ({platform.system()})"
-
-
-# ---------------------------------------------------------------------------------------------
-# Load generator
-# ---------------------------------------------------------------------------------------------
-
-
-def run_load(
-    url: str | TritonServer, model: str, batch: int, concurrency: int, cfg: LoadConfig,
-    seq_len: int | None = None,
-) -> dict:
-    """Keep `concurrency` fixed [batch, seq_len] requests in flight for cfg.duration_s (after
-    cfg.warmup_s); returns throughput and latency. seq_len defaults to cfg.seq_len.
-
-    gRPC: one client, one Python thread, asynchronous requests (each answer sends the next), so
-    the load generator takes little CPU from a server on the same host. HTTP: one thread with
-    its own client per concurrent request (tritonclient.http clients are bound to their thread)."""
-    seq_len = seq_len or cfg.seq_len
-    rng = np.random.default_rng(0)
-    # Ids below 100 exist in every vocabulary here (train_tokenizer's minimum); inference cost
-    # does not depend on which ids they are.
-    ids = rng.integers(5, 100, size=(batch, seq_len), dtype=np.int64)
-    mask = np.ones_like(ids)
-    book = _LoadBook(concurrency, cfg)
-    drive = _drive_async if cfg.protocol == "grpc" else _drive_threads
-    drive(url, model, ids, mask, book)
-    if book.errors:
-        raise DrscalingError(f"load test on '{model}' failed: {book.errors[0]}")
-    return book.summary(batch, seq_len, model)
-
-
-class _LoadBook:
-    """The measuring window and what each request slot saw in it."""
-
-    def __init__(self, concurrency: int, cfg: LoadConfig):
-        self.concurrency, self.cfg = concurrency, cfg
-        self.latencies: list[list[float]] = [[] for _ in range(concurrency)]
-        self.first_start = [np.inf] * concurrency  # when each slot's first counted request was sent
-        self.last_end = [0.0] * concurrency  # when each slot's last counted request completed
-        self.errors: list[str] = []
-        self.sent = 0
-        self.lock = threading.Lock()
-        self.start = self.end = np.inf
-
-    def open_window(self) -> None:
-        self.start = time.perf_counter() + self.cfg.warmup_s
-        self.end = self.start + self.cfg.duration_s
-
-    def take_ticket(self) -> bool:
-        """May one more request be sent? (the hard cap on requests per cell). Hold self.lock."""
-        if self.sent >= self.cfg.max_requests or self.errors:
-            return False
-        self.sent += 1
-        return True
-
-    def record(self, slot: int, t0: float, t1: float) -> bool:
-        """Count a finished request; True if its slot should send another. Hold self.lock."""
-        if t0 >= self.start:  # warm-up requests are not counted
-            self.latencies[slot].append(t1 - t0)
-            self.first_start[slot] = min(self.first_start[slot], t0)
-            self.last_end[slot] = t1
-        # Past the window a slot still sends until one request counts: a large model's batch can
-        # outlast the whole window (SmolLM2 at batch 32 on a shared CPU).
-        return not (t1 >= self.end and self.latencies[slot])
-
-    def summary(self, batch: int, seq_len: int, model: str) -> dict:
-        lat = np.array([x for per in self.latencies for x in per])
-        if lat.size == 0:
-            raise DrscalingError(f"load test on '{model}' completed no request in {self.cfg.duration_s} s")
-        # Throughput over the measured window (or until the last request if the count cap hit
-        # first); when requests outlast the window, over the span of the counted requests.
-        elapsed = max(min(self.cfg.duration_s, time.perf_counter() - self.start),
-                      max(self.last_end) - min(self.first_start), 1e-9)
-        inferences = lat.size * batch
-        return {
-            "batch": batch, "concurrency": self.concurrency, "seq_len": seq_len,
-            "requests": int(lat.size), "seconds": round(elapsed, 4),
-            "inferences_per_s": inferences / elapsed,
-            "tokens_per_s": inferences * seq_len / elapsed,
-            "p50_ms": float(np.percentile(lat, 50) * 1e3),
-            "p95_ms": float(np.percentile(lat, 95) * 1e3),
-            "p99_ms": float(np.percentile(lat, 99) * 1e3),
-        }
-
-
-def _drive_async(url, model: str, ids: np.ndarray, mask: np.ndarray, book: _LoadBook) -> None:
-    with Client(url, "grpc") as client:
-        try:
-            client.check_ready(model)
-            client.prepare(model, ids, mask)()  # connection set up outside the timed window
-        except DrscalingError as exc:
-            book.errors.append(str(exc))
-            return
-        submit = client.prepare_async(model, ids, mask)
-        idle = threading.Event()
-        in_flight = [0]
-
-        def retire() -> None:  # a slot stops sending; hold book.lock
-            in_flight[0] -= 1
-            if in_flight[0] == 0:
-                idle.set()
-
-        def send(slot: int) -> None:
-            t0 = time.perf_counter()
-
-            def done(error: DrscalingError | None) -> None:
-                t1 = time.perf_counter()
-                with book.lock:
-                    if error is not None:
-                        book.errors.append(str(error))
-                    again = error is None and book.record(slot, t0, t1) and book.take_ticket()
-                    if not again:
-                        retire()
-                if again:
-                    send(slot)
-
-            try:
-                submit(done)
-            except DrscalingError as exc:  # the server went away between requests
-                with book.lock:
-                    book.errors.append(str(exc))
-                    retire()
-
-        book.open_window()
-        with book.lock:
-            slots = [i for i in range(book.concurrency) if book.take_ticket()]
-            in_flight[0] = len(slots)
-        for slot in slots:
-            send(slot)
-        if slots and not idle.wait(book.cfg.warmup_s + book.cfg.duration_s + 120):
-            book.errors.append(f"requests still unanswered {book.cfg.duration_s + 120:.0f} s after the window")
-
-
-def _drive_threads(url, model: str, ids: np.ndarray, mask: np.ndarray, book: _LoadBook) -> None:
-    ready = threading.Barrier(book.concurrency + 1, action=book.open_window)
-
-    def worker(slot: int) -> None:
-        client = None
-        try:
-            client = Client(url, "http")
-            client.check_ready(model)
-            send = client.prepare(model, ids, mask)
-            send()  # connection set up outside the timed window
-        except Exception as exc:  # reported after the barrier, never left hanging
-            book.errors.append(str(exc))
-            if client is not None:
-                client.close()  # an open HTTP connection would delay the server's shutdown
-            client = None
-        ready.wait()
-        if client is None:
-            return
-        try:
-            while True:
-                with book.lock:
-                    if not book.take_ticket():
-                        break
-                t0 = time.perf_counter()
-                send()
-                t1 = time.perf_counter()
-                with book.lock:
-                    if not book.record(slot, t0, t1):
-                        break
-        except Exception as exc:
-            book.errors.append(str(exc))
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(book.concurrency)]
-    for t in threads:
-        t.start()
-    ready.wait()
-    for t in threads:
-        t.join(timeout=book.cfg.warmup_s + book.cfg.duration_s + 120)
 
 
 def served_models(url: str | TritonServer, protocol: str = "http") -> list[ServedModel]:
@@ -381,52 +156,50 @@ def measure(
     protocol: str = "grpc", warmup_s: float = 0.5, max_requests: int = 100_000,
     device: str | None = None, log_mlflow: bool = True, query_seq_len: int = 32,
     query_concurrency: Sequence[int] = (1, 8), passage_batch: int = 32, passage_seq_len: int = 128,
-    passage_concurrency: Sequence[int] = (1,),
+    passage_concurrency: Sequence[int] = (1,), repeats: int = 3, max_spread: float = SPREAD_LIMIT,
 ) -> dict:
     """Load-sweep each model ([(name, shape, n[, tower, retriever])], or None: every ready model
-    on the server, towers labelled from their configs).
+    on the server, towers labelled from their configs), every setting `repeats` times.
 
-    Returns {"device_hour_usd", "device", "load": {...}, "sweep": {model: [cells]},
-    "inference": {"points", "fit"}, "towers": [...]} and writes it to out_path (atomically) when
-    given. Each model's cost point uses its best tokens/s over its cells (the operating point you
-    would pick). Query and passage towers are measured at their own cells (LoadConfig.cells).
+    Returns {"device_hour_usd", "device", "measured_at", "machine", "flags", "load": {...},
+    "sweep": {model: [cells]}, "inference": {"points", "fit"}, "towers": [...]} and writes it to
+    out_path (atomically) when given. A cell holds the medians over its repeats, their spread and
+    flags (cost_stats.summarise_repeats). Each model's cost point uses its best median tokens/s over
+    its cells (the operating point you would pick). Query and passage towers are measured at their
+    own cells (LoadConfig.cells).
     """
     cfg = LoadConfig(tuple(batch_sizes), tuple(concurrency), float(duration_s), float(warmup_s),
                      int(seq_len), int(max_requests), protocol, int(query_seq_len),
                      tuple(query_concurrency), int(passage_batch), int(passage_seq_len),
-                     tuple(passage_concurrency))
+                     tuple(passage_concurrency), int(repeats), float(max_spread))
     cfg.validate()
     if device_hour_usd <= 0:
         raise DrscalingError(f"device_hour_usd must be > 0 (got {device_hour_usd})")
     served = served_models(url_or_server, protocol) if models is None else _as_models(models)
     if not served:
         raise DrscalingError("no models to measure (the server has none ready)")
-    with Client(url_or_server, protocol) as client:
-        for m in served:
-            client.check_ready(m.name)
-            limit = client.info(m.name)
-            longest = max(s for _, _, s in cfg.cells(m.tower))
-            if longest > limit.max_sequence_length:
-                raise DrscalingError(
-                    f"seq_len {longest} exceeds the {limit.max_sequence_length} positions of "
-                    f"model '{m.name}'"
-                )
+    _check_servable(url_or_server, served, cfg)
+    start = machine_state()
     result: dict = {
         "device_hour_usd": float(device_hour_usd), "device": device or device_description(),
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_description(start), "flags": _warn(load_flags(start)),
         "load": asdict(cfg), "sweep": {}, "inference": {"points": []}, "towers": [],
     }
     ctx = _mlflow_run("measure", {STAGE_TAG: "measure"}) if log_mlflow else contextlib.nullcontext()
     with ctx:
+        swept = _sweep_repeated(url_or_server, served, cfg)
         query_points = []
         for m in served:
-            cells = [run_load(url_or_server, m.name, b, c, cfg, seq_len=s)
-                     for b, c, s in tqdm(cfg.cells(m.tower), desc=f"measure {m.name}", leave=False)]
+            cells = swept[m.name]
+            result["flags"] += _warn([f for c in cells for f in c["flags"]])
             best = max(cells, key=lambda x: x["tokens_per_s"])
             result["sweep"][m.name] = cells
             point = {
                 "shape": m.shape, "n": m.n, "tokens_per_s": best["tokens_per_s"],
-                "usd_per_million_tokens": usd_per_million_tokens(best["tokens_per_s"],
-                                                                 device_hour_usd),
+                "usd_per_million_tokens": usd_per_million_tokens(best["tokens_per_s"], device_hour_usd),
+                "tokens_per_s_repeats": best["per_repeat"]["tokens_per_s"],
+                "tokens_per_s_spread": best["spread"]["tokens_per_s"]["rel"],
             }
             # Query towers are measured at batch 1 (latency): not a throughput point for the fit.
             (query_points if m.tower == "query" else result["inference"]["points"]).append(point)
@@ -437,21 +210,79 @@ def measure(
                 _log_model_sweep(m, cells, cfg, point, tower)
         if not result["inference"]["points"]:
             result["inference"]["points"] = query_points
-        pts = result["inference"]["points"]
-        result["inference"]["fit"] = fit_power(
-            [p["n"] for p in pts], [p["usd_per_million_tokens"] / 1e6 for p in pts]
-        )
+        result["inference"]["fit"] = _inference_fit(result["inference"]["points"], device_hour_usd)
+        result["machine"]["loadavg_1m_end"] = machine_state()["loadavg_1m"]
         if log_mlflow:
-            import mlflow
-
-            mlflow.log_metrics({"inference_fit_a": result["inference"]["fit"]["a"],
-                                "inference_fit_b": result["inference"]["fit"]["b"]})
-            mlflow.log_dict(result, "costs/inference_sweep.json")
+            _log_measure(result)
     if not result["towers"]:
         del result["towers"]
     if out_path is not None:
         write_json(out_path, result)
     return result
+
+
+def _check_servable(url_or_server, served: list[ServedModel], cfg: LoadConfig) -> None:
+    """Every model ready, and every cell's sequence within its model's positions (before any timing)."""
+    with Client(url_or_server, cfg.protocol) as client:
+        for m in served:
+            client.check_ready(m.name)
+            limit = client.info(m.name)
+            longest = max(s for _, _, s in cfg.cells(m.tower))
+            if longest > limit.max_sequence_length:
+                raise DrscalingError(
+                    f"seq_len {longest} exceeds the {limit.max_sequence_length} positions of "
+                    f"model '{m.name}'"
+                )
+
+
+def machine_description(state: dict) -> dict:
+    """What the measurements ran on and how busy it was: kept with the costs they explain."""
+    return {"device": device_description(), "platform": platform.platform(),
+            "python": platform.python_version(), "usable_cpus": state["usable_cpus"],
+            "loadavg_1m_start": state["loadavg_1m"]}
+
+
+def _warn(flags: list[str]) -> list[str]:
+    for flag in flags:
+        print(f"warning: {flag}")
+    return flags
+
+
+def _sweep_repeated(url_or_server, served: list[ServedModel], cfg: LoadConfig) -> dict[str, list[dict]]:
+    """Every model's cells, each measured cfg.repeats times and summarised (medians, spread, flags).
+
+    The repeats go round the whole grid (every model, every cell) instead of back to back: a burst
+    of load from elsewhere then slows one repeat of many settings, which the median discards,
+    instead of every repeat of one model (a rerun under load once put minilm-L3 below minilm-L4)."""
+    plan = [(m, i, cell) for m in served for i, cell in enumerate(cfg.cells(m.tower))]
+    runs: dict[str, list[list[dict]]] = {m.name: [[] for _ in cfg.cells(m.tower)] for m in served}
+    with tqdm(total=len(plan) * cfg.repeats, desc="measure", leave=False) as bar:
+        for _ in range(cfg.repeats):
+            for m, i, (b, c, s) in plan:
+                bar.set_postfix_str(f"{m.name} batch {b} x {c}")
+                runs[m.name][i].append(run_load(url_or_server, m.name, b, c, cfg, seq_len=s))
+                bar.update()
+    return {m.name: [summarise_repeats(r, cfg.max_spread, m.name) for r in runs[m.name]] for m in served}
+
+
+def _inference_fit(points: list[dict], device_hour_usd: float) -> dict:
+    """$/token = a * N**b over the points, its interval from each point's repeats."""
+    return fit_power([p["n"] for p in points], [p["usd_per_million_tokens"] / 1e6 for p in points],
+                     samples=[[usd_per_million_tokens(t, device_hour_usd) / 1e6 for t in p["tokens_per_s_repeats"]]
+                              for p in points])
+
+
+def _log_measure(result: dict) -> None:
+    import mlflow
+
+    fit = result["inference"]["fit"]
+    mlflow.log_metrics({"inference_fit_a": fit["a"], "inference_fit_b": fit["b"],
+                        "flags": len(result["flags"]), "loadavg_1m_start": result["machine"]["loadavg_1m_start"]})
+    if "b" in fit.get("interval", {}):
+        mlflow.log_metrics({"inference_fit_b_low": fit["interval"]["b"][0],
+                            "inference_fit_b_high": fit["interval"]["b"][1]})
+    mlflow.set_tag("drscaling.flags", "; ".join(result["flags"])[:5000] or "none")
+    mlflow.log_dict(result, "costs/inference_sweep.json")
 
 
 def tower_entry(m: ServedModel, cells: list[dict], point: dict) -> dict:
@@ -480,17 +311,19 @@ def _log_model_sweep(m: ServedModel, cells: list[dict], cfg: LoadConfig, point: 
                                 "drscaling.tower": m.tower}):
         mlflow.log_params({"model": m.name, "shape": m.shape, "n_non_embedding": m.n,
                            "seq_len": cells[0]["seq_len"], "protocol": cfg.protocol,
-                           "duration_s": cfg.duration_s, "tower": m.tower,
+                           "duration_s": cfg.duration_s, "repeats": cfg.repeats, "tower": m.tower,
                            "retriever": m.retriever or m.name})
         for step, cell in enumerate(cells):
             mlflow.log_metrics({
                 "batch": cell["batch"], "concurrency": cell["concurrency"],
                 "inferences_per_s": cell["inferences_per_s"], "tokens_per_s": cell["tokens_per_s"],
                 "p50_ms": cell["p50_ms"], "p95_ms": cell["p95_ms"], "p99_ms": cell["p99_ms"],
+                "tokens_per_s_spread": cell["spread"]["tokens_per_s"]["rel"],
             }, step=step)
             # Also one flat metric per cell, so the UI can compare cells across models directly.
             key = f"b{cell['batch']}_c{cell['concurrency']}"
             mlflow.log_metrics({f"{key}_tokens_per_s": cell["tokens_per_s"],
+                                f"{key}_tokens_per_s_spread": cell["spread"]["tokens_per_s"]["rel"],
                                 f"{key}_p99_ms": cell["p99_ms"]})
         mlflow.log_metrics({"best_tokens_per_s": point["tokens_per_s"],
                             "usd_per_million_tokens": point["usd_per_million_tokens"]})
@@ -562,13 +395,15 @@ def training_costs(
             f"no finished training runs (tag {STAGE_TAG}=train with train_step_seconds) in "
             f"{where}: train first (drscaling train / dvc repro train)"
         )
-    points = []
+    points, samples = [], []
     for shape, d in sorted(per_shape.items(), key=lambda kv: kv[1]["n"]):
         step_s = statistics.median(d["step_s"])
         points.append({"shape": shape, "n": d["n"], "step_s": step_s,
                        "tokens_per_step": statistics.median(d["tokens"]),
-                       "usd_per_step": step_s * device_hour_usd / 3600.0})
-    fit = fit_power([p["n"] for p in points], [p["usd_per_step"] for p in points])
+                       "usd_per_step": step_s * device_hour_usd / 3600.0, "runs": len(d["step_s"])})
+        # The runs of one shape (other D, other sweeps) are its repeats: they give the fit's interval.
+        samples.append([x * device_hour_usd / 3600.0 for x in d["step_s"]])
+    fit = fit_power([p["n"] for p in points], [p["usd_per_step"] for p in points], samples=samples)
     return {"points": points, "fit": fit}
 
 
@@ -577,25 +412,37 @@ def training_costs(
 # ---------------------------------------------------------------------------------------------
 
 
+INFERENCE_POINT_KEYS = ("shape", "n", "tokens_per_s", "usd_per_million_tokens", "tokens_per_s_repeats",
+                        "tokens_per_s_spread")
+TRAINING_POINT_KEYS = ("shape", "n", "step_s", "tokens_per_step", "usd_per_step", "runs")
+
+
+def _fit_fields(fit: dict) -> dict:
+    return {"a": float(fit["a"]), "b": float(fit["b"])} | ({"interval": fit["interval"]} if "interval" in fit else {})
+
+
 def combine(measured: dict, training: dict | None) -> dict:
-    """Keep exactly the contract's keys (the budget module reads this)."""
+    """Keep exactly the contract's keys (the budget module reads this), with when, where and how
+    reliably it was measured (a versioned costs file must say what machine its numbers are from)."""
     out = {
         "device_hour_usd": float(measured["device_hour_usd"]),
         "device": str(measured["device"]),
+        "measured_at": measured.get("measured_at"),
+        "machine": measured.get("machine", {}),
+        "repeats": measured.get("load", {}).get("repeats", 1),
+        "duration_s": measured.get("load", {}).get("duration_s"),
+        "flags": list(measured.get("flags", [])),
         "inference": {
-            "points": [{k: p[k] for k in ("shape", "n", "tokens_per_s", "usd_per_million_tokens")}
-                       for p in measured["inference"]["points"]],
-            "fit": {"a": float(measured["inference"]["fit"]["a"]),
-                    "b": float(measured["inference"]["fit"]["b"])},
+            "points": [{k: p[k] for k in INFERENCE_POINT_KEYS if k in p} for p in measured["inference"]["points"]],
+            "fit": _fit_fields(measured["inference"]["fit"]),
         },
     }
     if measured.get("towers"):
         out["towers"] = [{k: t[k] for k in TOWER_KEYS[t["tower"]]} for t in measured["towers"]]
     if training is not None:
         out["training"] = {
-            "points": [{k: p[k] for k in ("shape", "n", "step_s", "tokens_per_step", "usd_per_step")}
-                       for p in training["points"]],
-            "fit": {"a": float(training["fit"]["a"]), "b": float(training["fit"]["b"])},
+            "points": [{k: p[k] for k in TRAINING_POINT_KEYS if k in p} for p in training["points"]],
+            "fit": _fit_fields(training["fit"]),
         }
     return out
 

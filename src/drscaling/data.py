@@ -12,10 +12,9 @@ judged-non-relevant rows. The importers of outside formats live in drscaling.dat
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,25 +150,25 @@ def import_pairs(src: str | Path, dest: str | Path, dev_size: int | None, test_s
 # ---------------------------------------------------------------------------------------------
 
 
-def read_tsv(path: str | Path, ncols: int, names: tuple[str, ...]) -> pd.DataFrame:
-    """Read a header-less TSV strictly: every line must have at least `ncols` fields."""
+def _tsv_entries(path: Path, names: tuple[str, str]) -> Iterator[tuple[str, str, str]]:
+    """(id, text, where) of each line of a header-less two-column TSV, read strictly: every line must
+    have at least two tab-separated fields and hold valid text."""
     from drscaling.dataset.reading import check_text
     from drscaling.dataset.reading import iter_lines as strict_lines
 
-    rows = []
+    n = 0
     for lineno, line in strict_lines(path, "TSV file"):
         if not line:
             continue
-        fields = next(csv.reader(io.StringIO(line), delimiter="\t", quoting=csv.QUOTE_NONE))
-        if len(fields) < ncols:
-            raise DrscalingError(
-                f"{path}: line {lineno} has {len(fields)} tab-separated field(s), expected {ncols}"
-                f" ({', '.join(names)})"
-            )
-        rows.append([check_text(f, f"{path}: line {lineno}", n, allow_blank=True) for f, n in zip(fields, names)])
-    if not rows:
+        # A plain split: MS MARCO's TSVs have no quoting, and a csv reader fails on a bare \r in a text.
+        fields = line.split("\t")
+        where = f"{path}: line {lineno}"
+        if len(fields) < 2:
+            raise DrscalingError(f"{where} has {len(fields)} tab-separated field(s), expected 2 ({', '.join(names)})")
+        n += 1
+        yield check_text(fields[0], where, names[0]), check_text(fields[1], where, names[1], allow_blank=True), where
+    if not n:
         raise DrscalingError(f"{path}: file is empty")
-    return pd.DataFrame(rows, columns=list(names))
 
 
 def _find(src: Path, stem: str) -> Path | None:
@@ -184,9 +183,12 @@ def import_msmarco(src: str | Path, dest: str | Path) -> dict:
 
     MS MARCO's split names map as train->train, dev->dev, eval/test->test; TREC-style qrels
     (qid 0 pid rel) and two-column qrels are both accepted. Every split shares the collection
-    (hard-linked, not copied). The dataset appears at `dest` complete or not at all.
+    (hard-linked, not copied). As for every importer (drscaling.dataset.build): a repeated id with
+    the same text, a blank text, a judgement with relevance <= 0 or naming an unknown query or
+    passage are dropped and counted in the report; an id repeated with another text is an error.
+    The dataset appears at `dest` complete or not at all.
     """
-    from drscaling.dataset.build import ImportReport, check_destination, write_dataset
+    from drscaling.dataset.build import ImportReport, check_destination, id_text_table, link, positives, write_dataset
     from drscaling.dataset.reading import format_hint
 
     src = Path(src)
@@ -199,42 +201,52 @@ def import_msmarco(src: str | Path, dest: str | Path) -> dict:
     collection = _find(src, "collection")
     if collection is None:
         raise DrscalingError(f"{src}: no collection.tsv(.gz) found" + format_hint(src, "msmarco"))
-    corpus = read_tsv(collection, 2, ("pid", "text"))
+    corpus, notes = id_text_table(_tsv_entries(collection, ("pid", "text")), "pid", str(collection))
     splits: dict[str, Split] = {}
     for split, names in {"train": ("train",), "dev": ("dev",), "test": ("test", "eval")}.items():
         qfile = next((f for n in names if (f := _find(src, f"queries.{n}"))), None)
         rfile = next((f for n in names if (f := _find(src, f"qrels.{n}"))), None)
         if qfile is None or rfile is None:
             raise DrscalingError(f"{src}: missing queries.{names[0]}.tsv or qrels.{names[0]}.tsv")
-        queries = read_tsv(qfile, 2, ("qid", "text"))
-        qrels = _parse_qrels(rfile)
-        qrels = qrels[qrels["qid"].isin(set(queries["qid"]))]
-        queries = queries[queries["qid"].isin(set(qrels["qid"]))]
-        splits[split] = Split(corpus=corpus, queries=queries, qrels=qrels)
+        queries, n = id_text_table(_tsv_entries(qfile, ("qid", "text")), "qid", str(qfile))
+        judged, m = positives(_qrels_rows(rfile), str(rfile))
+        linked, k = link(corpus, {split: queries}, {split: judged}, {split: str(rfile)})
+        notes += n + m + k
+        qrels = linked[split].qrels[["qid", "pid"]]
+        if qrels.empty:
+            raise DrscalingError(
+                f"{rfile}: no usable judgement for the {split} split (each must name a query of {qfile.name}"
+                f" and a passage of {collection.name}, both with text, with relevance > 0)"
+                + (f"; {'; '.join(notes)}" if notes else "")
+            )
+        splits[split] = Split(corpus=corpus, queries=linked[split].queries, qrels=qrels)
     write_dataset(splits, dest)
     return ImportReport({name: len(s.qrels) for name, s in splits.items()}, Path(dest),
-                        {name: len(s.corpus) for name, s in splits.items()}, [])
+                        {name: len(s.corpus) for name, s in splits.items()}, notes)
 
 
-def _parse_qrels(path: Path) -> pd.DataFrame:
+def _qrels_rows(path: Path) -> Iterator[tuple[str, str, int]]:
+    """(qid, pid, relevance) of each line of a TREC (qid iter pid rel) or two-column (qid pid) qrels file."""
+    from drscaling.dataset.reading import check_text
     from drscaling.dataset.reading import iter_lines as strict_lines
 
-    rows = []
+    n = 0
     for lineno, line in strict_lines(path, "qrels file"):
         if not line:
             continue
         fields = line.split()
+        where = f"{path}: line {lineno}"
         if len(fields) == 4:  # TREC: qid iter pid rel
             try:
                 rel = int(fields[3])
             except ValueError:
-                raise DrscalingError(f"{path}: line {lineno}: relevance {fields[3]!r} is not an integer") from None
-            if rel > 0:
-                rows.append((fields[0], fields[2]))
+                raise DrscalingError(f"{where}: relevance {fields[3]!r} is not an integer") from None
+            qid, pid = fields[0], fields[2]
         elif len(fields) == 2:
-            rows.append((fields[0], fields[1]))
+            (qid, pid), rel = fields, 1
         else:
-            raise DrscalingError(f"{path}: line {lineno} is neither 'qid pid' nor 'qid 0 pid rel'")
-    if not rows:
+            raise DrscalingError(f"{where} is neither 'qid pid' nor 'qid 0 pid rel'")
+        n += 1
+        yield check_text(qid, where, "qid"), check_text(pid, where, "pid"), rel
+    if not n:
         raise DrscalingError(f"{path}: no relevance judgements")
-    return pd.DataFrame(rows, columns=["qid", "pid"]).drop_duplicates()

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from drscaling import tracking
+from drscaling import registry, tracking
+from drscaling.checkpoints import resolve_start
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, Embedded, cached_evalset, embed_evalset, encode_fns, rank_split
@@ -101,10 +102,11 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
     teacher_dir = trained_folder(teacher, "teacher")
     big = load_retriever(teacher_dir)
     queries = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)[0]
-    tokenizer = shape_tokenizer(cfg.student_shape, cfg.student_init, paths.tokenizer)
+    start = resolve_start(cfg.student_shape, cfg.student_init)
+    tokenizer = shape_tokenizer(cfg.student_shape, start.load or "", paths.tokenizer)
     dim = big.query.meta.dim
     # Same dimension and the same normalisation as the teacher: the student must land in its space.
-    student, meta = build_model(cfg.student_shape, tokenizer, dim, seed=cfg.seed, init=cfg.student_init or None,
+    student, meta = build_model(cfg.student_shape, tokenizer, dim, seed=cfg.seed, init=start.load,
                                 scale=big.query.meta.scale, projection=cfg.projection)
     check(cfg, big, meta.n_non_embedding)
     check_lengths(meta, cfg.max_query_len, cfg.eval.max_query_len)
@@ -168,7 +170,8 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
             save_retriever(small, tmp / "model", extra={"distilled_from": str(teacher_dir)})
             write_json(tmp / "metrics.json", result)
         mlflow.log_dict(result, "distill.json")
-        mlflow.log_artifacts(str(paths.out / "model" / "query"), artifact_path="query_tower")
+        # the deployment (student query tower + teacher passage tower), once, as a registered MLflow Model
+        registry.log_encoder(paths.out / "model", registry.distilled_card(result, meta.dim, cfg.annotation_source))
     return result
 
 
@@ -177,7 +180,7 @@ def compare(teacher: Retriever, distilled: Retriever, baseline: Path | None, pre
     """Test metrics of the deployments; the teacher's passage embeddings are computed once and
     reused for the distilled pair, which shares that tower."""
     es = cached_evalset(prepared, "test", cfg)
-    split = load_split(prepared, "test")
+    split = load_split(prepared, "test", relevance=True)
     out: dict = {}
     teacher_q, teacher_p = encode_fns(teacher, cfg, device)
     big = embed_evalset(teacher_q, teacher_p, es, cfg)

@@ -7,14 +7,16 @@ negatives are gathered from one score matrix, so the cost grows with the number 
 not with queries x (K + 1).
 
 Ranking metrics: exact inner-product search over a sub-corpus (all positives of the split plus random
-passages of the whole dataset up to `rank_pool`): MRR@10, NDCG@10, Recall@100, Recall@1000.
+passages of the whole dataset up to `rank_pool`), top 1000 per query in chunks of queries; MRR@10,
+NDCG@10, Recall@100, Recall@1000 computed by ir-measures (trec_eval's definitions, graded gains for
+nDCG where the qrels carry grades).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,15 +103,28 @@ def cached_evalset(prepared: str | Path, split: str, cfg: EvalConfig) -> EvalSet
     return _EVALSETS[key]
 
 
-def contrastive_entropy_from_scores(scores: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> float:
-    """scores: [n_pairs, n_passages]. Mean over draws and pairs of -log softmax(positive | negatives)."""
+def pair_losses(scores: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> np.ndarray:
+    """scores: [n_pairs, n_passages]. Each pair's -log softmax(positive | negatives), mean over draws."""
     rows = np.arange(len(positive))
     pos = scores[rows, positive]  # [n]
     neg = scores[rows[None, :, None], negatives]  # [draws, n, K]
     logits = np.concatenate([np.broadcast_to(pos[None, :, None], neg.shape[:2] + (1,)), neg], axis=2)
     m = logits.max(axis=2, keepdims=True)
     logz = m[..., 0] + np.log(np.exp(logits - m).sum(axis=2))
-    return float((logz - pos[None, :]).mean())
+    return (logz - pos[None, :]).mean(axis=0)
+
+
+def contrastive_entropy_from_scores(scores: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> float:
+    """Mean over draws and pairs of -log softmax(positive | negatives)."""
+    return float(pair_losses(scores, positive, negatives).mean())
+
+
+def bootstrap_interval(values: np.ndarray, level: float = 0.95, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampling the test pairs)."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
 @dataclass
@@ -122,6 +137,10 @@ class Embedded:
 
     def ce(self) -> float:
         return contrastive_entropy_from_scores(self.queries @ self.passages.T, self.es.positive, self.es.negatives)
+
+    def ce_interval(self, level: float = 0.95) -> tuple[float, float]:
+        """The CE's bootstrap interval over the test pairs (how much another test sample would move it)."""
+        return bootstrap_interval(pair_losses(self.queries @ self.passages.T, self.es.positive, self.es.negatives), level)
 
 
 def embed_evalset(encode_query: EncodeFn, encode_passage: EncodeFn, es: EvalSet, cfg: EvalConfig) -> Embedded:
@@ -164,23 +183,50 @@ def rank_pool(prepared: str | Path, split: Split, size: int, seed: int) -> pd.Da
     return pd.concat([pool, extra], ignore_index=True)
 
 
-def ranking_metrics(scores: np.ndarray, relevant: list[set[int]]) -> dict[str, float]:
-    """scores: [n_queries, n_passages]; relevant[i]: indices relevant to query i (binary relevance)."""
-    k_max = min(1000, scores.shape[1])
-    top = np.argpartition(-scores, k_max - 1, axis=1)[:, :k_max]
-    order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
-    mrr, ndcg, r100, r1000 = [], [], [], []
-    discounts = 1.0 / np.log2(np.arange(2, 12))
-    for ranked, rel in zip(order, relevant, strict=True):
-        hits = np.array([d in rel for d in ranked])
-        first = np.flatnonzero(hits[:10])
-        mrr.append(1.0 / (first[0] + 1) if len(first) else 0.0)
-        ideal = discounts[: min(len(rel), 10)].sum()
-        ndcg.append(float((hits[:10] * discounts[: len(hits[:10])]).sum() / ideal))
-        r100.append(hits[:100].sum() / len(rel))
-        r1000.append(hits[:1000].sum() / len(rel))
-    return {"mrr@10": float(np.mean(mrr)), "ndcg@10": float(np.mean(ndcg)),
-            "recall@100": float(np.mean(r100)), "recall@1000": float(np.mean(r1000))}
+# The deepest cutoff measured (Recall@1000): each query's ranking is cut there.
+RANK_DEPTH = 1000
+# Metric name (as logged) -> ir-measures measure. ir-measures picks trec_eval (pytrec_eval) for nDCG
+# and recall, and MS MARCO's official script for RR@10: trec_eval's recip_rank has no cutoff.
+MEASURES = {"mrr@10": "RR@10", "ndcg@10": "nDCG@10", "recall@100": "R@100", "recall@1000": "R@1000"}
+Relevant = Set[int] | Mapping[int, int]  # relevant passage indices (binary), or index -> grade (> 0)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """[n_queries, k] passage indices by descending score; ties go to the lower index, so a
+    ranking never depends on the sort algorithm."""
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top.sort(axis=1)  # index order first: the stable sort below keeps it among equal scores
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
+
+
+def ranked_metrics(ranked: np.ndarray, relevant: Sequence[Relevant]) -> dict[str, float]:
+    """Mean MEASURES over queries, by ir-measures. ranked[i]: query i's passage indices, best first;
+    relevant[i]: a set (grade 1 each) or {index: grade}; nDCG uses the grades as gains, like trec_eval."""
+    import ir_measures  # here: importing it takes ~1 s, which every other command would pay
+
+    if len(ranked) != len(relevant):
+        raise DrscalingError(f"{len(ranked)} rankings but {len(relevant)} relevance sets")
+    if any(not rel for rel in relevant):
+        raise DrscalingError("every ranked query needs at least one relevant passage")
+    qrels = {str(i): ({str(d): int(g) for d, g in rel.items()} if isinstance(rel, Mapping)
+                      else {str(d): 1 for d in rel}) for i, rel in enumerate(relevant)}
+    # Scores by rank, not raw: the evaluators re-sort by score, and breaking ties by docno (as
+    # trec_eval does) would rank by index strings instead of by this ranking.
+    by_rank = [float(ranked.shape[1] - r) for r in range(ranked.shape[1])]
+    run = {str(i): dict(zip(map(str, row.tolist()), by_rank, strict=True)) for i, row in enumerate(ranked)}
+    sums = dict.fromkeys(MEASURES, 0.0)
+    names = {ir_measures.parse_measure(m): name for name, m in MEASURES.items()}
+    for value in ir_measures.evaluator(list(names), qrels).iter_calc(run):
+        sums[names[value.measure]] += value.value
+    return {name: total / len(relevant) for name, total in sums.items()}
+
+
+def ranking_metrics(scores: np.ndarray, relevant: Sequence[Relevant]) -> dict[str, float]:
+    """scores: [n_queries, n_passages]; relevant[i]: the passages relevant to query i, a set of
+    indices (binary relevance) or {index: grade}. Exact top-RANK_DEPTH retrieval, then MEASURES."""
+    return ranked_metrics(top_k(scores, RANK_DEPTH), relevant)
 
 
 def rank_split(
@@ -192,9 +238,11 @@ def rank_split(
     `passage_cache` (pid -> embedding) is read and filled, for retrievers sharing a passage tower."""
     pool = rank_pool(prepared, split, cfg.rank_pool, cfg.seed)
     index = {pid: i for i, pid in enumerate(pool["pid"])}
-    rel: dict[str, set[int]] = {}
-    for qid, pid in zip(split.qrels["qid"], split.qrels["pid"], strict=True):
-        rel.setdefault(qid, set()).add(index[pid])
+    # Graded judgements (BEIR, ir_datasets imports; load_split(..., relevance=True)) are nDCG's gains.
+    grades = split.qrels["relevance"] if "relevance" in split.qrels.columns else [1] * len(split.qrels)
+    rel: dict[str, dict[int, int]] = {}
+    for qid, pid, grade in zip(split.qrels["qid"], split.qrels["pid"], grades, strict=True):
+        rel.setdefault(qid, {})[index[pid]] = int(grade)
     qids = list(rel)
     qtext = dict(zip(split.queries["qid"], split.queries["text"], strict=True))
     encode_q, encode_p = encode_fns(retriever, cfg, device)
@@ -236,13 +284,15 @@ def _reuse(ids: list[str], texts: list[str], known: dict[str, np.ndarray] | None
 
 
 def evaluate_model(model_dir: str | Path, prepared: str | Path, split: str, cfg: EvalConfig) -> dict:
-    """Any saved model (shared or dual towers) or plain HF encoder folder on any canonical split."""
+    """Any saved model (shared or dual towers), plain HF encoder folder or MLflow model URI on any canonical split."""
     from drscaling.model import check_lengths, load_retriever
+    from drscaling.registry import local_model
 
-    retriever = load_retriever(model_dir)
+    with local_model(model_dir) as folder:  # a folder, runs:/..., a run id or models:/name@alias
+        retriever = load_retriever(folder)
     check_lengths(retriever.query.meta, cfg.max_query_len)
     check_lengths(retriever.passage.meta, cfg.max_passage_len)
-    data = load_split(prepared, split)
+    data = load_split(prepared, split, relevance=True)
     es = build_evalset(data, split, cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     retriever.to(device)

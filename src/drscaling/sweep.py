@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from drscaling import params, tracking
+from drscaling.checkpoints import Start, init_for, resolve_start
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_json, write_jsonl
 from drscaling.model import check_shape, shape_cost
@@ -36,7 +37,7 @@ RESULT_KEYS = ("ce_test_min", "ce_test_at_best_dev", "ce_dev_best", "mrr@10", "n
 @dataclass
 class Preset:
     name: str
-    train: dict = field(default_factory=dict)  # TrainConfig overrides shared by every point
+    train: dict = field(default_factory=dict)  # TrainConfig overrides shared by every point (init: a template, or one per family)
     model: dict = field(default_factory=dict)  # {shapes: [...], train_pairs: int}
     data: dict = field(default_factory=dict)  # {shape: str, train_pairs: [...]}
     source: dict = field(default_factory=dict)  # {shape: str, sources: [...], train_pairs: [...]}
@@ -69,7 +70,8 @@ def points(preset: Preset, base: dict, overrides: dict | None = None) -> list[tu
     """(sweep name, config) for every point, in a cheap-first order; shapes are checked up front.
 
     Precedence: `base` (params.yaml train) < the preset's train < `overrides` (params.yaml
-    sweep.train, what `dvc exp run -S '+sweep.train.lr=...'` sets)."""
+    sweep.train, what `dvc exp run -S '+sweep.train.lr=...'` sets). Each point's `init` is the
+    preset's template (or its family's entry), unfilled: drscaling.checkpoints resolves it per shape."""
     common = merged(base, preset.train, overrides or {})
     out: list[tuple[str, TrainConfig]] = []
 
@@ -77,7 +79,8 @@ def points(preset: Preset, base: dict, overrides: dict | None = None) -> list[tu
         check_shape(shape)
         if d < 0:
             raise DrscalingError(f"preset {preset.name}: train_pairs must be >= 0 (got {d})")
-        out.append((sweep, params.build(TrainConfig, common | {"shape": shape, "train_pairs": d, "annotation_source": source})))
+        point = {"shape": shape, "init": init_for(common.get("init"), shape), "train_pairs": d, "annotation_source": source}
+        out.append((sweep, params.build(TrainConfig, common | point)))
 
     for shape in preset.model.get("shapes", []):
         add("model", shape, preset.model.get("train_pairs", 0))
@@ -113,11 +116,13 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
     for _, cfg in todo:
         unique.setdefault(cfg.key(), cfg)
     tracking.configure()
+    # Every point's checkpoint exists (downloaded when online) before the first point trains.
+    starts = {key: resolve_start(cfg.shape, cfg.init) for key, cfg in unique.items()}
     import mlflow
 
     nested = mlflow.active_run() is not None  # e.g. under `mlflow run`
     if not nested:
-        mlflow.set_experiment("sweeps")
+        tracking.use_experiment(tracking.experiment("sweeps"))
     label = f"{preset.name}-{only or 'all'}"
     state_file = out / f"parent-{label}.json"
     parent_id = read_json(state_file).get("run_id") if state_file.exists() else None
@@ -132,14 +137,14 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
             run_paths = dataclasses.replace(paths, out=out / "runs" / key)
             r = train(cfg, run_paths, tags={"preset": preset.name, "sweep": only or "all"})
             if r.get("cached") and r.get("run_id") not in _children(parent.info.run_id):
-                _reference_child(cfg, r, preset.name, only or "all")
+                _reference_child(cfg, r, preset.name, only or "all", starts[key])
             results[key] = r
         rows = []
         for sweep, cfg in todo:
             r = results[cfg.key()]
             rows.append({"sweep": sweep, "shape": cfg.shape, "n": r["n"], "d": r["d"], "source": cfg.annotation_source,
                          "steps": cfg.steps, "config_key": cfg.key(), "model_dir": str(out / "runs" / cfg.key() / "model"),
-                         **{k: r.get(k) for k in RESULT_KEYS}})
+                         **starts[cfg.key()].record(), **{k: r.get(k) for k in RESULT_KEYS}})
         path = out / (f"results-{only}.jsonl" if only else "results.jsonl")
         write_jsonl(path, rows)
         # MLflow run ids are random: they live beside the results, which DVC tracks and must stay a pure
@@ -167,7 +172,7 @@ def _children(parent_id: str) -> set[str]:
     return {r.info.run_id for r in runs} | {r.data.tags.get("cached_from") for r in runs}
 
 
-def _reference_child(cfg: TrainConfig, r: dict, preset: str, sweep: str) -> None:
+def _reference_child(cfg: TrainConfig, r: dict, preset: str, sweep: str, start: Start) -> None:
     """A point trained by another sweep: a child run holding its metrics and the original run id."""
     import mlflow
 
@@ -175,7 +180,8 @@ def _reference_child(cfg: TrainConfig, r: dict, preset: str, sweep: str) -> None
         mlflow.set_tags({"drscaling.stage": "train-reference", "cached_from": str(r.get("run_id")),
                          "shape": cfg.shape, "source": cfg.annotation_source, "preset": preset, "sweep": sweep})
         mlflow.log_params({"shape": cfg.shape, "n_non_embedding": r["n"], "d": r["d"],
-                           "annotation_source": cfg.annotation_source, "steps": cfg.steps, "config_key": cfg.key()})
+                           "annotation_source": cfg.annotation_source, "steps": cfg.steps, "config_key": cfg.key(),
+                           **start.record()})
         mlflow.log_metrics(tracking.metric_names({k: r[k] for k in RESULT_KEYS if r.get(k) is not None}))
 
 

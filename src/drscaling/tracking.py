@@ -24,6 +24,26 @@ def configure() -> str:
     return uri
 
 
+# MLflow 3 opens an experiment on its GenAI overview unless it carries this tag; ours hold runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def use_experiment(name: str) -> None:
+    """Make `name` the active experiment (created when missing), tagged so the UI opens on its runs."""
+    import mlflow
+
+    tag_experiment(mlflow.set_experiment(name).experiment_id)
+
+
+def tag_experiment(experiment_id: str) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    key, value = EXPERIMENT_KIND
+    if client.get_experiment(experiment_id).tags.get(key) != value:
+        client.set_experiment_tag(experiment_id, key, value)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -46,19 +66,34 @@ def data_version() -> str:
     return "unknown"
 
 
-def file_version(path: str | Path) -> str:
-    """Content hash of a file or folder (what a stage read), so runs on different inputs never match."""
+def file_version(path: str | Path, suffixes: tuple[str, ...] = ()) -> str:
+    """Content hash of a file or folder (what a stage read), so runs on different inputs never match.
+    `suffixes`: hash only a folder's files ending so (e.g. a checkpoint's weights)."""
     import hashlib
 
     path = Path(path)
     h = hashlib.md5()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if suffixes and path.is_dir():
+        files = [f for f in files if f.name.endswith(suffixes)]
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def experiment(default: str) -> str:
+    """The MLflow experiment a stage logs to: $DRSCALING_EXPERIMENT, else the working directory's
+    params.yaml `study.experiment` (a study folder puts every stage of a study in one experiment),
+    else the stage's own `default`."""
+    name = os.environ.get("DRSCALING_EXPERIMENT")
+    if name:
+        return name
+    from drscaling import params  # lazy: params imports this module
+
+    return str(params.section("study").get("experiment") or default)
 
 
 def metric_names(metrics: dict) -> dict[str, float]:
@@ -76,19 +111,19 @@ def attach_project_run() -> None:
     import mlflow
 
     if mlflow.active_run() is None:
-        mlflow.start_run(run_id=run_id)
+        tag_experiment(mlflow.start_run(run_id=run_id).info.experiment_id)
 
 
 @contextlib.contextmanager
-def stage_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator:
+def stage_run(default_experiment: str, run_name: str, tags: dict[str, str]) -> Iterator:
     """A stage's MLflow run: a child when a run is already active (a sweep, `mlflow run`), else a
-    top-level run in `experiment`."""
+    top-level run in experiment(default_experiment)."""
     configure()
     import mlflow
 
     nested = mlflow.active_run() is not None
     if not nested:
-        mlflow.set_experiment(experiment)
+        use_experiment(experiment(default_experiment))
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
         mlflow.set_tags(tags)
         yield run

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from drscaling import tracking
+from drscaling import registry, tracking
 from drscaling.annotate import load_annotations
+from drscaling.checkpoints import SCRATCH, Start, resolve_start
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, cached_evalset, embed_evalset, encode_fns, rank_split
@@ -49,12 +50,13 @@ LR_SCHEDULES = ("linear", "constant")
 # A run has converged when the best test CE improved by less than this (relative) over the last
 # quarter of its steps: more steps would not move the point its law is fitted on.
 CONVERGENCE_TOLERANCE = 0.02
+CHECKPOINT_DIR = "checkpoint"  # <out>/checkpoint/checkpoint.pt while a run is unfinished
 
 
 @dataclass
 class TrainConfig:
     shape: str = "bert-L2-H128"
-    init: str = ""  # "" = from config with the shared tokenizer; else a folder or hub name
+    init: str = ""  # "" = the shape's default; scratch; a folder, hub id or template (drscaling.checkpoints)
     towers: str = "shared"  # shared: one encoder (the paper); dual: separate query and passage towers
     annotation_source: str = "human"
     train_pairs: int = 0  # D; 0 = all available pairs
@@ -85,6 +87,8 @@ class TrainConfig:
         """Identity of a run: same key and same data = same results, so it is never trained twice."""
         d = dataclasses.asdict(self)
         d.pop("eval_every", None), d.pop("checkpoint_every", None)
+        if d["init"] == SCRATCH:  # the same run as the default "" (from config), so the same key
+            d["init"] = ""
         if series_layers(self.shape):  # which layers a series shape keeps is part of what was trained
             d["series_layers"] = series_layers(self.shape)
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -106,10 +110,11 @@ class Paths:
 def training_pairs(paths: Paths, source: str, train_pairs: int, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
     """(queries, positive pids, positive passages, corpus texts) for the first D pairs of a seeded
     permutation: smaller D are subsets of larger ones, as in a data-size sweep. D = 0: all pairs."""
-    ann = load_annotations(paths.annotations / f"{source}.jsonl")
+    ann_path = paths.annotations / f"{source}.jsonl"
+    ann = load_annotations(ann_path)
     corpus = load_split(paths.prepared, "train").corpus
     text = dict(zip(corpus["pid"], corpus["text"], strict=True))
-    ann = ann[ann["pid"].isin(text.keys())]
+    check_annotations_match(ann, text.keys(), ann_path, paths.prepared)
     available = len(ann)
     d = train_pairs or available
     if d > available:
@@ -119,6 +124,20 @@ def training_pairs(paths: Paths, source: str, train_pairs: int, seed: int) -> tu
     order = np.random.default_rng(seed).permutation(available)[:d]
     ann = ann.iloc[order]
     return list(ann["query"]), list(ann["pid"]), [text[p] for p in ann["pid"]], list(corpus["text"])
+
+
+def check_annotations_match(ann, corpus_pids, ann_path: Path, prepared: Path) -> None:
+    """Every annotation must name a passage of the train corpus it is trained against: one that does
+    not was made from another dataset (or another import of it), and training on the rest would
+    silently measure something else."""
+    unknown = ~ann["pid"].isin(set(corpus_pids))
+    if unknown.any():
+        corpus_file = Path(prepared) / "train" / "corpus.jsonl"
+        raise DrscalingError(
+            f"{ann_path}: {int(unknown.sum()):,} of {len(ann):,} annotations name passages that are not in the "
+            f"train corpus {corpus_file} (e.g. pid {ann.loc[unknown, 'pid'].iloc[0]!r}): the annotations were "
+            f"made from another dataset. Annotate this one (`drscaling annotate --source <source> --prepared "
+            f"{prepared} --out <folder>/<source>.jsonl`) and pass that folder as --annotations")
 
 
 def check_config(cfg: TrainConfig, n_corpus: int) -> None:
@@ -225,9 +244,10 @@ def save_checkpoint(path: Path, towers: Towers, opt, sched, state: dict) -> None
         )
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, towers: Towers, opt, sched, data_key: str = "") -> dict | None:
-    """The saved state of an interrupted run, or None. Refuses, with what to do, a checkpoint that is
-    unreadable, was made with other parameters or on other data, or does not fit the shape. Only
+def read_checkpoint(path: Path, cfg: TrainConfig, data_key: str = "") -> dict | None:
+    """The saved checkpoint of an interrupted run, or None; read before anything is built, so a
+    checkpoint that cannot be resumed is refused before any compute. Refuses, with what to do, one
+    that is unreadable, was made for another shape, with other parameters or on other data. Only
     tensors and plain containers are unpickled (weights_only)."""
     file = path / "checkpoint.pt"
     if not file.exists():
@@ -238,6 +258,11 @@ def load_checkpoint(path: Path, cfg: TrainConfig, towers: Towers, opt, sched, da
         state = ck["state"]
     except Exception as exc:  # noqa: BLE001 - truncated zip, foreign pickle, missing keys: all unusable
         raise DrscalingError(f"checkpoint {file} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); {discard}") from exc
+    if state.get("shape") != cfg.shape:
+        raise DrscalingError(
+            f"checkpoint {path} was made for shape {state.get('shape')}, not {cfg.shape}: its weights cannot"
+            f" continue another shape; use another output folder or {discard}"
+        )
     if state.get("config_key") != cfg.key():
         raise DrscalingError(
             f"checkpoint {path} was made with different parameters (shape {state.get('shape')});"
@@ -245,17 +270,23 @@ def load_checkpoint(path: Path, cfg: TrainConfig, towers: Towers, opt, sched, da
         )
     if data_key and state.get("data_key") != data_key:
         raise DrscalingError(
-            f"checkpoint {path} was trained on other data (the annotations or the prepared splits changed"
+            f"checkpoint {path} was trained on other data (the annotations, the prepared splits or the init"
+            " checkpoint's weights changed"
             f" since); resuming would mix both: {discard}"
         )
+    return ck
+
+
+def restore_checkpoint(ck: dict, path: Path, cfg: TrainConfig, towers: Towers, opt, sched) -> dict:
+    """Load a checkpoint read by read_checkpoint into the built towers, optimiser and schedule; returns
+    the run's saved state. (The torch generator is restored by the caller, last.)"""
     try:
         towers.load_state_dict(ck["model"])
     except RuntimeError as exc:
         raise DrscalingError(f"checkpoint {path} does not fit shape {cfg.shape}: {exc}") from exc
     opt.load_state_dict(ck["opt"])
     sched.load_state_dict(ck["sched"])
-    torch.set_rng_state(ck["torch_rng"])
-    return state
+    return ck["state"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -306,7 +337,8 @@ class _Data:
     pos_texts: list[str]
     corpus_texts: list[str]
     pos_idx: np.ndarray  # each pair's positive as an index into corpus_texts
-    key: str  # content hashes of the annotations and the prepared splits
+    versions: dict[str, str]  # content hashes of the annotations and of the prepared splits
+    key: str  # those hashes, plus a named init checkpoint's (train() adds it)
 
 
 @dataclass
@@ -324,6 +356,8 @@ class _Run:
     device: str
     dev: object
     test: object
+    start: Start  # the checkpoint the towers started from
+    restored: dict | None = None  # the saved state of the interrupted run this one resumes
 
 
 def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, discard_checkpoint: bool = False) -> dict:
@@ -331,6 +365,9 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
     The output folder is locked for the run; SIGTERM checkpoints and ends the MLflow run KILLED."""
     rank, _ = _ddp()
     data = _training_data(cfg, paths)  # clear errors first
+    start = resolve_start(cfg.shape, cfg.init)  # a missing checkpoint fails here, naming it
+    if start.load:  # a named checkpoint is an input: other weights at the same name are another run
+        data.key += start.digest
     done = finished(paths.out, cfg, data.key)
     if done:
         return done | {"resumed": False, "cached": True}
@@ -338,23 +375,28 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
     lock = folder_lock(paths.out, f"training {cfg.shape}") if rank == 0 else contextlib.nullcontext()
     with lock, sigterm_at_step_boundary() as term:
         if discard_checkpoint:
-            shutil.rmtree(paths.out / "checkpoint", ignore_errors=True)
-        return _train(cfg, paths, data, _build_run(cfg, paths), tags, term)
+            shutil.rmtree(paths.out / CHECKPOINT_DIR, ignore_errors=True)
+        saved = read_checkpoint(paths.out / CHECKPOINT_DIR, cfg, data.key)  # refused here: before any compute
+        return _train(cfg, paths, data, _build_run(cfg, paths, start, saved), tags, term)
 
 
 def _training_data(cfg: TrainConfig, paths: Paths) -> _Data:
     queries, pos_pids, pos_texts, corpus_texts = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)
-    key = tracking.file_version(paths.annotations / f"{cfg.annotation_source}.jsonl") + tracking.file_version(paths.prepared)
+    versions = {"annotations_version": tracking.file_version(paths.annotations / f"{cfg.annotation_source}.jsonl"),
+                "prepared_version": tracking.file_version(paths.prepared)}
     corpus_pids = list(load_split(paths.prepared, "train").corpus["pid"])
     cindex = {p: i for i, p in enumerate(corpus_pids)}
-    return _Data(queries, pos_texts, corpus_texts, np.array([cindex[p] for p in pos_pids]), key)
+    return _Data(queries, pos_texts, corpus_texts, np.array([cindex[p] for p in pos_pids]), versions,
+                 versions["annotations_version"] + versions["prepared_version"])
 
 
-def _build_run(cfg: TrainConfig, paths: Paths) -> _Run:
+def _build_run(cfg: TrainConfig, paths: Paths, start: Start, saved: dict | None = None) -> _Run:
     rank, world = _ddp()
-    tokenizer = shape_tokenizer(cfg.shape, cfg.init, paths.tokenizer)
-    build = dict(seed=cfg.seed, init=cfg.init or None, scale=cfg.scale, pooling=cfg.pooling, projection=cfg.projection)
+    tokenizer = shape_tokenizer(cfg.shape, start.load or "", paths.tokenizer)
+    build = dict(seed=cfg.seed, init=start.load, scale=cfg.scale, pooling=cfg.pooling, projection=cfg.projection)
     encoder, meta = build_model(cfg.shape, tokenizer, cfg.dim, **build)
+    if start.load:  # the name the user gave, not the machine's cache path
+        meta.init = start.checkpoint
     meta.max_query_len, meta.max_passage_len = cfg.eval.max_query_len, cfg.max_passage_len
     check_lengths(meta, cfg.max_query_len, cfg.max_passage_len, cfg.eval.max_query_len, cfg.eval.max_passage_len)
     # Dual towers start as two copies of the same checkpoint (ScalingNote stage 1), then part ways.
@@ -362,8 +404,6 @@ def _build_run(cfg: TrainConfig, paths: Paths) -> _Run:
     towers = Towers(encoder, passage)
     query_tower = Tower(encoder, tokenizer, meta)
     retriever = Retriever(query_tower, Tower(passage, tokenizer, meta) if passage is not None else query_tower)
-    dev = cached_evalset(paths.prepared, "dev", cfg.eval)
-    test = cached_evalset(paths.prepared, "test", cfg.eval)
     device = _device()
     towers.to(device)
     if cfg.gradient_checkpointing:
@@ -374,26 +414,34 @@ def _build_run(cfg: TrainConfig, paths: Paths) -> _Run:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device == "cuda" else None)
     opt, sched = optimizer(towers, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.bf16 else contextlib.nullcontext()
-    return _Run(towers, model, retriever, tokenizer, meta, opt, sched, autocast, device, dev, test)
+    # A checkpoint that does not fit the towers is refused before the evaluation sets are built.
+    restored = restore_checkpoint(saved, paths.out / CHECKPOINT_DIR, cfg, towers, opt, sched) if saved else None
+    dev = cached_evalset(paths.prepared, "dev", cfg.eval)
+    test = cached_evalset(paths.prepared, "test", cfg.eval)
+    if saved:  # last, so nothing between here and the next step draws from the restored generator
+        torch.set_rng_state(saved["torch_rng"])
+    return _Run(towers, model, retriever, tokenizer, meta, opt, sched, autocast, device, dev, test, start, restored)
 
 
 def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: dict) -> dict:
     rank, world = _ddp()
-    ckpt_dir = paths.out / "checkpoint"
-    state = load_checkpoint(ckpt_dir, cfg, run.towers, run.opt, run.sched, data.key) or {
+    ckpt_dir = paths.out / CHECKPOINT_DIR
+    state = run.restored or {
         "step": 0, "config_key": cfg.key(), "shape": cfg.shape, "run_id": None, "history": [],
         "best_dev": float("inf"), "test_at_best_dev": float("inf"), "test_min": float("inf"),
         "best_step": 0, "step_seconds": [], "tokens": [], "data_key": data.key, "zero_shot": None,
     }
     resumed = state["step"] > 0
-    mlflow = _start_mlflow(cfg, run.meta, len(data.queries), state, tags, rank, paths.out)
+    mlflow = _start_mlflow(cfg, run.meta, len(data.queries), state, tags, rank, paths.out, run.start)
     best_test: dict = {}  # the best-dev model's test embeddings, reused by the final ranking metrics
     if rank == 0:
         state["run_id"] = mlflow.active_run().info.run_id if mlflow else None
+    if mlflow:  # the data as MLflow datasets, digests = the content hashes above
+        registry.log_training_data(paths, cfg.annotation_source, data.versions)
     try:
         if rank == 0 and state["zero_shot"] is None:  # where the run starts: the untouched model
             state["zero_shot"] = _zero_shot(run.retriever, run.dev, run.test, cfg, run.device, mlflow,
-                                            tracking.file_version(paths.prepared))
+                                            data.versions["prepared_version"])
         bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps,
                    desc=f"train {cfg.shape} D={len(data.queries)}", disable=rank != 0)
         for step in bar:
@@ -408,7 +456,8 @@ def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: d
                 save_checkpoint(ckpt_dir, run.towers, run.opt, run.sched, state)
             if term["term"]:
                 raise Terminated(f"SIGTERM at step {step + 1} of {cfg.steps}; checkpointed, a rerun resumes here")
-        metrics = _finish(cfg, paths, state, run.meta, len(data.queries), run.device, mlflow, best_test) if rank == 0 else {}
+        metrics = (_finish(cfg, paths, state, run, len(data.queries), mlflow, best_test, data.versions)
+                   if rank == 0 else {})
     except BaseException as exc:
         if mlflow and rank == 0:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -497,7 +546,7 @@ def convergence(history: list[dict], steps: int) -> float:
 RUN_FILE = "run.json"  # the MLflow run of the training in this folder, written as soon as it starts
 
 
-def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, rank: int, out: Path):
+def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, rank: int, out: Path, start: Start):
     if rank != 0:
         return None
     tracking.configure()
@@ -505,7 +554,7 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
 
     nested = mlflow.active_run() is not None  # inside a sweep: a child of its parent run
     if not nested:
-        mlflow.set_experiment(os.environ.get("DRSCALING_EXPERIMENT", "train"))
+        tracking.use_experiment(tracking.experiment("train"))
     run_id = state.get("run_id") or _unfinished_run(out, cfg)
     if run_id:  # resume (or adopt the run of a process killed before its first checkpoint)
         mlflow.start_run(run_id=run_id, log_system_metrics=True, nested=nested)
@@ -517,9 +566,10 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
     params |= {"n_non_embedding": meta.n_non_embedding, "d": d, "config_key": cfg.key(),
                "n_non_embedding_total": meta.n_non_embedding * (2 if cfg.towers == "dual" else 1),
                "git_commit": tracking.git_commit(), "data_version": tracking.data_version(),
-               "device": _device(), "projection_init": meta.projection}
+               "device": _device(), "projection_init": meta.projection, **start.record()}
     mlflow.log_params(params)
     mlflow.set_tags({"drscaling.stage": "train", "shape": cfg.shape, "source": cfg.annotation_source, "towers": cfg.towers,
+                     "init_checkpoint": start.checkpoint,
                      "n": str(meta.n_non_embedding), "d": str(d), **(tags or {})})
     return mlflow
 
@@ -542,10 +592,11 @@ def _unfinished_run(out: Path, cfg: TrainConfig) -> str | None:
     return None if run.info.status == "FINISHED" else run.info.run_id
 
 
-def _finish(cfg, paths, state, meta, d, device, mlflow, best_test: dict) -> dict:
+def _finish(cfg, paths, state, run: _Run, d, mlflow, best_test: dict, versions: dict[str, str]) -> dict:
+    meta, device = run.meta, run.device
     # A resumed run may not hold the best model's test embeddings: then the ranking encodes them.
     best = load_retriever(paths.out / "model").to(device)
-    test = load_split(paths.prepared, "test")
+    test = load_split(paths.prepared, "test", relevance=True)
     ranks = rank_split(best, paths.prepared, test, cfg.eval, device, known=best_test.get("embedded")) if cfg.eval.rank_pool else {}
     secs = state["step_seconds"]
     zero = state.get("zero_shot") or {}
@@ -560,11 +611,13 @@ def _finish(cfg, paths, state, meta, d, device, mlflow, best_test: dict) -> dict
     }
     result = {"shape": cfg.shape, "n": meta.n_non_embedding, "d": d, "source": cfg.annotation_source,
               "steps": cfg.steps, "config_key": cfg.key(), "data_key": state["data_key"], "run_id": state["run_id"],
+              **run.start.record(),
               "history": state["history"], **metrics}
     if mlflow:
         mlflow.log_metrics(tracking.metric_names(metrics))
-        mlflow.log_artifacts(str(paths.out / "model"), artifact_path="model")
+        # once, as an MLflow Model registered under its shape, with its model card (registry.py)
+        registry.log_trained(paths.out / "model", result, meta, cfg.towers, versions, best_test.get("embedded"))
         mlflow.log_dict(state["history"], "history.json")
     write_json(paths.out / "metrics.json", result)  # last: its presence marks the run finished
-    shutil.rmtree(paths.out / "checkpoint", ignore_errors=True)  # finished: metrics.json is the record
+    shutil.rmtree(paths.out / CHECKPOINT_DIR, ignore_errors=True)  # finished: metrics.json is the record
     return result

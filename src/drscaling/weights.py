@@ -50,13 +50,8 @@ def ensure_local_model(model: str, cache_dir: str | Path | None = None) -> str:
     A GGUF takes ~45-75 s to parse and dequantise on 2 cores (the gguf reader walks the 49k-entry
     vocabulary three times), so it is converted once into a plain fp32 HF folder and reused.
     Returns a folder path, or a hub name unchanged (only loadable when online)."""
-    if model == DEFAULT_MODEL:
-        gguf = smollm2_gguf()
-    elif model.endswith(".gguf"):
-        gguf = Path(model)
-        if not gguf.exists():
-            raise DrscalingError(f"model file not found: {gguf}")
-    else:
+    gguf = gguf_file(model)
+    if gguf is None:
         return _folder_or_hub_name(model)
     stat = gguf.stat()
     folder = (Path(cache_dir or default_cache_dir()) / f"{gguf.stem}-{stat.st_size}").resolve()
@@ -67,6 +62,18 @@ def ensure_local_model(model: str, cache_dir: str | Path | None = None) -> str:
             model_obj.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     return str(folder)
+
+
+def gguf_file(model: str) -> Path | None:
+    """The GGUF file a model spec names (the packaged default, or a .gguf path), else None."""
+    if model == DEFAULT_MODEL:
+        return smollm2_gguf()
+    if model.endswith(".gguf"):
+        gguf = Path(model)
+        if not gguf.exists():
+            raise DrscalingError(f"model file not found: {gguf}")
+        return gguf
+    return None
 
 
 def _folder_or_hub_name(model: str) -> str:

@@ -146,7 +146,7 @@ def _log_mlflow(source: str, cost: dict, prompt_text: str, extra_params: dict,
 
     own = mlflow.active_run() is None
     if own:
-        mlflow.set_experiment(os.environ.get("DRSCALING_ANNOTATE_EXPERIMENT", "annotate"))
+        tracking.use_experiment(os.environ.get("DRSCALING_ANNOTATE_EXPERIMENT") or tracking.experiment("annotate"))
         mlflow.start_run(run_name=f"generate-{source}")
     try:
         run_id = mlflow.active_run().info.run_id

@@ -35,25 +35,36 @@ def parse_json_queries(text: str) -> list[str]:
             found = _strings_in(obj)
             if found:
                 return found
-    keyed = sorted(((int(m.group(1)), m.group(3)) for m in KEYED.finditer(text)), key=lambda t: t[0])
+    keyed = sorted(((_key_number(m.group(1)), m.group(3)) for m in KEYED.finditer(text)), key=lambda t: t[0])
     if keyed:
         return [_unescape(v) for _, v in keyed]
     return [m.group(1) for m in LISTED.finditer(text)]
 
 
-def _strings_in(obj: Any) -> list[str]:
-    """String values of a parsed answer, query keys in numeric order first."""
-    if isinstance(obj, str):
-        return [obj]
-    if isinstance(obj, list):
-        return [s for item in obj for s in _strings_in(item)]
-    if isinstance(obj, dict):
-        def order(k: Any) -> tuple[int, str]:
-            m = re.search(r"(\d+)", str(k))
-            return (int(m.group(1)) if m else 10**6, str(k))
+def _key_number(digits: str) -> int:
+    """A key's number for ordering: int() refuses strings of more than 4,300 digits (a model that
+    loops on digits writes them), and no answer has that many queries."""
+    return int(digits) if len(digits) <= 18 else 10**18
 
-        return [s for k in sorted(obj, key=order) for s in _strings_in(obj[k])]
-    return []
+
+def _strings_in(obj: Any) -> list[str]:
+    """String values of a parsed answer, query keys in numeric order first. Walked with an explicit
+    stack: a parsed answer can be nested deeper than Python's recursion limit allows to recurse."""
+    def order(k: Any) -> tuple[int, str]:
+        m = re.search(r"(\d+)", str(k))
+        return (_key_number(m.group(1)) if m else 10**6, str(k))
+
+    found: list[str] = []
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            stack.extend(item[k] for k in reversed(sorted(item, key=order)))
+    return found
 
 
 def _unescape(value: str) -> str:

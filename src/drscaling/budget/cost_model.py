@@ -179,7 +179,8 @@ def measured_cost_model(
     if not path.exists():
         raise DrscalingError(
             f"costs file not found: {path}; run `drscaling measure` first (inference $/token on "
-            "Triton; training $/step comes from the training runs)"
+            "Triton; training $/step comes from the training runs): `make measure` writes the versioned "
+            "costs/costs.json the pipeline reads (commit it), or use --costs paper"
         )
     doc = read_json(path, what="costs file")
     if not isinstance(doc, dict):

@@ -384,7 +384,7 @@ def best_measured_run(
         cost = cost_split(costs, n, d, include_inference)
         if cost["total"] <= budget:
             fitting.append({"shape": r.get("shape"), "n": n, "d": d, "loss": loss, "cost": cost,
-                            "source": r.get("source")})
+                            "source": r.get("source"), "config_key": r.get("config_key")})
     return min(fitting, key=lambda r: r["loss"]) if fitting else None
 
 

@@ -1,0 +1,54 @@
+"""The python_function MLflow Model of a trained encoder (see registry.py): texts in, embeddings out.
+
+Its own module, imported only where a model is logged or loaded: mlflow.pyfunc is a heavy import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+
+from drscaling.registry import ARTIFACT
+
+SIDES = ("query", "passage")
+
+
+def _texts(model_input: Any) -> list[str]:
+    """A list of strings from what pyfunc hands over (a one-column DataFrame, a list, an array)."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if model_input.shape[1] != 1:
+            raise ValueError(f"expected one column of texts, got {model_input.shape[1]} columns")
+        values = model_input.iloc[:, 0].tolist()
+    elif isinstance(model_input, str):
+        values = [model_input]
+    else:
+        values = list(np.asarray(model_input).ravel())
+    if not all(isinstance(v, str) for v in values):
+        raise ValueError("every input must be a text (str)")
+    return values
+
+
+class EncoderModel(mlflow.pyfunc.PythonModel):
+    """Texts -> float32 embeddings [n, dim] with a saved drscaling retriever (shared or dual towers)."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from drscaling.model import load_retriever
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.retriever = load_retriever(context.artifacts[ARTIFACT]).to(self.device)
+
+    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:  # noqa: ARG002
+        params = params or {}
+        side = params.get("side") or "query"
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {', '.join(SIDES)} (got '{side}')")
+        tower = getattr(self.retriever, side)
+        own = tower.meta.max_query_len if side == "query" else tower.meta.max_passage_len
+        max_len = int(params.get("max_len") or 0) or own
+        return tower.encode(_texts(model_input), max_len, int(params.get("batch_size") or 128), self.device)

@@ -1,0 +1,148 @@
+"""Ranking metrics through ir-measures: parity with the hand-written metrics they replaced, graded
+relevance as trec_eval computes it, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from drscaling.data import Split, load_split
+from drscaling.errors import DrscalingError
+from drscaling.evaluate import (
+    Embedded, EvalConfig, EvalSet, encode_fns, rank_pool, rank_split, ranked_metrics, ranking_metrics, top_k,
+)
+from drscaling.model import Retriever, Tower, build_model, load_tokenizer
+
+CFG = EvalConfig(negatives=16, draws=1, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=600)
+
+
+def reference_metrics(scores: np.ndarray, relevant: list[set[int]]) -> dict[str, float]:
+    """The hand-written implementation ir-measures replaced (binary relevance), kept as the reference."""
+    k_max = min(1000, scores.shape[1])
+    top = np.argpartition(-scores, k_max - 1, axis=1)[:, :k_max]
+    order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
+    mrr, ndcg, r100, r1000 = [], [], [], []
+    discounts = 1.0 / np.log2(np.arange(2, 12))
+    for ranked, rel in zip(order, relevant, strict=True):
+        hits = np.array([d in rel for d in ranked])
+        first = np.flatnonzero(hits[:10])
+        mrr.append(1.0 / (first[0] + 1) if len(first) else 0.0)
+        ideal = discounts[: min(len(rel), 10)].sum()
+        ndcg.append(float((hits[:10] * discounts[: len(hits[:10])]).sum() / ideal))
+        r100.append(hits[:100].sum() / len(rel))
+        r1000.append(hits[:1000].sum() / len(rel))
+    return {"mrr@10": float(np.mean(mrr)), "ndcg@10": float(np.mean(ndcg)),
+            "recall@100": float(np.mean(r100)), "recall@1000": float(np.mean(r1000))}
+
+
+def assert_same(new: dict[str, float], old: dict[str, float]) -> None:
+    assert set(old) <= set(new)
+    for name, value in old.items():
+        assert new[name] == pytest.approx(value, abs=1e-6), name
+
+
+def random_case(n_queries: int, n_passages: int, seed: int) -> tuple[np.ndarray, list[set[int]]]:
+    """Continuous scores (no ties) and 1-15 relevant passages per query, some of them ranked high."""
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(n_queries, n_passages)).astype(np.float32)
+    relevant = [set(rng.choice(n_passages, size=rng.integers(1, 16), replace=False).tolist())
+                for _ in range(n_queries)]
+    for i, rel in enumerate(relevant):
+        for d in list(rel)[: rng.integers(0, 3)]:
+            scores[i, d] += rng.uniform(1, 4)
+    return scores, relevant
+
+
+@pytest.mark.parametrize("n_queries,n_passages", [(120, 3000), (40, 400)])  # deeper and shallower than 1000
+def test_ir_measures_equal_the_hand_written_metrics(n_queries, n_passages):
+    scores, relevant = random_case(n_queries, n_passages, seed=n_passages)
+    old = reference_metrics(scores, relevant)
+    assert 0.05 < old["mrr@10"] < 0.95 and 0 < old["recall@100"] < old["recall@1000"] <= 1  # not a trivial case
+    assert_same(ranking_metrics(scores, relevant), old)
+
+
+@pytest.fixture(scope="module")
+def random_retriever(tokenizer_dir) -> Retriever:
+    """A random-weight encoder with the fixture data's tokenizer: distinct embeddings, no ties."""
+    tok = load_tokenizer(tokenizer_dir)
+    encoder, meta = build_model("bert-L2-H128", tok, dim=32, seed=3)
+    return Retriever.single(Tower(encoder, tok, meta))
+
+
+@pytest.fixture(scope="module")
+def test_split_embedded(prepared, random_retriever) -> Embedded:
+    """The test split's queries and rank pool, encoded once: rank_split reuses them (`known`)."""
+    split = load_split(prepared, "test")
+    pool = rank_pool(prepared, split, CFG.rank_pool, CFG.seed)
+    encode_q, encode_p = encode_fns(random_retriever, CFG)
+    qtext = dict(zip(split.queries["qid"], split.queries["text"], strict=True))
+    qids = list(qtext)
+    es = EvalSet("test", [qtext[x] for x in qids], list(pool["text"]), np.empty(0), np.empty(0),
+                 qids=qids, pids=list(pool["pid"]))
+    return Embedded(encode_q(es.queries, CFG.max_query_len), encode_p(es.passages, CFG.max_passage_len), es)
+
+
+def reference_inputs(embedded: Embedded, qrels: pd.DataFrame, graded: bool) -> tuple[np.ndarray, list]:
+    """Scores of the judged queries over the pool, and their relevant passages (sets, or index -> grade)."""
+    index = {pid: i for i, pid in enumerate(embedded.es.pids)}
+    qids = list(dict.fromkeys(qrels["qid"]))
+    rel: dict[str, dict[int, int]] = {x: {} for x in qids}
+    grades = qrels["relevance"] if graded else [1] * len(qrels)
+    for qid, pid, g in zip(qrels["qid"], qrels["pid"], grades, strict=True):
+        rel[qid][index[pid]] = int(g)
+    rows = [embedded.es.qids.index(x) for x in qids]
+    scores = embedded.queries[rows] @ embedded.passages.T
+    return scores, [rel[x] if graded else set(rel[x]) for x in qids]
+
+
+def test_rank_split_on_the_test_split_equals_the_hand_written_metrics(prepared, random_retriever, test_split_embedded):
+    split = load_split(prepared, "test", relevance=True)
+    old = reference_metrics(*reference_inputs(test_split_embedded, split.qrels, graded=False))
+    new = rank_split(random_retriever, prepared, split, CFG, known=test_split_embedded)
+    assert new["rank_pool"] == CFG.rank_pool and split.qrels["qid"].nunique() == 300
+    assert old["mrr@10"] > 0.005  # a random encoder still ranks some positives in the top 10
+    assert_same(new, old)
+
+
+def test_graded_relevance_gains_as_trec_eval():
+    ranked = np.array([[1, 0, 2, 3]])  # passage 1 first, passage 0 second
+    d2 = 1 / np.log2(3)
+    # trec_eval's ndcg_cut: gain = grade, discount 1/log2(rank + 1), ideal = grades sorted descending.
+    assert ranked_metrics(ranked, [{0: 2, 1: 1}])["ndcg@10"] == pytest.approx((1 + 2 * d2) / (2 + d2), abs=1e-12)
+    assert ranked_metrics(ranked, [{0: 1, 1: 2}])["ndcg@10"] == pytest.approx(1.0, abs=1e-12)
+    assert ranked_metrics(ranked, [{0, 1}])["ndcg@10"] == pytest.approx(1.0, abs=1e-12)  # binary: grade 1
+    graded = ranked_metrics(ranked, [{0: 2, 3: 1}])
+    assert graded["mrr@10"] == pytest.approx(1 / 2) and graded["recall@100"] == 1.0  # grade >= 1 is relevant
+    assert graded["ndcg@10"] == pytest.approx((2 * d2 + 1 / np.log2(5)) / (2 + d2), abs=1e-12)
+
+
+def test_rank_split_passes_the_grades_to_ndcg(prepared, random_retriever, test_split_embedded):
+    split = load_split(prepared, "test", relevance=True)
+    assert set(split.qrels["relevance"]) == {1}  # the Debian data has one relevant passage per query
+    # A second relevant passage of grade 2 per query: graded and binary nDCG now differ.
+    rng = np.random.default_rng(0)
+    extra = pd.DataFrame({"qid": split.qrels["qid"], "pid": rng.choice(split.corpus["pid"], size=len(split.qrels)),
+                          "relevance": 2})
+    qrels = pd.concat([split.qrels, extra[extra["pid"] != split.qrels["pid"]]], ignore_index=True)
+    got = rank_split(random_retriever, prepared, Split(split.corpus, split.queries, qrels), CFG, known=test_split_embedded)
+    expected = ranking_metrics(*reference_inputs(test_split_embedded, qrels, graded=True))
+    assert got["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-9)
+    binary = rank_split(random_retriever, prepared, Split(split.corpus, split.queries, qrels[["qid", "pid"]]), CFG,
+                        known=test_split_embedded)
+    assert abs(got["ndcg@10"] - binary["ndcg@10"]) > 1e-4
+    assert got["recall@1000"] == pytest.approx(binary["recall@1000"])  # recall ignores grades
+
+
+def test_top_k_breaks_ties_by_index():
+    scores = np.array([[0.5, 0.9, 0.5, 0.9, 0.1]], dtype=np.float32)
+    assert top_k(scores, 4).tolist() == [[1, 3, 0, 2]]
+    assert top_k(scores, 1000).shape == (1, 5)
+
+
+def test_ranking_metrics_bad_input():
+    scores = np.zeros((2, 5), dtype=np.float32)
+    with pytest.raises(DrscalingError, match="2 rankings but 1 relevance"):
+        ranking_metrics(scores, [{0}])
+    with pytest.raises(DrscalingError, match="at least one relevant passage"):
+        ranking_metrics(scores, [{0}, set()])

@@ -1,0 +1,144 @@
+"""Trained encoders as MLflow Models in the registry: logged once, registered per shape, served by alias."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from drscaling import registry, tracking
+from drscaling.errors import DrscalingError
+from drscaling.evaluate import EvalConfig, evaluate_model
+from drscaling.model import load_retriever
+from drscaling.train import Paths, TrainConfig, train
+
+EVAL = EvalConfig(negatives=32, draws=2, max_query_len=16, max_passage_len=24, batch_size=64, rank_pool=300)
+SHAPE = "bert-L2-H128"
+NAME = f"drscaling-{SHAPE}"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """This module's own registry: the session store holds other tests' versions of the same shape."""
+    return f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _use_store(store, _mlflow_uri_per_test):
+    os.environ["MLFLOW_TRACKING_URI"] = store
+    mlflow.set_tracking_uri(store)
+
+
+@pytest.fixture(scope="module")
+def trained(store, prepared, annotations, tokenizer_dir, tmp_path_factory) -> dict:
+    """Two tiny training runs of one shape (two data sizes: two versions of its registered model)."""
+    os.environ["MLFLOW_TRACKING_URI"] = store  # before any test of the module has set it
+    mlflow.set_tracking_uri(store)
+    out = {}
+    for d in (60, 120):
+        cfg = TrainConfig(shape=SHAPE, steps=4, batch_size=8, negatives=16, max_query_len=16, max_passage_len=24,
+                          lr=1e-3, warmup_steps=1, eval_every=2, checkpoint_every=4, dim=32, train_pairs=d, eval=EVAL)
+        folder = tmp_path_factory.mktemp(f"reg-d{d}")
+        out[d] = train(cfg, Paths(prepared, annotations, tokenizer_dir, folder)) | {"folder": folder, "cfg": cfg}
+    return out
+
+
+def test_each_run_logs_one_registered_pyfunc_model(trained, annotations, prepared):
+    client = mlflow.MlflowClient()
+    versions = {v.tags["config_key"]: v for v in client.search_model_versions(f"name = '{NAME}'")}
+    for d, r in trained.items():
+        v = versions[r["config_key"]]
+        assert v.run_id == r["run_id"] and v.tags["d"] == str(d) and v.tags["source"] == "human"
+        # the card: N, D, source, CE with its interval, MRR@10
+        assert f"| D (training pairs) | {d} |" in v.description and "MRR@10" in v.description
+        card = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{r['run_id']}/model_card.json")).read_text())
+        lo, hi = card["ce_test_interval"]
+        assert lo <= card["ce_test"] <= hi and card["n_non_embedding"] == r["n"]
+        info = mlflow.models.get_model_info(f"runs:/{r['run_id']}/model")
+        assert "python_function" in info.flavors
+        assert info.signature.inputs.input_types() == [mlflow.types.DataType.string]
+        assert info.signature.outputs.inputs[0].shape == (-1, 32)
+        # stored once: no plain model/ folder among the run's artifacts, and the local folder's files
+        # are hard links to the artifact store's copy
+        assert "model" not in {a.path for a in client.list_artifacts(r["run_id"])}
+        weights = next((r["folder"] / "model" / "backbone").glob("*.safetensors"))
+        assert weights.stat().st_nlink == 2
+    run = client.get_run(trained[60]["run_id"])
+    inputs = {(i.dataset.name, i.dataset.digest, i.tags[0].value) for i in run.inputs.dataset_inputs}
+    assert ("annotations/human", tracking.file_version(annotations / "human.jsonl"), "training") in inputs
+    assert ("prepared/prepared", tracking.file_version(prepared), "evaluation") in inputs
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_recommended_alias_serves_and_evaluates(trained, prepared):
+    best = trained[120]
+    picked = registry.recommend({"best_measured_run": {"shape": SHAPE, "config_key": best["config_key"]}})
+    assert picked["uri"] == f"models:/{NAME}@recommended"
+    version = mlflow.MlflowClient().get_model_version_by_alias(NAME, "recommended")
+    assert version.run_id == best["run_id"]
+
+    served = mlflow.pyfunc.load_model(picked["uri"]).predict(["a query", "rsync file copy"])
+    local = load_retriever(best["folder"] / "model")
+    expected = local.query.encode(["a query", "rsync file copy"], local.query.meta.max_query_len)
+    assert served.shape == (2, 32) and served.dtype == np.float32
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+
+    by_alias = evaluate_model(picked["uri"], prepared, "test", EVAL)
+    by_folder = evaluate_model(best["folder"] / "model", prepared, "test", EVAL)
+    assert by_alias["ce"] == pytest.approx(by_folder["ce"], abs=1e-6)
+    assert by_alias["mrr@10"] == pytest.approx(by_folder["mrr@10"], abs=1e-6)
+    by_run = evaluate_model(f"runs:/{best['run_id']}/model", prepared, "test", EVAL)
+    assert by_run["ce"] == pytest.approx(by_folder["ce"], abs=1e-6)
+
+    # without an exact config the budget's best shape gets its version of lowest CE
+    low = min(trained.values(), key=lambda r: r["ce_test_at_best_dev"])
+    assert registry.recommend({"shapes": {"best": {"shape": SHAPE}}})["version"] == \
+        str(mlflow.MlflowClient().get_model_version_by_alias(NAME, "recommended").version)
+    assert mlflow.MlflowClient().get_model_version_by_alias(NAME, "recommended").run_id == low["run_id"]
+
+
+def test_bad_model_uris_and_inputs(trained):
+    with pytest.raises(DrscalingError, match="cannot download the model models:/drscaling-nope@recommended"):
+        with registry.local_model("models:/drscaling-nope@recommended"):
+            pass
+    with pytest.raises(DrscalingError, match="model not found: nowhere"):
+        with registry.local_model("nowhere"):
+            pass
+    assert registry.recommend({"best_measured_run": {"shape": "bert-L12-H768", "config_key": "x"}}) is None
+    assert registry.recommend({}) is None
+    model = mlflow.pyfunc.load_model(f"runs:/{trained[60]['run_id']}/model")
+    with pytest.raises(Exception, match="side must be one of query, passage"):
+        model.predict(["a query"], params={"side": "sideways"})
+    passages = model.predict(["a passage about rsync"], params={"side": "passage", "max_len": 8})
+    assert passages.shape == (1, 32)
+
+
+def test_export_by_alias_logs_the_onnx_flavour(trained, tmp_path):
+    from drscaling.export import export_onnx
+
+    registry.recommend({"best_measured_run": {"shape": SHAPE, "config_key": trained[60]["config_key"]}})
+    tracking.use_experiment("export")
+    with mlflow.start_run() as run:
+        export_onnx(f"models:/{NAME}@recommended", tmp_path / "onnx")
+    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/onnx")
+    assert "onnx" in info.flavors
+    assert [s.name for s in info.signature.inputs.inputs] == ["input_ids", "attention_mask"]
+    assert registry.model_name(f"models:/{NAME}@recommended") == NAME
+
+
+def test_share_stored_files_links_only_identical_files(tmp_path):
+    local, stored = tmp_path / "local", tmp_path / "stored"
+    for folder, text in ((local, "same"), (stored, "same")):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "a.bin").write_text(text)
+    (local / "b.txt").write_text("mine")
+    (stored / "b.txt").write_text("theirs")
+    assert registry.share_stored_files(local, stored) == 1
+    assert os.path.samefile(local / "sub" / "a.bin", stored / "sub" / "a.bin")
+    assert (local / "b.txt").read_text() == "mine" and (local / "b.txt").stat().st_nlink == 1
+    assert registry.share_stored_files(local, None) == 0
