@@ -20,6 +20,7 @@ import mlflow
 import pytest
 import yaml
 
+from drscaling import tracking
 from test_laws import write_synthetic_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +112,8 @@ def wave(project: Path, calls: list[tuple[str, dict]]) -> dict[str, subprocess.C
 
 def test_every_entry_point_runs_and_leaves_dvc_outputs_alone(project):
     entries = set(yaml.safe_load((project / "MLproject").read_text())["entry_points"])
+    # created here: two `mlflow run` processes creating one experiment at once race (one fails)
+    tracking.use_experiment(EXPERIMENT)
     outs = dvc_outs(project)
     before = {o: tree_hash(project / o) for o in outs}
     assert any(before.values())  # the inputs the defaults read are DVC outputs themselves

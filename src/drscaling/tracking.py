@@ -112,6 +112,9 @@ def attach_project_run() -> None:
 
     if mlflow.active_run() is None:
         tag_experiment(mlflow.start_run(run_id=run_id).info.experiment_id)
+    # start_run() without a run id resumes MLFLOW_RUN_ID when it is set: every stage's own run (train's
+    # params) would land in the project run itself ("Changing param values is not allowed").
+    os.environ.pop("MLFLOW_RUN_ID", None)
 
 
 @contextlib.contextmanager

@@ -436,9 +436,9 @@ def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: d
     best_test: dict = {}  # the best-dev model's test embeddings, reused by the final ranking metrics
     if rank == 0:
         state["run_id"] = mlflow.active_run().info.run_id if mlflow else None
-    if mlflow:  # the data as MLflow datasets, digests = the content hashes above
-        registry.log_training_data(paths, cfg.annotation_source, data.versions)
     try:
+        if mlflow:  # the data as MLflow datasets, digests = the content hashes above
+            registry.log_training_data(paths, cfg.annotation_source, data.versions)
         if rank == 0 and state["zero_shot"] is None:  # where the run starts: the untouched model
             state["zero_shot"] = _zero_shot(run.retriever, run.dev, run.test, cfg, run.device, mlflow,
                                             data.versions["prepared_version"])
