@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from drscaling import generate as gen
@@ -136,6 +136,8 @@ MESSY = st.one_of(
 
 @settings(max_examples=100, deadline=None, database=None)
 @given(text=MESSY, kind=st.sampled_from(["appendix_a", "few_shot"]))
+@example(text="query" + "7" * 4400 + ': "x"', kind="appendix_a")  # always tried: the random draws
+@example(text='{"a": ' + "[" * 700 + '"x"' + "]" * 700 + "}", kind="appendix_a")  # hit these rarely
 def test_property_parser_never_raises_on_any_answer(text, kind):
     out = gen.parse_output(text, kind)
     assert isinstance(out, list) and all(isinstance(q, str) for q in out)
