@@ -225,14 +225,16 @@ def test_a_study_folder_from_other_data_is_refused(study, raw_pairs, tmp_path):
         run_study(StudyConfig(data=str(other), out=root / "s"))
 
 
-def test_annotations_from_another_dataset_name_both_files(study, annotations):
+def test_annotations_from_another_dataset_name_both_files(annotations, raw_pairs, tmp_path):
+    """The embedded data's annotations against a user's dataset: an error naming both files, before training."""
+    from drscaling.data import import_pairs
     from drscaling.train import Paths, training_pairs
 
-    s = study[0] / "s"
-    paths = Paths(prepared=s / "artifacts/prepared", annotations=annotations, tokenizer=s / "artifacts/tokenizer",
-                  out=s / "x")
+    mine = tmp_path / "prepared"
+    import_pairs(write_pairs(tmp_path / "mine.jsonl", pairs_from(raw_pairs, 300)), mine, 50, 50, 13)
+    paths = Paths(prepared=mine, annotations=annotations, tokenizer=tmp_path / "tok", out=tmp_path / "run")
     with pytest.raises(DrscalingError) as err:
         training_pairs(paths, "human", 0, 0)
     msg = str(err.value)
-    assert str(annotations / "human.jsonl") in msg and str(s / "artifacts/prepared/train/corpus.jsonl") in msg
+    assert str(annotations / "human.jsonl") in msg and str(mine / "train" / "corpus.jsonl") in msg
     assert "made from another dataset" in msg
