@@ -38,7 +38,7 @@ from drscaling.annotate import load_annotations
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, cached_evalset, embed_evalset, encode_fns, rank_split
-from drscaling.files import atomic_path, folder_lock, read_json, write_json
+from drscaling.files import atomic_path, folder_lock, read_json, to_json, write_json
 from drscaling.model import (
     ModelMeta, Retriever, Tower, Towers, build_model, check_lengths, load_retriever, save_retriever,
     series_layers, shape_tokenizer, tokenize,
@@ -344,10 +344,15 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
 
 def _training_data(cfg: TrainConfig, paths: Paths) -> _Data:
     queries, pos_pids, pos_texts, corpus_texts = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)
-    key = tracking.file_version(paths.annotations / f"{cfg.annotation_source}.jsonl") + tracking.file_version(paths.prepared)
+    key = data_key(paths, cfg.annotation_source)
     corpus_pids = list(load_split(paths.prepared, "train").corpus["pid"])
     cindex = {p: i for i, p in enumerate(corpus_pids)}
     return _Data(queries, pos_texts, corpus_texts, np.array([cindex[p] for p in pos_pids]), key)
+
+
+def data_key(paths: Paths, source: str) -> str:
+    """The version of the data a run trains on: content hashes of its annotations and the prepared splits."""
+    return tracking.file_version(paths.annotations / f"{source}.jsonl") + tracking.file_version(paths.prepared)
 
 
 def _build_run(cfg: TrainConfig, paths: Paths) -> _Run:
@@ -519,8 +524,10 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
                "git_commit": tracking.git_commit(), "data_version": tracking.data_version(),
                "device": _device(), "projection_init": meta.projection}
     mlflow.log_params(params)
+    # config_key + data_key: how a sweep on another machine finds this run once it is FINISHED (executors.py)
     mlflow.set_tags({"drscaling.stage": "train", "shape": cfg.shape, "source": cfg.annotation_source, "towers": cfg.towers,
-                     "n": str(meta.n_non_embedding), "d": str(d), **(tags or {})})
+                     "n": str(meta.n_non_embedding), "d": str(d), "config_key": cfg.key(),
+                     "data_key": state["data_key"], **(tags or {})})
     return mlflow
 
 
@@ -565,6 +572,7 @@ def _finish(cfg, paths, state, meta, d, device, mlflow, best_test: dict) -> dict
         mlflow.log_metrics(tracking.metric_names(metrics))
         mlflow.log_artifacts(str(paths.out / "model"), artifact_path="model")
         mlflow.log_dict(state["history"], "history.json")
+        mlflow.log_text(to_json(result), "metrics.json")  # the run's result as metrics.json holds it, for other machines
     write_json(paths.out / "metrics.json", result)  # last: its presence marks the run finished
     shutil.rmtree(paths.out / "checkpoint", ignore_errors=True)  # finished: metrics.json is the record
     return result
