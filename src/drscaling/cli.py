@@ -189,13 +189,18 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_sweep(args) -> None:
+    from drscaling.executors import RayConfig
     from drscaling.sweep import format_results, load_preset, run_sweep
 
     sweep = params.section("sweep")
     preset = load_preset(args.preset or sweep.get("preset", "quick"))
     out = Path(args.out or f"{A}/sweeps/{preset.name}")
+    ray = params.build(RayConfig, dict(sweep.get("ray") or {}))
+    if args.ray_address:
+        ray.address = args.ray_address
     results = run_sweep(preset, _train_paths(args, out), params.section("train"), out, args.only,
-                        overrides=sweep.get("train") or {})
+                        overrides=sweep.get("train") or {}, executor=args.executor or sweep.get("executor", "local"),
+                        ray=ray)
     print(format_results(results))
 
 
@@ -735,6 +740,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--preset", help="preset name in pipelines/ or a YAML path")
             p.add_argument("--only", choices=["model", "data", "source", "joint"], help="run one sweep of the preset")
+            p.add_argument("--executor", choices=["local", "ray"],
+                           help="local: points one after another here; ray: each point a task on a Ray cluster"
+                                " (default: params sweep.executor, else local)")
+            p.add_argument("--ray-address", help="the cluster's head, host:6379 (default: params sweep.ray.address,"
+                                                 " else RAY_ADDRESS or a local cluster)")
 
     p = cmd("study", cmd_study, "scaling laws for your own data: import, annotate, sweeps sized to the data, fit, "
             "budget and report in one command (one MLflow experiment; --dvc: a DVC pipeline in the study folder)")

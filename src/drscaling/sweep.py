@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from tqdm import tqdm
-
 from drscaling import params, tracking
 from drscaling.checkpoints import Start, init_for, resolve_start
 from drscaling.errors import DrscalingError
+from drscaling.executors import EXECUTORS, RayConfig, run_local, run_ray, tracking_problem
 from drscaling.files import read_json, write_json, write_jsonl
 from drscaling.model import check_shape, shape_cost
-from drscaling.train import Paths, TrainConfig, train
+from drscaling.train import Paths, TrainConfig
 
 PRESETS = tracking.REPO / "pipelines"
 RESULT_KEYS = ("ce_test_min", "ce_test_at_best_dev", "ce_dev_best", "mrr@10", "ndcg@10", "recall@100", "recall@1000",
@@ -101,14 +100,17 @@ SWEEPS = ("model", "data", "source", "joint")
 
 
 def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | None = None,
-              overrides: dict | None = None) -> Path:
+              overrides: dict | None = None, executor: str = "local", ray: RayConfig | None = None) -> Path:
     """Train every point of one sweep (or all), each distinct config once; write the results file.
 
     `out`/runs/<config key>/ is a cache shared by all sweeps of the preset: a point finished by one
     sweep is reused by another, and gets a child run here that points at the run that trained it.
+    `executor`: local (this process) or ray (a Ray cluster, one tracking server: executors.py).
     """
     if only and only not in SWEEPS:
         raise DrscalingError(f"unknown sweep '{only}'; choose from {', '.join(SWEEPS)}")
+    if executor not in EXECUTORS:
+        raise DrscalingError(f"unknown executor '{executor}'; choose from {', '.join(EXECUTORS)}")
     todo = [(s, c) for s, c in points(preset, base, overrides) if only in (None, s)]
     if not todo:
         raise DrscalingError(f"preset {preset.name} has no '{only}' sweep")
@@ -118,6 +120,8 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
     tracking.configure()
     # Every point's checkpoint exists (downloaded when online) before the first point trains.
     starts = {key: resolve_start(cfg.shape, cfg.init) for key, cfg in unique.items()}
+    if executor == "ray" and (problem := tracking_problem()):  # before the parent run: a dead server fails fast
+        raise DrscalingError(problem)
     import mlflow
 
     nested = mlflow.active_run() is not None  # e.g. under `mlflow run`
@@ -132,13 +136,17 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
         write_json(state_file, {"run_id": parent.info.run_id, "preset": preset.name, "sweep": only or "all"})
         mlflow.set_tags({"drscaling.stage": "sweep", "preset": preset.name, "sweep": only or "all"})
         mlflow.log_dict(dataclasses.asdict(preset), "preset.json")
-        results: dict[str, dict] = {}
-        for key, cfg in tqdm(sorted(unique.items(), key=lambda kv: _cost(kv[1])), desc=f"sweep {label}"):
-            run_paths = dataclasses.replace(paths, out=out / "runs" / key)
-            r = train(cfg, run_paths, tags={"preset": preset.name, "sweep": only or "all"})
-            if r.get("cached") and r.get("run_id") not in _children(parent.info.run_id):
-                _reference_child(cfg, r, preset.name, only or "all", starts[key])
-            results[key] = r
+        ordered = sorted(unique.items(), key=lambda kv: _cost(kv[1]))
+        tags = {"preset": preset.name, "sweep": only or "all"}
+        if executor == "ray":
+            experiment = mlflow.get_experiment(parent.info.experiment_id).name
+            results = run_ray(ordered, paths, out, tags, ray or RayConfig(), f"sweep {label}", parent.info.run_id, experiment)
+        else:
+            results = run_local(ordered, paths, out, tags, f"sweep {label}")
+        children = _children(parent.info.run_id)
+        for key, cfg in ordered:
+            if results[key].get("cached") and results[key].get("run_id") not in children:
+                _reference_child(cfg, results[key], preset.name, only or "all", starts[key])
         rows = []
         for sweep, cfg in todo:
             r = results[cfg.key()]

@@ -39,7 +39,7 @@ from drscaling.checkpoints import SCRATCH, Start, resolve_start
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, cached_evalset, embed_evalset, encode_fns, rank_split
-from drscaling.files import atomic_path, folder_lock, read_json, write_json
+from drscaling.files import atomic_path, folder_lock, read_json, to_json, write_json
 from drscaling.model import (
     ModelMeta, Retriever, Tower, Towers, build_model, check_lengths, load_retriever, save_retriever,
     series_layers, shape_tokenizer, tokenize,
@@ -390,6 +390,11 @@ def _training_data(cfg: TrainConfig, paths: Paths) -> _Data:
                  versions["annotations_version"] + versions["prepared_version"])
 
 
+def data_key(paths: Paths, source: str) -> str:
+    """The version of the data a run trains on: content hashes of its annotations and the prepared splits."""
+    return tracking.file_version(paths.annotations / f"{source}.jsonl") + tracking.file_version(paths.prepared)
+
+
 def _build_run(cfg: TrainConfig, paths: Paths, start: Start, saved: dict | None = None) -> _Run:
     rank, world = _ddp()
     tokenizer = shape_tokenizer(cfg.shape, start.load or "", paths.tokenizer)
@@ -568,9 +573,11 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
                "git_commit": tracking.git_commit(), "data_version": tracking.data_version(),
                "device": _device(), "projection_init": meta.projection, **start.record()}
     mlflow.log_params(params)
+    # config_key + data_key: how a sweep on another machine finds this run once it is FINISHED (executors.py)
     mlflow.set_tags({"drscaling.stage": "train", "shape": cfg.shape, "source": cfg.annotation_source, "towers": cfg.towers,
                      "init_checkpoint": start.checkpoint,
-                     "n": str(meta.n_non_embedding), "d": str(d), **(tags or {})})
+                     "n": str(meta.n_non_embedding), "d": str(d), "config_key": cfg.key(),
+                     "data_key": state["data_key"], **(tags or {})})
     return mlflow
 
 
@@ -618,6 +625,7 @@ def _finish(cfg, paths, state, run: _Run, d, mlflow, best_test: dict, versions: 
         # once, as an MLflow Model registered under its shape, with its model card (registry.py)
         registry.log_trained(paths.out / "model", result, meta, cfg.towers, versions, best_test.get("embedded"))
         mlflow.log_dict(state["history"], "history.json")
+        mlflow.log_text(to_json(result), "metrics.json")  # the run's result as metrics.json holds it, for other machines
     write_json(paths.out / "metrics.json", result)  # last: its presence marks the run finished
     shutil.rmtree(paths.out / CHECKPOINT_DIR, ignore_errors=True)  # finished: metrics.json is the record
     return result

@@ -1,0 +1,270 @@
+"""Sweeps on a Ray cluster: a real two-node Ray cluster on 127.0.0.1 (a head and a second node process
+joining it) and a real `mlflow server` with its basic-auth app, a SQLite backend and a shared artifact
+folder. Everything started here is stopped here (the whole process session of each daemon)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from drscaling.errors import DrscalingError
+from drscaling.executors import RayConfig
+from drscaling.files import read_json, read_jsonl
+from drscaling.sweep import Preset, run_sweep
+from drscaling.train import Paths
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+SRC = Path(__file__).resolve().parents[1] / "src"
+USER, PASSWORD = "admin", "a-test-password-1"
+TINY = {"steps": 8, "batch_size": 8, "negatives": 16, "max_query_len": 16, "max_passage_len": 24, "lr": 0.001,
+        "warmup_steps": 2, "eval_every": 8, "checkpoint_every": 8, "dim": 32,
+        "eval": {"negatives": 64, "draws": 2, "max_query_len": 16, "max_passage_len": 24, "rank_pool": 400}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A daemon in its own session, niced: the machine's cores belong to the tests."""
+    return subprocess.Popen(["nice", "-n", "19", *cmd], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=env or os.environ.copy(), start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to every process of the daemon's session (Ray's raylet, GCS and workers)."""
+    def members() -> list[int]:
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == proc.pid:  # the session id
+                out.append(int(stat.parent.name))
+        return out
+
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        for pid in members():
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + wait
+        while members() and time.time() < deadline:
+            time.sleep(0.5)
+    proc.wait(timeout=10)
+
+
+def _start_server(root: Path) -> tuple[subprocess.Popen, int]:
+    """`mlflow server --app-name basic-auth`: SQLite backend, artifacts in a folder every worker reaches."""
+    (root / "auth.ini").write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
+        f"admin_username = {USER}\nadmin_password = {PASSWORD}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    port = _free_port()
+    env = os.environ | {"MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"}
+    return _start([str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
+                   "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root",
+                   str(root / "artifacts"), "--workers", "1"], root / "server.log", env), port
+
+
+def _wait_server(proc: subprocess.Popen, port: int, log: Path) -> str:
+    uri = f"http://127.0.0.1:{port}"
+    _wait_port(port, proc, log)
+    for _ in range(300):  # the port opens before the app has started
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=10)
+            break
+        except OSError:
+            time.sleep(1)
+    return uri
+
+
+def _join_node(address: str, node: list[str], procs: list, tmp: Path, env: dict) -> None:
+    """Wait until the second node is up. Ray gives a raylet 30 s to register: on a loaded machine a
+    node may need another try."""
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
+    try:
+        for _ in range(1200):
+            if sum(n["Alive"] for n in ray.nodes()) == 2:
+                return
+            if procs[-1].poll() is not None and len(procs) < 5:
+                procs.append(_start(node, tmp / f"node{len(procs)}.log", env))
+            time.sleep(0.5)
+        raise AssertionError((tmp / "node.log").read_text()[-3000:])
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """The tracking server, a Ray head with 2 CPUs and a second node with 1 CPU, all on 127.0.0.1,
+    started together. The nodes hold the credentials in their environment, as the README's recipe
+    does; the code comes from PYTHONPATH."""
+    root, tmp = tmp_path_factory.mktemp("server"), tmp_path_factory.mktemp("ray")
+    server, server_port = _start_server(root)
+    port = _free_port()
+    env = os.environ | {"PYTHONPATH": str(SRC), "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+                        "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--node-ip-address", "127.0.0.1", "--block", "--disable-usage-stats"]
+    procs = [server, _start([str(BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2", "--temp-dir",
+                             str(tmp), "--include-dashboard=false", *common], tmp / "head.log", env)]
+    try:
+        address = f"127.0.0.1:{port}"
+        _wait_port(port, procs[1], tmp / "head.log")
+        node = [str(BIN / "ray"), "start", "--address", address, "--num-cpus", "1", *common]
+        procs.append(_start(node, tmp / "node.log", env))
+        uri = _wait_server(server, server_port, root / "server.log")
+        _join_node(address, node, procs, tmp, env)
+        yield uri, address
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(services) -> str:
+    return services[0]
+
+
+@pytest.fixture(scope="module")
+def cluster(services) -> str:
+    return services[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path) -> None:
+    for _ in range(1800):  # minutes on a loaded 2-core machine, seconds on an idle one
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+    raise AssertionError(f"nothing listens on {port}: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def on_server(server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    mlflow.set_tracking_uri(server)
+    return server
+
+
+def _paths(prepared, annotations, tokenizer_dir) -> Paths:
+    return Paths(prepared=prepared, annotations=annotations, tokenizer=tokenizer_dir, out=Path("unused"))
+
+
+def _train_runs(parent_id: str) -> list:
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.`drscaling.stage` = 'train'")
+
+
+def _parent(out: Path, label: str) -> str:
+    return read_json(out / f"parent-{label}.json")["run_id"]
+
+
+def test_dead_tracking_server_or_ray_address_fails_before_training(server, prepared, annotations, tokenizer_dir,
+                                                                    tmp_path, monkeypatch):
+    preset = Preset("dead", train=TINY, joint={"shapes": ["bert-L2-H128"], "train_pairs": [50]})
+    paths = _paths(prepared, annotations, tokenizer_dir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    t0 = time.time()
+    with pytest.raises(DrscalingError, match="tracking server at http://127.0.0.1:.* did not answer"):
+        run_sweep(preset, paths, {}, tmp_path, executor="ray", ray=RayConfig(address="127.0.0.1:1"))
+    assert time.time() - t0 < 30
+    # the server is up but refuses a client without credentials
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    with pytest.raises(DrscalingError, match="refused.*MLFLOW_TRACKING_USERNAME"):
+        run_sweep(preset, paths, {}, tmp_path, executor="ray", ray=RayConfig(address="127.0.0.1:1"))
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(f"{server}/api/2.0/mlflow/experiments/search?max_results=1")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    with pytest.raises(DrscalingError, match="no Ray cluster answers at 127.0.0.1:1"):
+        run_sweep(preset, paths, {}, tmp_path, executor="ray", ray=RayConfig(address="127.0.0.1:1"))
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_ray_sweep_one_finished_run_per_point_same_as_local_and_never_twice(
+        cluster, on_server, prepared, annotations, tokenizer_dir, tmp_path, monkeypatch, mlflow_store):
+    preset = Preset("grid", train=TINY, joint={"shapes": ["bert-L2-H128", "bert-L4-H128"], "train_pairs": [50, 100]})
+    paths = _paths(prepared, annotations, tokenizer_dir)
+    out = tmp_path / "ray"
+    path = run_sweep(preset, paths, {}, out, "joint", executor="ray", ray=RayConfig(address=cluster))
+    rows = read_jsonl(path)
+    assert [(r["shape"], r["d"]) for r in rows] == [("bert-L2-H128", 50), ("bert-L2-H128", 100),
+                                                   ("bert-L4-H128", 50), ("bert-L4-H128", 100)]  # grid order
+    runs = _train_runs(_parent(out, "grid-joint"))
+    assert sorted(r.data.tags["config_key"] for r in runs) == sorted(r["config_key"] for r in rows)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert all(r.data.tags.get("data_key") and r.data.tags.get("ray_node") for r in runs)
+    for r in runs:  # the credentials the workers used are nowhere in the runs
+        assert PASSWORD not in str(r.data.params) + str(r.data.tags)
+    ids = read_json(out / "runs-joint.json")
+    assert set(ids.values()) == {r.info.run_id for r in runs}
+
+    # the same grid through the local executor (another store, another folder): the same results
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    local = read_jsonl(run_sweep(preset, paths, {}, tmp_path / "local", "joint"))
+    for a, b in zip(rows, local, strict=True):
+        assert {k: v for k, v in a.items() if k != "model_dir"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "model_dir"}, rel=1e-4)
+
+    # rerun: every point is found on the tracking server, nothing trains, the results are the same
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", on_server)
+    stamps = {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.json")}
+    again = read_jsonl(run_sweep(preset, paths, {}, out, "joint", executor="ray", ray=RayConfig(address=cluster)))
+    assert again == rows
+    assert len(_train_runs(_parent(out, "grid-joint"))) == 4
+    assert {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.json")} == stamps
+
+
+def test_killed_worker_is_retried_and_a_failing_point_is_reported(cluster, on_server, prepared, annotations,
+                                                                   tokenizer_dir, tmp_path):
+    """SIGKILL the worker that trains one point mid-run: Ray retries it, its run ends FINISHED (no
+    duplicate, nothing left RUNNING). A point with more pairs than exist fails alone, FAILED with its cause."""
+    train = TINY | {"steps": 40, "eval_every": 20, "checkpoint_every": 10, "seed": 7}
+    preset = Preset("faults", train=train, data={"shape": "bert-L2-H128", "train_pairs": [60, 99999]})
+    out = tmp_path / "faults"
+    killed: list[int] = []
+
+    def kill_first_worker() -> None:
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            for run_file in out.glob("runs/*/run.json"):
+                lock = (run_file.parent / ".lock").read_text().strip() if (run_file.parent / ".lock").exists() else ""
+                if lock.startswith("pid "):
+                    os.kill(int(lock.split()[1]), signal.SIGKILL)
+                    killed.append(int(lock.split()[1]))
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer.start()
+    with pytest.raises(DrscalingError, match=r"(?s)1 of 2 points failed.*D=99999.*only \d+ pairs"):
+        run_sweep(preset, _paths(prepared, annotations, tokenizer_dir), {}, out, "data", executor="ray",
+                  ray=RayConfig(address=cluster, max_retries=2))
+    killer.join(timeout=5)
+    assert killed, "no worker was killed: the test did not exercise a retry"
+    runs = _train_runs(_parent(out, "faults-data"))
+    by_status = sorted((r.info.status, r.data.tags.get("error", "")[:40]) for r in runs)
+    assert [s for s, _ in by_status] == ["FAILED", "FINISHED"], by_status  # one run each: the retry resumed it
+    failed = next(r for r in runs if r.info.status == "FAILED")
+    assert "train_pairs=99999" in failed.data.tags["error"]
+    assert (next(out.glob("runs/*/metrics.json"))).exists()
