@@ -116,8 +116,8 @@ def test_recovers_joint_law_and_predicts_held_out_points() -> None:
     assert rel(fit.params["beta"], 1.31) < 0.05
     assert rel(fit.params["delta"], 0.03) < 0.15
     assert fit.r2 > 0.99
-    # 6 N values x 4 D values: the largest N (4 points) is held out, 20 points fitted.
-    assert fit.n_points == 20
+    # 6 N values x 4 D values: every point fitted; the check refits without the largest N (4 points).
+    assert fit.n_points == 24
     assert fit.heldout is not None and len(fit.heldout["points"]) == 4
     assert fit.heldout["n_cut"] == pytest.approx(85e6)
     assert fit.heldout["mean_abs_rel_error"] < 0.05
@@ -508,7 +508,7 @@ def test_joint_heldout_keeps_its_keys_and_flags_large_errors() -> None:
     fit = fit_joint(n, d, y, config=FAST)
     assert {"n_cut", "cut", "axis", "points", "mean_abs_rel_error", "max_abs_rel_error",
             "threshold", "refit"} <= set(fit.heldout)
-    assert fit.heldout["refit"] == "main fit" and fit.heldout["axis"] == "n"
+    assert fit.heldout["refit"] == "separate" and fit.heldout["axis"] == "n"
     assert any(f.startswith("held-out error: predicting the largest N") for f in fit.flags)
 
 
@@ -549,9 +549,9 @@ def test_figures_have_bands_log_axes_and_labelled_heldout_markers(
     assert "95% bootstrap band" in labels and "observed (used in the fit)" in labels
     joint = captured["fig6_joint.png"].axes[0]
     labels = [t.get_text() for t in joint.get_legend().get_texts()]
-    assert "held out (observed)" in labels
-    assert any(lab.startswith("predicted (") for lab in labels)
-    assert any(lab.startswith("predicted: N = ") for lab in labels)  # the held-out N's curve
+    assert "held out of the check's refit (observed)" in labels
+    assert any(lab.startswith("predicted by the refit without them (") for lab in labels)
+    assert any(lab.endswith("(held out of the check)") for lab in labels)  # the held-out N's curve
     assert len(joint.collections) >= 6  # a band per N curve
     assert len(joint.get_xticks()) <= law_figures.MAX_TICKS
 

@@ -68,8 +68,8 @@ def _table(form: LawForm, rows: list[tuple[str, FitResult]], paper: dict[str, fl
 
 
 def _heldout(laws: dict[str, FitResult]) -> list[str]:
-    """Every held-out check (paper Fig. 6): L(N) and L(D) refit without their largest size, the joint
-    laws fitted without the largest N."""
+    """Every held-out check (paper Fig. 6): each law refit without its largest size (N for L(N) and the
+    joint laws, D for L(D)) and made to predict it."""
     rows = []
     for name, fit in ordered_laws(laws):
         h = fit.heldout

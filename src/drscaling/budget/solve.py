@@ -94,8 +94,9 @@ class FittedRange:
         held = (getattr(fit, "heldout", None) or {}).get("points") or []
         ns = list(fit.points.get("n") or []) + [p.get("n") for p in held]
         ds = list(fit.points.get("d") or []) + [p.get("d") for p in held]
+        inside = (getattr(fit, "heldout", None) or {}).get("refit") == "separate"  # held-out points are in the fit
         source = f"{len(fit.points.get('n') or fit.points.get('d') or [])} fitted points" + (
-            f" + {len(held)} held out" if held else "")
+            "" if not held else f", {len(held)} of them held out of the check" if inside else f" + {len(held)} held out")
         return cls(_bounds(ns), _bounds(ds), _check_factor(factor), source)
 
     @classmethod

@@ -257,16 +257,16 @@ def _fig_joint(fit: FitResult, path: Path) -> Path:
         if pts:
             ds, ys = zip(*pts, strict=True)
             ax.scatter(ds, ys, color=color, s=16, zorder=3)
-        what = "predicted" if n_val in held_n else "fit"
         drawn += _curve(ax, fit, xs, {"n": np.full_like(xs, n_val), "d": xs}, color,
-                        f"{what}: N = {size_label(n_val)}", band_label=BAND_LABEL if i == 0 else None)
+                        f"fit: N = {size_label(n_val)}" + (" (held out of the check)" if n_val in held_n else ""),
+                        band_label=BAND_LABEL if i == 0 else None)
     ax.scatter([], [], color="gray", s=16, label="observed (used in the fit)")
     if held:
         ax.scatter([p["d"] for p in held], [p["observed"] for p in held], color="red", marker="*",
-                   s=110, zorder=4, label="held out (observed)")
+                   s=110, zorder=4, label="held out of the check's refit (observed)")
         ax.scatter([p["d"] for p in held], [p["predicted"] for p in held], facecolor="none",
                    edgecolor="black", marker="o", s=60, zorder=5,
-                   label=f"predicted ({fit.heldout['mean_abs_rel_error']:.1%} mean error)")
+                   label=f"predicted by the refit without them ({fit.heldout['mean_abs_rel_error']:.1%} mean error)")
         drawn.append([p["observed"] for p in held])
     set_log_axis(ax, "x", xs[0], xs[-1], sizes=True)
     set_log_axis(ax, "y", *_loss_limits(*drawn), sizes=False)

@@ -30,9 +30,9 @@ class FitResult:
                          = (predicted - observed) / observed, plus its bookkeeping (shape, config_key, ...)
       mean_abs_rel_error, max_abs_rel_error   over the held-out points; |pred - obs| / obs
       threshold          the relative error above which the check is flagged (0.1)
-      refit              "main fit" (joint laws: the law itself was fitted without them) or
-                         "separate" (L(N), L(D): the law uses every point; a refit without the
-                         held-out points made the prediction), with `refit_params` for the latter
+      refit              "separate": the law uses every point; a refit without the held-out points
+                         made the prediction (its parameters in `refit_params`). Older laws.json
+                         files may say "main fit" (the joint law itself was fitted without them).
     """
 
     kind: str
