@@ -228,7 +228,7 @@ def test_fit_interval_contains_the_estimate_and_widens_with_noise():
 
 def test_measure_repeats_each_setting_on_a_real_server(triton, tmp_path):  # noqa: F811
     out = tmp_path / "load.json"
-    # A spread limit no two real timings stay within: every setting's spread is flagged.
+    # A spread limit so small that any difference between the two repeats is flagged.
     result = measure(triton, [(MODEL, "bert-L2-H128", 405_000)], out_path=out, log_mlflow=False,
                      device_hour_usd=2.0, **(SHORT | {"repeats": 2, "duration_s": 0.2, "max_spread": 1e-9}))
     saved = json.loads(out.read_text())
@@ -238,7 +238,9 @@ def test_measure_repeats_each_setting_on_a_real_server(triton, tmp_path):  # noq
         assert c["repeats"] == 2 and len(reps) == 2
         assert c["tokens_per_s"] == pytest.approx(np.mean(reps))  # the median of two
         assert c["spread"]["tokens_per_s"]["rel"] == pytest.approx((max(reps) - min(reps)) / np.mean(reps))
-        assert len(c["flags"]) == 1 and c["flags"][0] in saved["flags"]
+        # tokens/s counts whole requests: two short windows can finish the same number (spread 0, no flag)
+        spread = c["spread"]["tokens_per_s"]["rel"]
+        assert len(c["flags"]) == (1 if spread > 1e-9 else 0) and all(f in saved["flags"] for f in c["flags"])
     point = saved["inference"]["points"][0]
     best = max(saved["sweep"][MODEL], key=lambda c: c["tokens_per_s"])
     assert point["tokens_per_s_repeats"] == best["per_repeat"]["tokens_per_s"]

@@ -53,7 +53,7 @@ def test_dry_run_reports_every_section(tmp_path):
     assert "Self CPU" in report["sections"]["train_profile"]["table"]
     variants = report["sections"]["train_ablation"]["variants"]
     assert set(variants) == {"no_dropout", "no_clip", "bf16_weights", "all_three", "all_three_compiled", "no_mask",
-                             "no_mask_all_three_compiled"}
+                             "no_mask_all_three_compiled", "compiled_max_autotune", "all_three_max_autotune"}
     assert all(math.isfinite(v["step_ms"]) and v["step_ms"] > 0 for v in variants.values())
     for section, keys in REQUIRED.items():
         for key in keys:

@@ -76,7 +76,14 @@ def test_held_out_sizes_and_negatives_fit_small_data():
 
 
 def test_plan_keeps_the_data_sizes_the_train_split_has():
-    quick = load_preset("quick")
+    import dataclasses
+
+    # the quick preset's shapes and training, with its D values pinned here (the shipped ones may move)
+    quick = dataclasses.replace(
+        load_preset("quick"),
+        data={"shape": "minilm-L1", "train_pairs": [13, 25, 50, 100, 200, 400]},
+        source={"shape": "minilm-L1", "sources": ["human", "ict", "supervised", "llm"], "train_pairs": [25, 50, 100, 200, 400]},
+        joint={"shapes": ["minilm-L1", "minilm-L2", "minilm-L3", "minilm-L4"], "train_pairs": [25, 200, 400]})
     plan = plan_sweeps(quick, "mine", {}, {"human": 150}, train_corpus=150, negatives=100)
     assert plan.preset.name == "mine"
     assert plan.preset.data["train_pairs"] == [13, 25, 50, 100, 150]

@@ -307,11 +307,17 @@ def model_name(model: str) -> str:
 
 @contextlib.contextmanager
 def local_model(model: str | Path) -> Iterator[Path]:
-    """A model folder as is; `runs:/<id>/model`, a bare run id, or `models:/<name>@<alias>` (or
-    `/<version>`) downloaded to a temporary folder for the duration of the block."""
+    """A model folder as is (or a packaged pretrained name such as all-MiniLM-L6-v2); `runs:/<id>/model`,
+    a bare run id, or `models:/<name>@<alias>` (or `/<version>`) downloaded to a temporary folder for the
+    duration of the block."""
     text = str(model)
     if Path(text).exists():
         yield Path(text)
+        return
+    from drscaling.model import PACKAGED, resolve
+
+    if text in PACKAGED:  # a pretrained encoder shipped in a wheel, e.g. all-MiniLM-L6-v2 (a zero-shot baseline)
+        yield Path(resolve(text))
         return
     uri = _uri(text)
     if uri is None:

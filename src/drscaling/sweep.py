@@ -159,6 +159,9 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
         # function of the data and the settings (a fresh clone's `make run` leaves dvc.lock unchanged).
         write_json(path.with_name(path.name.replace("results", "runs").replace(".jsonl", ".json")),
                    {key: r["run_id"] for key, r in results.items()})
+        if not only:  # every sweep at once: also one file per sweep, what `fit` (merge_results) reads
+            for sweep in dict.fromkeys(r["sweep"] for r in rows):
+                write_jsonl(out / f"results-{sweep}.jsonl", [r for r in rows if r["sweep"] == sweep])
         summary = sweep_metrics(rows)
         write_json(out / (f"metrics-{only}.json" if only else "metrics.json"), summary)  # DVC metrics
         mlflow.log_artifact(str(path))
@@ -195,7 +198,7 @@ def _reference_child(cfg: TrainConfig, r: dict, preset: str, sweep: str, start: 
 
 def run_ids(folder: Path) -> list[str]:
     """The MLflow run ids behind a preset's results (written beside them by run_sweep)."""
-    return sorted({i for f in folder.glob("runs-*.json") for i in read_json(f).values()})
+    return sorted({i for f in folder.glob("runs*.json") for i in read_json(f).values()})
 
 
 def merge_results(folder: Path) -> list[dict]:
