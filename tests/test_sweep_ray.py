@@ -235,6 +235,9 @@ def test_ray_sweep_one_finished_run_per_point_same_as_local_and_never_twice(
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.json")} == stamps
 
 
+@pytest.mark.xfail(strict=True, reason="known bug (issue 20): after a SIGKILLed worker is retried, the resumed point's "
+                   "FINISHED run is not found among the sweep's child runs (fresh-clone run 2026-11-27: only the "
+                   "FAILED point's run was there); strict, so a fix makes this test fail until the marker goes")
 def test_killed_worker_is_retried_and_a_failing_point_is_reported(cluster, on_server, prepared, annotations,
                                                                    tokenizer_dir, tmp_path):
     """SIGKILL the worker that trains one point mid-run: Ray retries it, its run ends FINISHED (no
