@@ -89,8 +89,8 @@ class TrainConfig:
         d.pop("eval_every", None), d.pop("checkpoint_every", None)
         if d["init"] == SCRATCH:  # the same run as the default "" (from config), so the same key
             d["init"] = ""
-        if series_layers(self.shape):  # which layers a series shape keeps is part of what was trained
-            d["series_layers"] = series_layers(self.shape)
+        if layers := series_layers(self.shape):  # which layers a series shape keeps is part of what was trained
+            d["series_layers"] = layers
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -338,7 +338,7 @@ class _Data:
     corpus_texts: list[str]
     pos_idx: np.ndarray  # each pair's positive as an index into corpus_texts
     versions: dict[str, str]  # content hashes of the annotations and of the prepared splits
-    key: str  # those hashes, plus a named init checkpoint's (train() adds it)
+    key: str  # data_key: those hashes, plus a named init checkpoint's
 
 
 @dataclass
@@ -364,10 +364,8 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
     """Train (or resume) one run; returns its final metrics. Checks every input before any compute.
     The output folder is locked for the run; SIGTERM checkpoints and ends the MLflow run KILLED."""
     rank, _ = _ddp()
-    data = _training_data(cfg, paths)  # clear errors first
     start = resolve_start(cfg.shape, cfg.init)  # a missing checkpoint fails here, naming it
-    if start.load:  # a named checkpoint is an input: other weights at the same name are another run
-        data.key += start.digest
+    data = _training_data(cfg, paths, start)  # clear errors first
     done = finished(paths.out, cfg, data.key)
     if done:
         return done | {"resumed": False, "cached": True}
@@ -380,19 +378,29 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
         return _train(cfg, paths, data, _build_run(cfg, paths, start, saved), tags, term)
 
 
-def _training_data(cfg: TrainConfig, paths: Paths) -> _Data:
+def _training_data(cfg: TrainConfig, paths: Paths, start: Start) -> _Data:
     queries, pos_pids, pos_texts, corpus_texts = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)
-    versions = {"annotations_version": tracking.file_version(paths.annotations / f"{cfg.annotation_source}.jsonl"),
-                "prepared_version": tracking.file_version(paths.prepared)}
+    versions = data_versions(paths, cfg.annotation_source)
     corpus_pids = list(load_split(paths.prepared, "train").corpus["pid"])
     cindex = {p: i for i, p in enumerate(corpus_pids)}
     return _Data(queries, pos_texts, corpus_texts, np.array([cindex[p] for p in pos_pids]), versions,
-                 versions["annotations_version"] + versions["prepared_version"])
+                 _joined(versions, start))
 
 
-def data_key(paths: Paths, source: str) -> str:
-    """The version of the data a run trains on: content hashes of its annotations and the prepared splits."""
-    return tracking.file_version(paths.annotations / f"{source}.jsonl") + tracking.file_version(paths.prepared)
+def data_versions(paths: Paths, source: str) -> dict[str, str]:
+    """Content hashes of a run's annotations and of the prepared splits (hashed once per call)."""
+    return {"annotations_version": tracking.file_version(paths.annotations / f"{source}.jsonl"),
+            "prepared_version": tracking.file_version(paths.prepared)}
+
+
+def data_key(paths: Paths, source: str, start: Start | None = None) -> str:
+    """The version of the data a run trains on: its annotations and prepared splits, plus a named init
+    checkpoint's weights (other weights under the same name are another run)."""
+    return _joined(data_versions(paths, source), start)
+
+
+def _joined(versions: dict[str, str], start: Start | None) -> str:
+    return versions["annotations_version"] + versions["prepared_version"] + (start.digest if start and start.load else "")
 
 
 def _build_run(cfg: TrainConfig, paths: Paths, start: Start, saved: dict | None = None) -> _Run:
