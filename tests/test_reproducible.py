@@ -3,6 +3,8 @@ second `dvc repro` (or a fresh clone's) finds nothing changed downstream."""
 
 from __future__ import annotations
 
+import string
+
 from drscaling.data import load_split
 from drscaling.model import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from drscaling.validate import validate_dataset
@@ -18,6 +20,20 @@ def test_tokenizer_is_deterministic_given_its_texts(prepared, tmp_path):
     assert tok.convert_ids_to_tokens(list(range(len(SPECIAL_TOKENS)))) == SPECIAL_TOKENS
     ids = tok("rsync copies files over ssh")["input_ids"]
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and tok.unk_token_id not in ids[1:-1]
+
+
+def test_tokenizer_breaks_ties_the_same_way_every_time(tmp_path):
+    """Every two-letter word once: all 676 pairs are equally frequent, so every merge is a tie. A
+    trainer left to break ties in hash order gave 20 different vocabularies in 20 runs on this corpus."""
+    letters = string.ascii_lowercase
+    texts = [" ".join(a + b for b in letters) for a in letters]
+    files = set()
+    for i in range(5):
+        train_tokenizer(texts, 100, tmp_path / str(i))
+        files.add((tmp_path / str(i) / "tokenizer.json").read_bytes())
+    assert len(files) == 1
+    vocab = load_tokenizer(tmp_path / "0").get_vocab()
+    assert len(vocab) == 100 and all(f"##{c}" in vocab for c in letters)  # the inner letters, as before
 
 
 def test_validation_report_holds_no_timestamps_or_run_ids(prepared, tmp_path):
