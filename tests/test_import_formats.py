@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -406,6 +407,39 @@ def test_cli_reports_without_traceback(tmp_path, capsys):
     assert "train=72 pairs" in out and "dev=8 pairs" in out and "test=40 pairs" in out
     assert main(["data", "import", "--format", "pairs", str(_pairs(tmp_path)), str(tmp_path / "o2"), "--split", "dev=x"]) == 2
     assert "--split applies to --format beir and ir_datasets" in capsys.readouterr().err
+
+
+def file_size_limit(nbytes: int):
+    """A preexec_fn: the child may write no file past `nbytes` (as a full disk stops a write; Python
+    ignores SIGXFSZ, so the write fails with EFBIG instead of killing the process)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("stage", ["import", "prepare"])
+def test_disk_full_ends_in_a_clear_message_and_keeps_the_old_dataset(stage, tmp_path, raw_pairs):
+    """A write that runs out of room (RLIMIT_FSIZE in a real `drscaling` process) ends with one line
+    naming the dataset, no traceback, the previous dataset untouched and no temporary folder left."""
+    (tmp_path / "params.yaml").write_text("data: {dev_size: 100, test_size: 100, seed: 13}\n")  # prepare reads it
+    dest = tmp_path / "out" / "dataset"
+    cmd = [sys.executable, "-m", "drscaling", *{
+        "import": ["data", "import", "--format", "pairs", "--dev-size", "100", "--test-size", "100", str(raw_pairs), str(dest)],
+        "prepare": ["prepare", "--raw", str(raw_pairs), "--prepared", str(dest)]}[stage]]
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = folder_bytes(dest)
+    assert sum(map(len, before.values())) > 200_000  # so the limit below stops the rewrite mid-way
+    full = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, preexec_fn=file_size_limit(100_000))
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    assert f"drscaling: error: could not write {dest}: File too large" in full.stderr
+    assert folder_bytes(dest) == before
+    assert [p.name for p in dest.parent.iterdir()] == ["dataset"]
 
 
 # ---------------------------------------------------------------------------------------------

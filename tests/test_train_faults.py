@@ -152,3 +152,48 @@ def test_a_second_process_on_the_same_output_is_refused(prepared, annotations, t
         with pytest.raises(DrscalingError, match=r"in use by pid \d+"):
             train(cfg(), Paths(prepared, annotations, tokenizer_dir, out))
     assert not (out / "metrics.json").exists() and not (out / "run.json").exists()
+
+
+def test_a_new_shared_tokenizer_is_new_data_for_scratch_shapes_only(prepared, annotations, tokenizer_dir, tmp_path):
+    """A BERT shape from config tokenises with the shared vocabulary: a finished run on another vocabulary
+    is not reused. Shapes on their checkpoint's own tokenizer (minilm) keep their key when it changes."""
+    from drscaling.checkpoints import resolve_start
+    from drscaling.data import load_split
+    from drscaling.model import train_tokenizer
+
+    tok = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, tok)
+    p = Paths(prepared, annotations, tok, tmp_path / "run")
+    quick = cfg(steps=10, eval_every=5)
+    first = train(quick, p)
+    assert train(quick, p)["cached"]
+    minilm = T.data_key(p, "human", resolve_start("minilm-L1", ""))
+    train_split = load_split(prepared, "train")
+    train_tokenizer(list(train_split.corpus["text"]) + list(train_split.queries["text"]), 1500, tok)
+    assert T.data_key(p, "human", resolve_start("minilm-L1", "")) == minilm
+    again = train(quick, p)
+    assert not again.get("cached") and again["data_key"] != first["data_key"]
+
+
+def test_a_checkpoint_write_without_room_fails_cleanly_and_leaves_nothing_partial(prepared, annotations,
+                                                                                   tokenizer_dir, tmp_path):
+    """A real `drscaling train` whose checkpoint write runs out of room (RLIMIT_FSIZE below the
+    checkpoint's size, above everything written before it) ends with one clear line, no traceback, no
+    checkpoint or result under their final names, no temporary folder, and its MLflow run FAILED."""
+    import resource
+
+    def limit() -> None:  # Python ignores SIGXFSZ: the write fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_500_000, 1_500_000))
+
+    out = tmp_path / "run"
+    cmd, env = cli(prepared, annotations, tokenizer_dir, out, "faults-disk-full")
+    cmd[cmd.index("--checkpoint-every") + 1] = "5"  # the first large file: before any model is saved
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a small store of its own, well under the limit
+    r = subprocess.run(cmd, env=env | {"MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert f"drscaling: error: could not write {out / 'checkpoint'}: torch.save failed" in r.stderr
+    assert not (out / "checkpoint").exists() and not (out / "metrics.json").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    [run] = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("faults-disk-full").experiment_id])
+    assert run.info.status == "FAILED"

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from drscaling import tracking
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_json
-from drscaling.train import Paths, TrainConfig, data_key, train
+from drscaling.train import Paths, TrainConfig, data_key, run_data_key, train
 
 EXECUTORS = ("local", "ray")
 Points = list[tuple[str, TrainConfig]]  # (config key, config), in the order they are submitted
@@ -195,7 +195,7 @@ def _train_point(cfg: TrainConfig, paths: Paths, tags: dict[str, str], uri: str,
         client.set_tag(orphan.info.run_id, "error", f"worker died; retried by Ray on {host}")
         client.set_terminated(orphan.info.run_id, "KILLED")
     try:
-        if data_key(paths, cfg.annotation_source) != version:
+        if run_data_key(paths, cfg) != version:
             raise DrscalingError(f"{host} holds other data than the sweep's driver: `dvc pull` there (README)")
         return train(cfg, paths, tags=tags | {"mlflow.parentRunId": parent_id, "ray_node": host})
     except Exception as exc:
@@ -214,18 +214,19 @@ def run_ray(points: Points, paths: Paths, out: Path, tags: dict[str, str], cfg: 
     paths = dataclasses.replace(paths, prepared=paths.prepared.resolve(), annotations=paths.annotations.resolve(),
                                 tokenizer=paths.tokenizer.resolve())
     out = out.resolve()  # workers run elsewhere: every path they get is absolute (same layout on every node)
-    versions = {s: data_key(paths, s) for s in sorted({c.annotation_source for _, c in points})}
+    versions = {s: data_key(paths, s) for s in sorted({c.annotation_source for _, c in points})}  # node checks
+    keys = {key: run_data_key(paths, c) for key, c in points}  # each run's own, as train() tags it
     results: dict[str, dict] = {}
     with ray_cluster(cfg, paths, versions) as ray:
         for key, c in points:
-            found = finished_point(key, versions[c.annotation_source])
+            found = finished_point(key, keys[key])
             if found:
                 results[key] = keep_locally(found, run_folder(out, key)) | {"cached": True}
         task = ray.remote(_train_point).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                                                 max_retries=cfg.max_retries, retry_exceptions=False)
         uri = tracking.configure()
         refs = {task.remote(c, dataclasses.replace(paths, out=run_folder(out, key)), tags, uri, experiment, parent_id,
-                            versions[c.annotation_source]): key for key, c in points if key not in results}
+                            keys[key]): key for key, c in points if key not in results}
         failures: dict[str, str] = {}
         with tqdm(total=len(points), initial=len(results), desc=desc) as bar:
             pending = list(refs)

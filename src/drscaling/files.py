@@ -8,6 +8,7 @@ file and line number, never silently skipped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
@@ -19,6 +20,18 @@ from pathlib import Path
 from typing import IO, Any
 
 from drscaling.errors import DrscalingError
+
+# A write that fails for want of room: a full disk, a full quota, a file-size limit (RLIMIT_FSIZE).
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class NoRoomError(DrscalingError):
+    """An output that could not be written for want of room, named, with what to do."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"could not write {path}: {reason} (disk full, or over a quota or file-size limit);"
+                         f" {path} is left as it was: free some space and rerun")
+        self.reason = reason
 
 
 @contextlib.contextmanager
@@ -39,6 +52,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(target, path)
+    except NoRoomError as exc:  # from a write nested in this one: name what the user asked for
+        raise NoRoomError(path, exc.reason) from exc.__cause__
+    except OSError as exc:
+        if exc.errno in NO_ROOM:  # the temporary copy goes below: nothing partial under the final name
+            raise NoRoomError(path, exc.strerror) from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -39,10 +39,10 @@ from drscaling.checkpoints import SCRATCH, Start, resolve_start
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, cached_evalset, embed_evalset, encode_fns, rank_split
-from drscaling.files import atomic_path, folder_lock, read_json, to_json, write_json
+from drscaling.files import NoRoomError, atomic_path, folder_lock, read_json, to_json, write_json
 from drscaling.model import (
     ModelMeta, Retriever, Tower, Towers, build_model, check_lengths, load_retriever, save_retriever,
-    series_layers, shape_tokenizer, tokenize,
+    series_layers, shape_tokenizer, tokenize, uses_shared_tokenizer,
 )
 
 TOWER_KINDS = ("shared", "dual")
@@ -235,13 +235,17 @@ def train_step(model, opt, sched, q: dict, p: dict, n_queries: int, in_batch: bo
 
 
 def save_checkpoint(path: Path, towers: Towers, opt, sched, state: dict) -> None:
+    """Write the checkpoint whole or not at all: the previous one stays until the new one is complete."""
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        torch.save(
-            {"model": towers.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-             "torch_rng": torch.get_rng_state(), "state": state},
-            tmp / "checkpoint.pt",
-        )
+        try:
+            torch.save(
+                {"model": towers.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "state": state},
+                tmp / "checkpoint.pt",
+            )
+        except RuntimeError as exc:  # torch's zip writer reports a failed write (no room) without an errno
+            raise NoRoomError(path, f"torch.save failed: {str(exc).strip()[:200]}") from exc
 
 
 def read_checkpoint(path: Path, cfg: TrainConfig, data_key: str = "") -> dict | None:
@@ -337,7 +341,7 @@ class _Data:
     pos_texts: list[str]
     corpus_texts: list[str]
     pos_idx: np.ndarray  # each pair's positive as an index into corpus_texts
-    versions: dict[str, str]  # content hashes of the annotations and of the prepared splits
+    versions: dict[str, str]  # content hashes of the annotations, the prepared splits (and shared tokenizer)
     key: str  # data_key: those hashes, plus a named init checkpoint's
 
 
@@ -380,27 +384,40 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
 
 def _training_data(cfg: TrainConfig, paths: Paths, start: Start) -> _Data:
     queries, pos_pids, pos_texts, corpus_texts = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)
-    versions = data_versions(paths, cfg.annotation_source)
+    versions = data_versions(paths, cfg.annotation_source, start)
     corpus_pids = list(load_split(paths.prepared, "train").corpus["pid"])
     cindex = {p: i for i, p in enumerate(corpus_pids)}
     return _Data(queries, pos_texts, corpus_texts, np.array([cindex[p] for p in pos_pids]), versions,
                  _joined(versions, start))
 
 
-def data_versions(paths: Paths, source: str) -> dict[str, str]:
-    """Content hashes of a run's annotations and of the prepared splits (hashed once per call)."""
-    return {"annotations_version": tracking.file_version(paths.annotations / f"{source}.jsonl"),
-            "prepared_version": tracking.file_version(paths.prepared)}
+def data_versions(paths: Paths, source: str, start: Start | None = None) -> dict[str, str]:
+    """Content hashes of a run's annotations and of the prepared splits (hashed once per call), and of
+    the shared tokenizer when the run tokenises with it (a BERT shape from config: a new vocabulary is
+    other data). Runs on their checkpoint's own tokenizer (minilm, LLMs, a named init) have no
+    tokenizer_version, so their keys do not move when the shared tokenizer does."""
+    versions = {"annotations_version": tracking.file_version(paths.annotations / f"{source}.jsonl"),
+                "prepared_version": tracking.file_version(paths.prepared)}
+    if start is not None and uses_shared_tokenizer(start.shape, start.load or ""):
+        versions["tokenizer_version"] = tracking.file_version(paths.tokenizer)
+    return versions
 
 
 def data_key(paths: Paths, source: str, start: Start | None = None) -> str:
-    """The version of the data a run trains on: its annotations and prepared splits, plus a named init
-    checkpoint's weights (other weights under the same name are another run)."""
-    return _joined(data_versions(paths, source), start)
+    """The version of the data a run trains on: its annotations and prepared splits, the shared
+    tokenizer where it uses it, plus a named init checkpoint's weights (other weights under the same
+    name are another run). Without `start`: the annotations and splits alone (a node's data check)."""
+    return _joined(data_versions(paths, source, start), start)
+
+
+def run_data_key(paths: Paths, cfg: TrainConfig) -> str:
+    """The data_key train() records for the run `cfg` describes (resolves its starting checkpoint)."""
+    return data_key(paths, cfg.annotation_source, resolve_start(cfg.shape, cfg.init))
 
 
 def _joined(versions: dict[str, str], start: Start | None) -> str:
-    return versions["annotations_version"] + versions["prepared_version"] + (start.digest if start and start.load else "")
+    return (versions["annotations_version"] + versions["prepared_version"] + versions.get("tokenizer_version", "")
+            + (start.digest if start and start.load else ""))
 
 
 def _build_run(cfg: TrainConfig, paths: Paths, start: Start, saved: dict | None = None) -> _Run:
@@ -454,7 +471,7 @@ def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: d
             registry.log_training_data(paths, cfg.annotation_source, data.versions)
         if rank == 0 and state["zero_shot"] is None:  # where the run starts: the untouched model
             state["zero_shot"] = _zero_shot(run.retriever, run.dev, run.test, cfg, run.device, mlflow,
-                                            data.versions["prepared_version"])
+                                            data.versions["prepared_version"] + data.versions.get("tokenizer_version", ""))
         bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps,
                    desc=f"train {cfg.shape} D={len(data.queries)}", disable=rank != 0)
         for step in bar:

@@ -35,6 +35,7 @@ import pandas as pd
 
 from drscaling.data import SPLITS, Split, save_dataset
 from drscaling.errors import DrscalingError
+from drscaling.files import NoRoomError
 
 MIN_TEST_PASSAGES = 257  # a positive and 256 negatives (the paper's contrastive entropy)
 
@@ -222,12 +223,14 @@ def write_dataset(splits: dict[str, Split], dest: str | Path) -> None:
                 raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    except OSError as exc:
+    except (OSError, NoRoomError) as exc:
         for folder in created:  # deepest first; only the folders this call made, and only if empty
             try:
                 folder.rmdir()
             except OSError:
                 break
+        if isinstance(exc, NoRoomError):  # named by the staging file it hit: name the dataset instead
+            raise NoRoomError(dest, exc.reason) from exc.__cause__
         what = exc.strerror or str(exc)
         raise DrscalingError(f"cannot write the dataset to {dest}: {what}; nothing was written") from exc
 
