@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup data run towers measure test clean
+.PHONY: setup data run towers measure exps test clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,12 @@ COSTS ?= costs/costs.json
 measure: data
 	dvc repro export
 	drscaling measure --repo artifacts/serving/repo --out $(COSTS)
+
+# `dvc exp show`, compact: the experiment, the fitted exponents and R^2 (metrics named in
+# artifacts/laws/metrics.json) and the parameters experiments vary; `dvc exp show` alone lists all.
+EXP_COLUMNS := Experiment|^(N|D|ND)\.(alpha|beta|r2)$$|^sweep\.(preset|train\..*)$$|^train\.seed$$
+exps:
+	dvc exp show --no-pager --drop '.*' --keep '$(EXP_COLUMNS)'
 
 test: data
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -617,3 +619,33 @@ def test_property_joint_laws_fall_in_n_and_in_d_and_stay_above_delta(data, kind)
     y = predict(kind, params, n=grid_n, d=grid_d)
     _check_monotone_above_floor(kind, params, y)  # along D, each N
     _check_monotone_above_floor(kind, params, y.T)  # along N, each D
+
+
+def test_dvc_plots_show_renders_the_fitted_figures_offline(tmp_path: Path) -> None:
+    """`dvc plots show` (real DVC) on the project's plots section: the fit's PNG figures (observed
+    points, fitted curve, band) as images copied next to the page, and no chart library fetched from
+    the web, so the page renders offline."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo_root = Path(__file__).resolve().parents[1]
+    declared = yaml.safe_load((repo_root / "dvc.yaml").read_text())["plots"]
+    summary = fit_sweep(write_synthetic_sweep(tmp_path / "results.jsonl"), tmp_path / "fit", n_bootstrap=20, seed=0,
+                        holdout_largest=1)
+    written = {Path(p).name: Path(p) for p in summary["figures"]}
+    assert declared and all(Path(p).name in written for p in declared)  # every declared plot is a figure fit writes
+    repo = tmp_path / "repo"
+    for p in declared:
+        (repo / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(written[Path(p).name], repo / p)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": declared}))
+    dvc = str(Path(sys.executable).parent / "dvc")
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "plots", "show", "-o", "html"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True, env=os.environ | {"DVC_NO_ANALYTICS": "1"})
+    page = (repo / "html" / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    images = sorted((repo / "html" / "static").iterdir())
+    assert len(images) == len(declared) and all(f'src="static/{p.name}"' in page for p in images)
+    assert {p.read_bytes() for p in images} == {written[Path(p).name].read_bytes() for p in declared}
