@@ -508,7 +508,7 @@ def cmd_encode(args) -> None:
     from drscaling.serving import encode_texts
 
     emb = encode_texts(args.url, args.model, _read_texts(args), protocol=args.protocol, tokenizer=args.tokenizer,
-                       role=args.role, repo=args.repo)
+                       role=args.role, repo=args.repo, server_tokenize=args.server_tokenize)
     if args.out:
         from drscaling.files import atomic_open
 
@@ -528,7 +528,7 @@ def cmd_index(args) -> None:
     index = config_from(index_type=args.index_type, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
                         ef_construction=args.ef_construction, ef_search=args.ef_search)
     info = build_index(args.url, args.model, args.corpus, args.out, protocol=args.protocol, tokenizer=args.tokenizer,
-                       repo=args.repo, index=index)
+                       repo=args.repo, index=index, server_tokenize=args.server_tokenize)
     settings = ", ".join(f"{k} {v}" for k, v in info["index"].items() if k != "type")
     print(f"indexed {info['n']} passages with {info['model']} into {args.out} ({info['index']['type']} FAISS index"
           f"{': ' + settings if settings else ''}; query it with --model {info['query_model']})")
@@ -539,7 +539,8 @@ def cmd_search(args) -> None:
 
     for rank, (pid, score, text) in enumerate(
         search(args.url, args.model, args.index, args.query, k=args.k, protocol=args.protocol, tokenizer=args.tokenizer,
-               repo=args.repo, nprobe=args.nprobe, ef_search=args.ef_search), 1
+               repo=args.repo, nprobe=args.nprobe, ef_search=args.ef_search,
+               server_tokenize=args.server_tokenize), 1
     ):
         print(f"{rank:>3}. {score:8.3f}  {pid}  {text[:100].replace(chr(10), ' ')}")
 
@@ -872,6 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tokenizer", help="tokenizer folder (default: <repo>/<model>/1/tokenizer)")
         p.add_argument("--repo", default=f"{A}/serving/repo",
                        help="the model repository the server runs on: each model's tokenizer is read from it")
+        p.add_argument("--server-tokenize", action="store_true",
+                       help="send the texts as they are to the model's <model>-text ensemble, which tokenises "
+                            "them in Triton (same embeddings; no tokenizer or --repo needed here)")
         if name == "encode":
             p.add_argument("--role", choices=["query", "passage"],
                            help="embed the texts as queries or passages: picks the pair's tower and the "

@@ -101,12 +101,14 @@ def device_description() -> str:
 
 
 def served_models(url: str | TritonServer, protocol: str = "http") -> list[ServedModel]:
-    """Every ready model on the server, with shape and N from its config (build_model_repository
-    writes them)."""
+    """Every ready tensor model on the server, with shape and N from its config (build_model_repository
+    writes them); text ensembles and their tokenizers are left out."""
     with Client(url, protocol) as client:
         models = []
         for name in client.ready_models():
             info = client.info(name)
+            if info.interface != "tensor":  # <name>-text / -tokenizer: the ensemble around a tensor model
+                continue
             models.append(ServedModel(name, info.params.get("shape", name),
                                       int(info.params.get("n_non_embedding", 0)), info.tower,
                                       info.retriever))

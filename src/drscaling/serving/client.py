@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from drscaling.errors import DrscalingError
+from drscaling.serving.repository import TEXT_SUFFIX
 from drscaling.serving.server import TritonServer
 
 
@@ -29,6 +31,11 @@ class ModelInfo:
     def retriever(self) -> str:
         """The pair's name for a tower (its models are <retriever>-query / -passage), else the model's."""
         return self.params.get("retriever", self.name)
+
+    @property
+    def interface(self) -> str:
+        """"tensor" (token ids in), "text" (the <name>-text ensemble) or "tokenizer"."""
+        return self.params.get("interface", "tensor")
 
     def max_len(self, role: str | None) -> int:
         """The default truncation for texts of `role` (queries: the query length, else passages')."""
@@ -93,7 +100,11 @@ class Client:
             raise self._unreachable(str(exc) or type(exc).__name__) from exc
 
     def _refused(self, what: str, exc) -> DrscalingError:
-        return DrscalingError(f"Triton at {self.url} refused {what}: {exc.message() or exc}")
+        # The status tells a client mistake (HTTP 400 / INVALID_ARGUMENT: do not retry) from a
+        # server fault (500 / INTERNAL)
+        status = str(exc.status() or "").removeprefix("StatusCode.")
+        code = f" (HTTP {status})" if status.isdigit() else f" ({status})" if status else ""
+        return DrscalingError(f"Triton at {self.url} refused {what}{code}: {exc.message() or exc}")
 
     def _unreachable(self, why: str) -> DrscalingError:
         return DrscalingError(
@@ -143,10 +154,22 @@ class Client:
         """One inference request with arrays sent as they are (the server validates them)."""
         return self.prepare(model, input_ids, attention_mask)()
 
+    def infer_text(self, model: str, texts: Sequence[str], max_length: int | None = None) -> np.ndarray:
+        """One request to a text model (<name>-text): texts in, embeddings out; the server tokenises,
+        truncating to `max_length` (None: the model's passage length)."""
+        return self.prepare_text(model, texts, max_length)()
+
     def prepare(self, model: str, input_ids: np.ndarray, attention_mask: np.ndarray):
         """A zero-argument callable that sends this request again and again: the inputs are
         serialised once, so a load generator spends its CPU on requests, not on encoding."""
-        inputs, outputs = self._request(input_ids, attention_mask)
+        return self._sender(model, self._request({"input_ids": input_ids, "attention_mask": attention_mask}))
+
+    def prepare_text(self, model: str, texts: Sequence[str], max_length: int | None = None):
+        """prepare() for a text model: BYTES [batch, 1] of UTF-8 texts, plus max_length per row."""
+        return self._sender(model, self._request(text_inputs(texts, max_length)))
+
+    def _sender(self, model: str, request: tuple[list, list]):
+        inputs, outputs = request
 
         def send() -> np.ndarray:
             result = self._call(f"an inference on '{model}'", self.client.infer, model, inputs,
@@ -162,7 +185,7 @@ class Client:
         tritonclient's HTTP client runs its async calls on gevent in the caller's thread)."""
         if self.protocol != "grpc":
             raise DrscalingError("asynchronous requests need protocol 'grpc'")
-        inputs, outputs = self._request(input_ids, attention_mask)
+        inputs, outputs = self._request({"input_ids": input_ids, "attention_mask": attention_mask})
         what = f"an inference on '{model}'"
 
         def submit(done) -> None:
@@ -173,14 +196,15 @@ class Client:
 
         return submit
 
-    def _request(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[list, list]:
+    def _request(self, arrays: dict[str, np.ndarray]) -> tuple[list, list]:
         from tritonclient.utils import np_to_triton_dtype
 
-        if input_ids.ndim >= 1 and input_ids.shape[0] == 0:
-            raise DrscalingError(f"empty batch: input_ids has shape {list(input_ids.shape)}")
+        first, arr = next(iter(arrays.items()))
+        if arr.ndim >= 1 and arr.shape[0] == 0:
+            raise DrscalingError(f"empty batch: {first} has shape {list(arr.shape)}")
         inputs = []
-        for name, arr in (("input_ids", input_ids), ("attention_mask", attention_mask)):
-            arr = np.ascontiguousarray(arr)
+        for name, arr in arrays.items():
+            arr = arr if arr.dtype == np.object_ else np.ascontiguousarray(arr)
             try:
                 dtype = np_to_triton_dtype(arr.dtype)
             except Exception:
@@ -213,6 +237,20 @@ def resolve_tower(client: Client, model: str, role: str) -> str:
         )
     return model
 
+def text_model(client: Client, model: str) -> str:
+    """The text-in ensemble of a tensor model (<model>-text), checked ready; a text model as is."""
+    if client.info(model).interface == "text":
+        return model
+    name = model + TEXT_SUFFIX
+    if name not in client.ready_models():
+        raise DrscalingError(
+            f"model '{model}' has no text ensemble '{name}' on Triton at {client.url}: rebuild the "
+            "repository with the ensembles (`drscaling export --repo`, params.yaml serving.text_ensemble: "
+            "true), or tokenise on the client (leave out --server-tokenize)"
+        )
+    return name
+
+
 def infer_ids(
     url: str | TritonServer, model: str, input_ids: np.ndarray, attention_mask: np.ndarray,
     protocol: str = "http",
@@ -223,3 +261,19 @@ def infer_ids(
         return client.infer(model, input_ids, attention_mask)
 
 
+
+
+def text_inputs(texts: Sequence[str], max_length: int | None = None) -> dict[str, np.ndarray]:
+    """A text model's inputs: `text` BYTES [batch, 1] (UTF-8), and `max_length` INT64 [batch, 1] if given."""
+    encoded = np.empty((len(texts), 1), dtype=np.object_)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DrscalingError(f"text {i} is a {type(text).__name__}, not a string")
+        try:
+            encoded[i, 0] = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DrscalingError(f"text {i} cannot be sent as UTF-8 ({exc.reason} at character {exc.start})") from exc
+    arrays = {"text": encoded}
+    if max_length is not None:
+        arrays["max_length"] = np.full((len(texts), 1), max_length, dtype=np.int64)
+    return arrays

@@ -5,6 +5,14 @@
     <repo>/<name>/1/model.py            python flavour only: runs model.onnx with onnxruntime
     <repo>/<name>/1/tokenizer/          for clients: they tokenise, the server sees token ids
     <repo>/<name>/1/drscaling.json      the model's metadata (shape, N, max lengths)
+
+and, for text in (`text_ensemble`, on by default), two more models around the tensor model <name>:
+    <repo>/<name>-tokenizer/            python model: BYTES texts -> input_ids, attention_mask
+                                        (1/model.py from serving/templates/tokenizer.py, 1/tokenizer.json)
+    <repo>/<name>-text/                 ensemble: <name>-tokenizer then <name>; texts in, embeddings out
+
+Every config carries the parameter `interface` ("tensor", "tokenizer", "text"), so clients and the
+cost measurement tell the three apart.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ VERSION = "1"
 TOWER_ROLES = ("shared", "query", "passage")
 ONNX_FILES = {"fp32": "model.onnx", "opt": "model.opt.onnx", "fp16": "model.fp16.onnx",
               "int8": "model.int8.onnx"}
+INTERFACES = ("tensor", "tokenizer", "text")
+TEXT_SUFFIX = "-text"
+TOKENIZER_SUFFIX = "-tokenizer"
 
 
 
@@ -42,6 +53,9 @@ class RepositoryConfig:
     kind: str = "KIND_CPU"
     variant: str = "fp32"
     intra_op_threads: int = 0  # python flavour: onnxruntime threads per instance (0 = all cores)
+    # <name>-text beside <name>: the tokenizer runs in Triton (a python model; in the NGC container
+    # it needs `pip install tokenizers`, else set this false)
+    text_ensemble: bool = True
 
     def validate(self) -> None:
         if self.flavour not in FLAVOURS:
@@ -61,17 +75,19 @@ def build_model_repository(
     onnx_dir: str | Path, repo_dir: str | Path, name: str, flavour: str = "python",
     max_batch_size: int = 64, dynamic_batching: bool = True, max_queue_delay_us: int = 100,
     instances: int = 1, kind: str = "KIND_CPU", variant: str = "fp32", intra_op_threads: int = 0,
-    tower: str = "shared", retriever: str | None = None,
+    text_ensemble: bool = True, tower: str = "shared", retriever: str | None = None,
 ) -> Path:
     """Write repo_dir/<name>/ (config.pbtxt + version 1) from an export folder; returns its path.
 
-    Other models already in repo_dir are left alone; <name> is replaced atomically as a whole.
+    With `text_ensemble`, also <name>-tokenizer and the ensemble <name>-text (see the module's
+    docstring). Other models already in repo_dir are left alone; each model folder is replaced
+    atomically as a whole, and every config is rendered before any folder is written.
     `tower` / `retriever` label one tower of a dual pair (build_tower_repository sets them).
     """
-    from drscaling.model import is_dual
+    from drscaling.model import is_dual, load_tokenizer
 
     cfg = RepositoryConfig(flavour, max_batch_size, dynamic_batching, max_queue_delay_us,
-                           instances, kind, variant, intra_op_threads)
+                           instances, kind, variant, intra_op_threads, text_ensemble)
     cfg.validate()
     if tower not in TOWER_ROLES:
         raise DrscalingError(f"tower must be one of {TOWER_ROLES} (got '{tower}')")
@@ -82,12 +98,9 @@ def build_model_repository(
             f"{onnx_dir} holds dual towers (query/ and passage/): build it with build_tower_repository"
         )
     meta = _check_export(onnx_dir, cfg.variant)
-    onnx_file = onnx_dir / ONNX_FILES[cfg.variant]
-    meta_file = onnx_dir / "drscaling.json"
-    from drscaling.model import load_tokenizer
-
     tokenizer = load_tokenizer(onnx_dir / "tokenizer")
     params = {
+        "interface": "tensor",
         "onnx_file": "model.onnx",
         "variant": cfg.variant,
         "max_sequence_length": str(meta.get("max_positions", 512)),
@@ -102,17 +115,64 @@ def build_model_repository(
         "retriever": retriever or name,
     }
     text = render_config(name, cfg, int(meta["dim"]), params)
+    text_models = _render_text_models(name, cfg, int(meta["dim"]), params, tokenizer) \
+        if cfg.text_ensemble else {}
     repo_dir = Path(repo_dir)
     with atomic_path(repo_dir / name) as tmp:
         version = tmp / VERSION
         version.mkdir(parents=True)
         (tmp / "config.pbtxt").write_text(text)
-        shutil.copy2(onnx_file, version / "model.onnx")
+        shutil.copy2(onnx_dir / ONNX_FILES[cfg.variant], version / "model.onnx")
         if cfg.flavour == "python":
             shutil.copy2(TEMPLATES / "model.py", version / "model.py")
         shutil.copytree(onnx_dir / "tokenizer", version / "tokenizer")
-        shutil.copy2(meta_file, version / "drscaling.json")
+        shutil.copy2(onnx_dir / "drscaling.json", version / "drscaling.json")
+    for model, files in text_models.items():
+        with atomic_path(repo_dir / model) as tmp:
+            (tmp / VERSION).mkdir(parents=True)
+            for rel, content in files.items():
+                (tmp / rel).write_text(content)
     return repo_dir / name
+
+
+def _render_text_models(name: str, cfg: RepositoryConfig, dim: int, params: dict[str, str],
+                        tokenizer) -> dict[str, dict[str, str]]:
+    """{model name: {path in its folder: content}} for <name>-tokenizer and <name>-text.
+
+    The tokenizer model gets the `tokenizers` object inside the client's transformers tokenizer
+    (its backend_tokenizer, serialised), plus the padding and truncation settings transformers
+    applies on each call, so server-side ids equal client-side ids.
+    """
+    tok_name, text_name = name + TOKENIZER_SUFFIX, name + TEXT_SUFFIX
+    backend = tokenizer.backend_tokenizer
+    tok_params = {
+        "interface": "tokenizer",
+        "encoder": name,
+        "max_length": str(min(int(params["max_passage_len"]), int(params["max_sequence_length"]))),
+        "max_sequence_length": params["max_sequence_length"],
+        "pad_token_id": params["pad_token_id"],
+        "pad_token": str(tokenizer.pad_token),
+        "pad_token_type_id": str(tokenizer.pad_token_type_id),
+        "padding_side": tokenizer.padding_side,
+        "truncation_side": tokenizer.truncation_side,
+    }
+    if cfg.flavour == "python":  # our server; the NGC container's stub reads strings with its own numpy
+        from drscaling.serving.stub_env import check_stub_env
+
+        tok_params["EXECUTION_ENV_PATH"] = str(check_stub_env())
+    tok_config = string.Template((TEMPLATES / "tokenizer.pbtxt.in").read_text()).substitute(
+        name=tok_name, encoder=name, max_batch_size=cfg.max_batch_size, instances=cfg.instances,
+        parameters=_render_parameters(tok_params),
+    )
+    ens_config = string.Template((TEMPLATES / "ensemble.pbtxt.in").read_text()).substitute(
+        name=text_name, tokenizer=tok_name, encoder=name, max_batch_size=cfg.max_batch_size,
+        dim=dim, parameters=_render_parameters(params | {"interface": "text", "encoder": name}),
+    )
+    return {
+        tok_name: {"config.pbtxt": tok_config, f"{VERSION}/tokenizer.json": backend.to_str(),
+                   f"{VERSION}/model.py": (TEMPLATES / "tokenizer.py").read_text()},
+        text_name: {"config.pbtxt": ens_config},
+    }
 
 
 def _check_name(name: str) -> None:
@@ -163,11 +223,20 @@ def render_config(name: str, cfg: RepositoryConfig, dim: int, params: dict[str, 
         f"dynamic_batching {{\n  max_queue_delay_microseconds: {cfg.max_queue_delay_us}\n}}"
         if cfg.dynamic_batching else ""
     )
-    parameters = ",\n".join(
-        f'  {{\n    key: "{k}"\n    value: {{ string_value: "{v}" }}\n  }}' for k, v in params.items()
-    )
+    parameters = _render_parameters(params)
     return template.substitute(
         name=name, flavour=cfg.flavour, engine=engine, max_batch_size=cfg.max_batch_size, dim=dim,
         dynamic_batching=batching, instances=cfg.instances, kind=cfg.kind, parameters=parameters,
     )
 
+
+
+def _render_parameters(params: dict[str, str]) -> str:
+    """config.pbtxt `parameters` entries; values are escaped (a tokenizer's pad token is free text)."""
+    def quoted(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"')
+
+    return ",\n".join(
+        f'  {{\n    key: "{k}"\n    value: {{ string_value: "{quoted(v)}" }}\n  }}'
+        for k, v in params.items()
+    )

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from drscaling import vector_index
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path, read_jsonl
-from drscaling.serving.client import Client, resolve_tower
+from drscaling.serving.client import Client, resolve_tower, text_model
 from drscaling.serving.repository import VERSION
 from drscaling.serving.server import TritonServer
 from drscaling.vector_index import IndexConfig
@@ -39,13 +39,16 @@ def encode_texts(
     url: str | TritonServer, model: str, texts: Sequence[str], protocol: str = "http",
     batch_size: int = 32, max_len: int | None = None, tokenizer: str | Path | None = None,
     desc: str | None = None, role: str | None = None, repo: str | Path | None = None,
+    server_tokenize: bool = False,
 ) -> np.ndarray:
     """Embed texts on Triton; returns float32 [len(texts), dim] in input order.
 
     Tokenised here with the tokenizer beside the model (`tokenizer`, or found through a
     TritonServer's repository), truncated to `max_len` (default: the model's query length for
-    role="query", else its passage length). With `role`, `model` may name a dual pair: its tower of
-    that role embeds the texts (see resolve_tower).
+    role="query", else its passage length). With `server_tokenize`, the texts go as they are to the
+    model's <model>-text ensemble, which tokenises them in Triton the same way (same batches, same
+    truncation: the same embeddings). With `role`, `model` may name a dual pair: its tower of that
+    role embeds the texts (see resolve_tower).
     """
     texts = list(texts)
     if not texts:
@@ -65,24 +68,38 @@ def encode_texts(
                 f"max_len {max_len} exceeds the {info.max_sequence_length} positions of model "
                 f"'{model}'"
             )
-        tok = _tokenizer_for(client, model, tokenizer, repo)
+        embed = _text_embedder(client, model, max_len) if server_tokenize else \
+            _id_embedder(client, model, max_len, _tokenizer_for(client, model, tokenizer, repo))
         out = np.empty((len(texts), info.dim), dtype=np.float32)
         # Sorted by length so each batch pads little; results go back to input order.
         order = np.argsort([len(t) for t in texts], kind="stable")
         starts = range(0, len(texts), batch_size)
         for start in tqdm(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
             idx = order[start : start + batch_size]
-            enc = tok([texts[i] for i in idx], max_length=max_len, truncation=True, padding=True,
-                      return_tensors="np", return_token_type_ids=False)
-            out[idx] = client.infer(model, enc["input_ids"].astype(np.int64),
-                                    enc["attention_mask"].astype(np.int64))
+            out[idx] = embed([texts[i] for i in idx])
         return out
+
+
+def _id_embedder(client: Client, model: str, max_len: int, tok):
+    """texts -> embeddings, tokenised here, the tensor model embedding the ids."""
+    def embed(batch: list[str]) -> np.ndarray:
+        enc = tok(batch, max_length=max_len, truncation=True, padding=True, return_tensors="np",
+                  return_token_type_ids=False)
+        return client.infer(model, enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
+
+    return embed
+
+
+def _text_embedder(client: Client, model: str, max_len: int):
+    """texts -> embeddings through the model's text ensemble (Triton tokenises)."""
+    name = text_model(client, model)
+    return lambda batch: client.infer_text(name, batch, max_len)
 
 
 def build_index(
     url: str | TritonServer, model: str, corpus_path: str | Path, out_dir: str | Path,
     protocol: str = "http", batch_size: int = 32, tokenizer: str | Path | None = None,
-    repo: str | Path | None = None, index: IndexConfig | None = None,
+    repo: str | Path | None = None, index: IndexConfig | None = None, server_tokenize: bool = False,
 ) -> dict:
     """Embed a JSONL corpus ({"pid", "text"} per line) on Triton; writes out_dir atomically:
     embeddings.npy (float32 [n, dim]), faiss.index (`index`: exact inner product by default, IVF or
@@ -101,7 +118,8 @@ def build_index(
         model = resolve_tower(client, model, "passage")
         info = client.info(model)
     emb = encode_texts(url, model, texts, protocol=protocol, batch_size=batch_size,
-                       tokenizer=tokenizer, desc=f"index {model}", repo=repo)
+                       tokenizer=tokenizer, desc=f"index {model}", repo=repo,
+                       server_tokenize=server_tokenize)
     # Queries must go through the same encoder (shared) or the pair's query tower.
     query_model = model if info.tower == "shared" else f"{info.retriever}-query"
     meta = {"model": model, "query_model": query_model, "retriever": info.retriever,
@@ -124,7 +142,7 @@ def build_index(
 def search(
     url: str | TritonServer, model: str, index_dir: str | Path, query: str, k: int = 10,
     protocol: str = "http", tokenizer: str | Path | None = None, repo: str | Path | None = None,
-    nprobe: int | None = None, ef_search: int | None = None,
+    nprobe: int | None = None, ef_search: int | None = None, server_tokenize: bool = False,
 ) -> list[tuple[str, float, str]]:
     """Top-k passages by inner product on the index's FAISS index: [(pid, score, text)], best first.
     Exact for a flat index; `nprobe` (IVF) and `ef_search` (HNSW) override the index's own settings.
@@ -161,7 +179,7 @@ def search(
             f"{found.d}-dimensional passages: rebuild the index with the served passage model"
         )
     q = encode_texts(url, query_model, [query], protocol=protocol, max_len=info.max_len("query"),
-                     tokenizer=tokenizer, repo=repo)
+                     tokenizer=tokenizer, repo=repo, server_tokenize=server_tokenize)
     scores, ids = vector_index.search(found, q, k)
     return [(pids[i], float(s), texts[i]) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
 

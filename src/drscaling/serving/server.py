@@ -230,10 +230,13 @@ class TritonServer:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, lines: int = 30) -> str:
+        """The log's last lines, after its error lines (glog's "E<date>" prefix) from before them:
+        with several models, the one that failed to load is logged long before the shutdown."""
         if not self.log_path or not self.log_path.exists():
             return "\n".join(self.last_log.splitlines()[-lines:])
         text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        errors = [line for line in text[:-lines] if line[:1] == "E" and line[1:5].isdigit()]
+        return "\n".join([*errors[-10:], *(["..."] if errors else []), *text[-lines:]])
 
     def wait(self) -> int:
         """Block until the server exits; returns its exit status."""
