@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -67,20 +69,39 @@ def _flag_type(hint: Any):
     return parse
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One --flag per dataclass field (nested dataclasses get a prefix, e.g. --eval-negatives)."""
+def field_notes(cls: type) -> dict[str, str]:
+    """Each field's trailing comment in the class source (`name: type = default  # note`): its --help."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (a frozen build): the flags keep their generic help
+        return {}
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.MULTILINE)}
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, values: dict[str, Any] | None = None, where: str = "",
+              prefix: str = "") -> None:
+    """One --flag per dataclass field (nested dataclasses get a prefix, e.g. --eval-negatives). `values`:
+    the params.yaml section the flags override (its key `where`, e.g. train): --help shows its value as
+    the default where it sets one, else the dataclass default."""
     hints = typing.get_type_hints(cls)
+    notes = field_notes(cls)
+    values = values or {}
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
+        key = f"{where}.{f.name}" if where else f.name
         if dataclasses.is_dataclass(hint):
-            add_flags(parser, hint, prefix=f"{prefix}{f.name}-")
+            add_flags(parser, hint, dict(values.get(f.name) or {}), key, prefix=f"{prefix}{f.name}-")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        parser.add_argument(
+        if values.get(f.name) is not None:
+            default = f"{show(values[f.name])}, from params.yaml {key}"
+        else:
+            default = show(f.default) if f.default is not dataclasses.MISSING else "none"
+        text = notes.get(f.name) or f.name.replace("_", " ")
+        action = parser.add_argument(
             f"--{prefix}{f.name}".replace("_", "-"), dest=f"{prefix}{f.name}".replace("-", "__"),
-            type=_flag_type(hint), default=None,
-            help=f"(default: params.yaml, else {default!r})",
+            type=_flag_type(hint), default=None, help=f"{text} (default: {default})".replace("%", "%%"),
         )
+        action.params_key = key if where else None
 
 
 def from_args(cls: type, args: argparse.Namespace, base: dict[str, Any], prefix: str = "") -> Any:
@@ -96,3 +117,22 @@ def from_args(cls: type, args: argparse.Namespace, base: dict[str, Any], prefix:
         if v is not None:
             values[f.name] = v
     return build(cls, values)
+
+
+def lookup(values: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key (e.g. budget.measured.steps) of loaded params; None where it is not set."""
+    value: Any = values
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def show(value: Any) -> str:
+    """A default as --help prints it: "" for an empty string, lists space-separated."""
+    if isinstance(value, str):
+        return value if value else '""'
+    if isinstance(value, (list, tuple)):
+        return " ".join(show(v) for v in value)
+    return str(value)

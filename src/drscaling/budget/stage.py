@@ -253,6 +253,96 @@ def _paper_check(source: LawSource, costs: CostModel, without: dict[str, Any],
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    """What every part of the budget's answer is computed from: the joint law, the costs, the budget
+    and the checks each optimum gets (fitted range, chance)."""
+
+    fit: FitResult
+    costs: CostModel
+    budget: float
+    include_inference: bool
+    search: SearchRange
+    fitted_range: FittedRange
+    chance: Chance
+
+    @property
+    def checks(self) -> dict[str, Any]:
+        return {"fitted_range": self.fitted_range, "chance": self.chance}
+
+
+def _cost_source_flags(annotation_cost_path: str | Path | None, law_sources: list[str]) -> list[str]:
+    """A flag when the annotation cost prices another source than the joint law was fitted on."""
+    if annotation_cost_path is None or not law_sources:
+        return []
+    cost_source = read_annotation_cost(annotation_cost_path)[0]
+    if cost_source in law_sources:
+        return []
+    return [f"the annotation cost is for source '{cost_source}' but the joint law was fitted on {law_sources}"]
+
+
+def _optima(pb: _Problem) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The continuous optimum without and with inference (the latter when its costs are known; an
+    error in it is reported, not raised, unless the recommendation follows it)."""
+    without = solve(pb.fit, pb.costs, pb.budget, False, pb.search, **pb.checks)
+    if not pb.costs.has_inference:
+        return without, None
+    try:
+        return without, solve(pb.fit, pb.costs, pb.budget, True, pb.search, **pb.checks)
+    except DrscalingError as exc:
+        if pb.include_inference:
+            raise
+        return without, {"error": str(exc)}
+
+
+def _shape_optimum(pb: _Problem, shapes: dict[str, float] | None) -> dict[str, Any] | None:
+    """The best trained shape the budget affords (default shapes: the joint law's)."""
+    shape_map = shapes if shapes is not None else _default_shapes(pb.fit)
+    if not shape_map:
+        return None
+    try:
+        return solve_shapes(pb.fit, pb.costs, pb.budget, pb.include_inference, shape_map, **pb.checks)
+    except DrscalingError as exc:
+        return {"error": str(exc)}
+
+
+def _best_run(pb: _Problem, measured_runs: Sequence[dict[str, Any]] | None, law_sources: list[str]
+              ) -> dict[str, Any] | None:
+    """The best trained run within the budget, among runs of the law's sources (default runs: the law's points)."""
+    runs = list(measured_runs) if measured_runs is not None else _law_runs(pb.fit)
+    if law_sources:
+        runs = [r for r in runs if not r.get("source") or r.get("source") in law_sources]
+    return best_measured_run(runs, pb.costs, pb.budget, pb.include_inference)
+
+
+def _source_comparison(pb: _Problem, laws: dict[str, FitResult], usd_per_pair: float | None,
+                       cost_paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Each source at its own price: human at the configured $/pair (the paper's 0.6 by default),
+    the others from their annotation cost files."""
+    source_costs = {"human": usd_per_pair if usd_per_pair is not None else HUMAN_USD_PER_PAIR}
+    for p in cost_paths:
+        name, usd = read_annotation_cost(p)
+        source_costs[name] = usd
+    return compare_sources(laws, pb.costs, pb.budget, source_costs,
+                           include_inference=pb.include_inference and pb.costs.has_inference,
+                           factor=pb.fitted_range.factor, chance=pb.chance)
+
+
+def _budget_figures(pb: _Problem, budgets: list[float], fig_dir: Path) -> list[str]:
+    """Fig 7 (without inference) and, when inference costs are known, Fig 8; the paths drawn."""
+    cases = [(False, "fig7_budget_no_inference.png")]
+    if pb.costs.has_inference:
+        cases.append((True, "fig8_budget_with_inference.png"))
+    figures = [budget_figure(pb.fit, pb.costs, budgets, inference, pb.search, fig_dir / name, pb.fitted_range,
+                             pb.chance) for inference, name in cases]
+    return [str(f) for f in figures if f is not None]
+
+
+def _law_record(fit: FitResult, law: str) -> dict[str, Any]:
+    return {"name": law, "kind": fit.kind, "formula": formula(fit), "params": dict(fit.params),
+            "r2": _finite_or_none(getattr(fit, "r2", None)), "flags": list(fit.flags)}
+
+
 def run_budget(
     laws_path: str | Path,
     budget: float,
@@ -297,80 +387,33 @@ def run_budget(
         annotation_cost_path=annotation_cost_path, steps=steps, corpus_pages=corpus_pages,
         tokens_per_page=tokens_per_page,
     )
-    search = SearchRange(n_min=n_min, n_max=n_max)
     fitted_range = (FittedRange.of_published(source.published, extrapolation_factor)
                     if source.published is not None else FittedRange.of_fit(fit, extrapolation_factor))
-    chance = _chance(source, negatives, default_negatives)
-    checks = {"fitted_range": fitted_range, "chance": chance}
-    flags: list[str] = []
+    pb = _Problem(fit, costs, budget, include_inference, SearchRange(n_min=n_min, n_max=n_max), fitted_range,
+                  _chance(source, negatives, default_negatives))
     law_sources = sorted({s for s in fit.points.get("source") or [] if s})
-    if annotation_cost_path is not None and law_sources:
-        cost_source = read_annotation_cost(annotation_cost_path)[0]
-        if cost_source not in law_sources:
-            flags.append(
-                f"the annotation cost is for source '{cost_source}' but the joint law was fitted "
-                f"on {law_sources}"
-            )
-
-    without = solve(fit, costs, budget, False, search, **checks)
-    with_inf = None
-    if costs.has_inference:
-        try:
-            with_inf = solve(fit, costs, budget, True, search, **checks)
-        except DrscalingError as exc:
-            if include_inference:
-                raise
-            with_inf = {"error": str(exc)}
-    recommendation = with_inf if include_inference else without
-
-    shape_map = shapes if shapes is not None else _default_shapes(fit)
-    shape_result: dict[str, Any] | None = None
-    if shape_map:
-        try:
-            shape_result = solve_shapes(fit, costs, budget, include_inference, shape_map, **checks)
-        except DrscalingError as exc:
-            shape_result = {"error": str(exc)}
-    runs = list(measured_runs) if measured_runs is not None else _law_runs(fit)
-    if law_sources:
-        runs = [r for r in runs if not r.get("source") or r.get("source") in law_sources]
-    best_run = best_measured_run(runs, costs, budget, include_inference)
-
-    # Each source at its own price: human at the configured $/pair (the paper's 0.6 by default),
-    # the others from their annotation cost files.
-    source_costs = {"human": usd_per_pair if usd_per_pair is not None else HUMAN_USD_PER_PAIR}
-    for p in [*([annotation_cost_path] if annotation_cost_path is not None else []), *source_cost_paths]:
-        name, usd = read_annotation_cost(p)
-        source_costs[name] = usd
-    sources = compare_sources(source.laws, costs, budget, source_costs,
-                              include_inference=include_inference and costs.has_inference,
-                              factor=fitted_range.factor, chance=chance)
-
+    flags = _cost_source_flags(annotation_cost_path, law_sources)
+    without, with_inf = _optima(pb)
+    cost_paths = [*([annotation_cost_path] if annotation_cost_path is not None else []), *source_cost_paths]
     budgets = list(figure_budgets) if figure_budgets else [budget * f for f in (0.1, 0.3, 1, 3, 10)]
-    fig_dir = out_dir / "figures"
-    figures = [budget_figure(fit, costs, budgets, False, search, fig_dir / "fig7_budget_no_inference.png",
-                             fitted_range, chance)]
-    if costs.has_inference:
-        figures.append(budget_figure(fit, costs, budgets, True, search,
-                                     fig_dir / "fig8_budget_with_inference.png", fitted_range, chance))
     result = {
         "budget": budget,
         "include_inference": include_inference,
         "laws": source.name,
         "laws_path": str(source.path) if source.path is not None else None,
         "law_set": source.published.name if source.published is not None else None,
-        "law": {"name": law, "kind": fit.kind, "formula": formula(fit), "params": dict(fit.params),
-                "r2": _finite_or_none(getattr(fit, "r2", None)), "flags": list(fit.flags)},
+        "law": _law_record(fit, law),
         "costs": costs.to_dict(),
-        "search": dataclasses.asdict(search),
+        "search": dataclasses.asdict(pb.search),
         "fitted_range": fitted_range.to_dict(),
-        "chance": chance.to_dict(),
-        "recommendation": recommendation,
+        "chance": pb.chance.to_dict(),
+        "recommendation": with_inf if include_inference else without,
         "without_inference": without,
         "with_inference": with_inf,
-        "shapes": shape_result,
-        "best_measured_run": best_run,
-        "sources": sources,
-        "figures": [str(f) for f in figures if f is not None],
+        "shapes": _shape_optimum(pb, shapes),
+        "best_measured_run": _best_run(pb, measured_runs, law_sources),
+        "sources": _source_comparison(pb, source.laws, usd_per_pair, cost_paths),
+        "figures": _budget_figures(pb, budgets, out_dir / "figures"),
         "figure_budgets": budgets,
         "paper_check": _paper_check(source, costs, without, with_inf, budget),
         "flags": flags,
@@ -378,7 +421,6 @@ def run_budget(
         "budget_path": str(out_dir / "budget.json"),
     }
     return write_strict_json(out_dir / "budget.json", result)
-
 
 def trained_runs(laws_path: str | Path) -> tuple[dict[str, float] | None, list[dict[str, Any]] | None]:
     """(shape -> N, the trained runs) from points.jsonl, which `drscaling fit` writes beside laws.json;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 
 from drscaling import params
@@ -52,3 +53,55 @@ def costs_mode(text: str) -> str | None:
     if text not in ("paper", "measured"):
         raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose from 'paper', 'measured')")
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# --help: the effective default of a flag that reads params.yaml
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _params_file(path: str, stamp: tuple[int, int]) -> dict:
+    return params.load(path)
+
+
+def current_params() -> dict:
+    """params.yaml as the commands will read it (parsed once per file version: --help asks often)."""
+    path = params.default_path()
+    if not path.exists():
+        return {}
+    st = path.stat()
+    return _params_file(str(path), (st.st_mtime_ns, st.st_size))
+
+
+def params_default(key: str, fallback=None, note: str = "") -> str:
+    """'default: VALUE, from params.yaml KEY' where params.yaml sets the dotted KEY (e.g.
+    budget.measured.steps), else 'default: FALLBACK' (the value the code uses when params.yaml is
+    silent), with `note` after it; '%' escaped for argparse."""
+    value = params.lookup(current_params(), key)
+    if value is not None:
+        text = f"default: {params.show(value)}, from params.yaml {key}"
+    else:
+        text = f"default: {params.show(fallback) if fallback is not None else 'none'}; params.yaml {key} is not set"
+    return (text + (f"; {note}" if note else "")).replace("%", "%%")
+
+
+def params_flag(p: argparse.ArgumentParser, flag: str, key: str, help: str, fallback=None, note: str = "",
+                **kwargs) -> argparse.Action:
+    """A flag whose value, when not given, comes from params.yaml KEY: its help ends with the effective
+    default, and the action carries `params_key` (a test checks the help against params.yaml)."""
+    action = p.add_argument(flag, help=f"{help} ({params_default(key, fallback, note)})", **kwargs)
+    action.params_key = key
+    return action
+
+
+def prepared_flag(p: argparse.ArgumentParser, help: str = "canonical dataset folder (train/dev/test)") -> None:
+    params_flag(p, "--prepared", "data.prepared", help, f"{A}/prepared")
+
+
+VERBOSE_HELP = "show the libraries' own logging (transformers' load reports, MLflow's INFO lines, warnings)"
+
+
+def verbose_flag(p: argparse.ArgumentParser) -> None:
+    """--verbose after the command too; SUPPRESS: an absent flag keeps `drscaling --verbose CMD`'s value."""
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)

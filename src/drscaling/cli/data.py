@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from drscaling import params
-from drscaling.cli.common import A, Register, param, prepared
+from drscaling.cli.common import A, Register, param, params_flag, prepared, prepared_flag, verbose_flag
 from drscaling.errors import DrscalingError
 
 FORMATS = ["msmarco", "pairs", "beir", "ir_datasets"]
@@ -102,30 +102,33 @@ def _data_parsers(cmd: Register) -> None:
     data = cmd("data", None, "dataset tools: rebuild the Debian snapshot, import MS MARCO or pairs")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = dsub.add_parser("extract-debian", help="rebuild data/debian/pairs.jsonl from the Debian archive (needs apt access)")
-    p.add_argument("--dest", default="data/debian/pairs.jsonl")
+    p.add_argument("--dest", default="data/debian/pairs.jsonl", help="pairs file to write (default: %(default)s)")
     p.add_argument("--lists-dir", default=f"{A}/apt-lists", help="private apt lists folder")
     p.add_argument("--no-fetch", action="store_true", help="use lists already in --lists-dir")
     p.set_defaults(func=cmd_extract_debian)
+    verbose_flag(p)
     p = dsub.add_parser("import", help="import a dataset into the canonical format",
                         description="Import a dataset into the canonical format (train/dev/test). The dataset "
                                     "is written to a temporary folder and renamed onto DEST at the end: on any "
                                     "error DEST is left as it was. Dropped rows are counted in the report.")
-    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--format", choices=FORMATS, required=True, help="the layout of SRC (see SRC)")
     p.add_argument("src", help="msmarco: folder of collection/queries/qrels TSVs; pairs: JSONL of {query, passage}; "
                                "beir: folder of corpus.jsonl, queries.jsonl, qrels/<split>.tsv; "
                                "ir_datasets: a dataset id such as msmarco-passage/train or beir/scifact "
                                "(needs `pip install ir-datasets`, and network to download)")
     p.add_argument("dest", help="output dataset folder (train/dev/test); an existing dataset there is replaced")
-    p.add_argument("--dev-size", type=int, help="pairs: dev pairs, counted after de-duplication (default: "
-                   "params.yaml data.dev_size, scaled down when the data is small); beir/ir_datasets: "
-                   "pairs carved for dev when it shares its source with another split")
-    p.add_argument("--test-size", type=int, help="as --dev-size, for test")
+    params_flag(p, "--dev-size", "data.dev_size", "pairs: dev pairs, counted after de-duplication; beir/ir_datasets: "
+                "pairs carved for dev when it shares its source with another split", 1000,
+                "scaled down when the data is small", type=int)
+    params_flag(p, "--test-size", "data.test_size", "as --dev-size, for test", 1000, "scaled down when the data is small",
+                type=int)
     p.add_argument("--split", action="append", metavar="NAME=SOURCE",
                    help="beir/ir_datasets: where split NAME (train, dev, test) comes from: a qrels/<SOURCE>.tsv "
                         "file or an ir_datasets (sub-)id; splits naming the same source are carved out of it by "
                         "query group, e.g. --split dev=train. Default: each split from its own name")
-    p.add_argument("--seed", type=int, help="seed of the carving (default: params.yaml data.seed)")
+    params_flag(p, "--seed", "data.seed", "seed of the carving", 13, type=int)
     p.set_defaults(func=cmd_import)
+    verbose_flag(p)
 
 
 def _annotate_parser(p: argparse.ArgumentParser) -> None:
@@ -134,7 +137,7 @@ def _annotate_parser(p: argparse.ArgumentParser) -> None:
 
     listed = "; ".join(f"{s.name}: {s.summary} (cost: {s.pricing})" for s in sources.REGISTRY.values())
     p.add_argument("--source", required=True, choices=sources.names(), help=listed)
-    p.add_argument("--prepared")
+    prepared_flag(p)
     p.add_argument("--out", help=f"pairs file (default {A}/annotations/<source>.jsonl; its GX report goes to "
                                  f"{A}/validation/, or beside a given --out as <name>.validation.json). It and its "
                                  "cost file appear only once the pairs pass the checks; rejected pairs go to "
@@ -160,13 +163,13 @@ def _annotate_parser(p: argparse.ArgumentParser) -> None:
 def register(cmd: Register) -> None:
     _data_parsers(cmd)
     p = cmd("prepare", cmd_prepare, "split the Debian snapshot into canonical train/dev/test")
-    p.add_argument("--raw")
-    p.add_argument("--prepared")
+    params_flag(p, "--raw", "data.raw", "the Debian pairs snapshot (JSONL of {query, passage})", "data/debian/pairs.jsonl")
+    prepared_flag(p, "output dataset folder (train/dev/test)")
     p = cmd("validate", cmd_validate, "Great Expectations gate over every split")
-    p.add_argument("--prepared")
-    p.add_argument("--report", default=f"{A}/validation/dataset.json")
+    prepared_flag(p)
+    p.add_argument("--report", default=f"{A}/validation/dataset.json", help="validation report JSON (default: %(default)s)")
     p = cmd("tokenizer", cmd_tokenizer, "train the shared WordPiece vocabulary on the train split")
-    p.add_argument("--prepared")
-    p.add_argument("--vocab-size", type=int)
-    p.add_argument("--out", default=f"{A}/tokenizer")
+    prepared_flag(p)
+    params_flag(p, "--vocab-size", "tokenizer.vocab_size", "WordPiece vocabulary size", 16384, type=int)
+    p.add_argument("--out", default=f"{A}/tokenizer", help="tokenizer folder to write (default: %(default)s)")
     _annotate_parser(cmd("annotate", cmd_annotate, "produce, validate and publish training pairs from one annotation source"))

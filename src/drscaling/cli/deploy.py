@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from drscaling import params
-from drscaling.cli.common import A, COSTS, Register, prepared
+from drscaling.cli.common import A, COSTS, Register, params_flag, prepared, prepared_flag
 from drscaling.errors import DrscalingError
 
 
@@ -138,18 +138,18 @@ def _export_serve_parsers(cmd: Register) -> None:
     p.add_argument("--name", help="model name in the repository (default: from the folder)")
     p.add_argument("--from-sweep", metavar="PRESET", help="export every shape of that preset's model sweep")
     p.add_argument("--sweeps", help=f"--from-sweep: folder holding <preset>/results-*.jsonl (default {A}/sweeps)")
-    p.add_argument("--variants", nargs="+", choices=["fp32", "opt", "fp16", "int8"])
+    params_flag(p, "--variants", "serving.variants", "ONNX variants to export and score", ["fp32", "int8"],
+                nargs="+", choices=["fp32", "opt", "fp16", "int8"])
     p.add_argument("--out", help=f"default {A}/export")
     p.add_argument("--repo", help="also write a Triton model repository here")
-    p.add_argument("--prepared")
+    prepared_flag(p, "canonical dataset folder (its test split scores the variants)")
     p.add_argument("--no-quality", action="store_true",
                    help="skip scoring each variant's test contrastive entropy (parity is still checked); "
                         "for fp32-only exports of large towers, where the score costs minutes on a CPU")
     p = cmd("serve", cmd_serve, "run Triton on a model repository (127.0.0.1) until Ctrl-C")
-    p.add_argument("--repo", default=f"{A}/serving/repo")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--repo", default=f"{A}/serving/repo", help="the model repository (default: %(default)s)")
+    for kind, port in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
+        p.add_argument(f"--{kind}-port", type=int, default=port, help=f"{kind} port (default: %(default)s)")
     p.add_argument("--log", help="server log file")
 
 
@@ -159,7 +159,8 @@ def _client_parsers(cmd: Register) -> None:
                              ("search", cmd_search, "top-k passages of an index for a query")):
         p = cmd(name, func, help)
         p.add_argument("--url", default="127.0.0.1:8000", help="host:port of Triton (HTTP or gRPC port)")
-        p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+        p.add_argument("--protocol", choices=["http", "grpc"], default="http",
+                       help="how to talk to --url (default: %(default)s)")
         p.add_argument("--model", required=True,
                        help="model name in the repository; for dual towers the pair's name NAME (queries go "
                             "through NAME-query, passages through NAME-passage) or a tower's own name")
@@ -173,17 +174,17 @@ def _client_parsers(cmd: Register) -> None:
             p.add_argument("--role", choices=["query", "passage"],
                            help="embed the texts as queries or passages: picks the pair's tower and the "
                                 "truncation length (default: the model as named, passage length)")
-            p.add_argument("texts", nargs="*")
+            p.add_argument("texts", nargs="*", help="texts to embed")
             p.add_argument("--file", help="one text per line")
             p.add_argument("--out", help="write embeddings as .npy")
         elif name == "index":
-            p.add_argument("--corpus", required=True)
-            p.add_argument("--out", required=True)
+            p.add_argument("--corpus", required=True, help="JSONL of {pid, text}")
+            p.add_argument("--out", required=True, help="index folder to write (FAISS index + passage ids and texts)")
             _index_flags(p, build=True)
         else:
-            p.add_argument("--index", required=True)
-            p.add_argument("-k", type=int, default=10)
-            p.add_argument("query")
+            p.add_argument("--index", required=True, help="index folder written by `drscaling index`")
+            p.add_argument("-k", type=int, default=10, help="passages to return (default: %(default)s)")
+            p.add_argument("query", help="the query text")
             _index_flags(p, build=False)
 
 
@@ -193,11 +194,11 @@ def _measure_parser(cmd: Register) -> None:
     p.add_argument("--repo", default=f"{A}/serving/repo", help="start Triton on this repository")
     p.add_argument("--url", help="measure an already running server instead")
     p.add_argument("--train-experiment", default="sweeps", help="MLflow experiment holding the training runs")
-    p.add_argument("--preset", help="training cost from this sweep preset's runs (default: params sweep.preset)")
-    p.add_argument("--out", help=f"costs JSON; load.json and cost_vs_n.png go beside it (default: params.yaml "
-                                 f"budget.costs_path, else {COSTS}, the versioned costs the budget reads)")
-    p.add_argument("--repeats", type=int, help="measure each load setting this often; the costs use the median "
-                                               "(default: params.yaml measure.repeats, else 3)")
+    params_flag(p, "--preset", "sweep.preset", "training cost from this sweep preset's runs")
+    params_flag(p, "--out", "budget.costs_path", "costs JSON; load.json and cost_vs_n.png go beside it", COSTS,
+                "the versioned costs the budget reads")
+    params_flag(p, "--repeats", "measure.repeats", "measure each load setting this often; the costs use the median",
+                3, type=int)
 
 
 def register(cmd: Register) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from drscaling import params
-from drscaling.cli.common import A, COSTS, Register, costs_mode, opt_float, opt_str, picker
+from drscaling.cli.common import A, COSTS, Register, costs_mode, opt_float, opt_str, params_flag, picker
 
 
 def cmd_fit(args) -> None:
@@ -120,34 +120,36 @@ def cmd_summary(args) -> None:
 
 def _fit_report_parsers(cmd: Register) -> None:
     p = cmd("fit", cmd_fit, "fit L(N), L(D), L(D) per source and L(N,D) to a preset's sweep results")
-    p.add_argument("--preset")
-    p.add_argument("--n-bootstrap", type=int, help="bootstrap refits per law (default: params.yaml fit.n_bootstrap)")
-    p.add_argument("--sources", nargs="+", help="annotation sources to fit D@<source> for (default: every source "
-                   "with points); a source without points is an error")
-    p.add_argument("--workers", type=int, help="processes for the bootstrap refits (default: min(2, CPUs))")
-    p.add_argument("--bootstrap-method", choices=["parametric", "pairs"],
-                   help="interval method (default parametric: see drscaling/laws/bootstrap.py)")
+    params_flag(p, "--preset", "sweep.preset", "the preset whose sweep results to fit", "quick")
+    params_flag(p, "--n-bootstrap", "fit.n_bootstrap", "bootstrap refits per law", 1000, type=int)
+    params_flag(p, "--sources", "fit.sources", "annotation sources to fit D@<source> for; a source without points "
+                "is an error", "every source with points", nargs="+")
+    params_flag(p, "--workers", "fit.workers", "processes for the bootstrap refits", "min(2, CPUs)", type=int)
+    params_flag(p, "--bootstrap-method", "fit.bootstrap_method", "interval method (see drscaling/laws/bootstrap.py)",
+                "parametric", choices=["parametric", "pairs"])
     p.add_argument("--sweeps", help=f"folder holding <preset>/results-*.jsonl (default {A}/sweeps)")
     p.add_argument("--out", help=f"default {A}/laws")
     p = cmd("report", cmd_report, "write the Markdown report (coefficient tables, figures, budget)")
-    p.add_argument("--laws")
-    p.add_argument("--budget-json")
-    p.add_argument("--out", default=f"{A}/report/report.md")
+    p.add_argument("--laws", help=f"laws.json to report (default {A}/laws/laws.json)")
+    p.add_argument("--budget-json", help=f"budget result to report (default {A}/budget/budget.json, when it exists)")
+    p.add_argument("--out", default=f"{A}/report/report.md", help="Markdown file to write (default: %(default)s)")
 
 
 def _budget_parser(p: argparse.ArgumentParser) -> None:
     # An empty value ("", as MLproject passes for a parameter left at its default) means: not given.
-    p.add_argument("--budget", type=opt_float, help="dollars (default: params.yaml budget.budget)")
-    p.add_argument("--include-inference", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--costs", type=costs_mode, metavar="{paper,measured}",
-                   help="paper: eq. 12-14 from their parts; measured: the costs stage's file (default: params.yaml "
-                        "budget.costs; paper with a published law set)")
-    p.add_argument("--costs-path", help=f"measured costs JSON (default: params.yaml budget.costs_path, else {COSTS}: "
-                                        "the versioned costs `make measure` writes)")
-    p.add_argument("--source", help="annotation source whose $/pair is Zdata (measured mode)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--corpus-pages", type=float)
-    p.add_argument("--tokens-per-page", type=float)
+    params_flag(p, "--budget", "budget.budget", "dollars", 20000, type=opt_float)
+    params_flag(p, "--include-inference", "budget.include_inference", "recommend with the inference cost of the "
+                "corpus included (Fig 8) or without it (Fig 7)", False, action=argparse.BooleanOptionalAction,
+                default=None)
+    params_flag(p, "--costs", "budget.costs", "paper: eq. 12-14 from their parts; measured: the costs stage's file",
+                "paper", "paper with a published law set", type=costs_mode, metavar="{paper,measured}")
+    params_flag(p, "--costs-path", "budget.costs_path", "measured costs JSON (the versioned costs `make measure` "
+                "writes)", COSTS)
+    params_flag(p, "--source", "budget.source", "annotation source whose $/pair is Zdata (measured mode)", "human")
+    for flag, what, kind in (("steps", "training steps per run", int), ("corpus_pages", "passages in the corpus to "
+                             "encode", float), ("tokens_per_page", "tokens per passage", float)):
+        params_flag(p, "--" + flag.replace("_", "-"), f"budget.measured.{flag}", f"{what}: what measured costs are "
+                    "scaled to", note="--costs paper: the paper's own unless given", type=kind)
     p.add_argument("--laws", type=opt_str, metavar="LAWS_JSON|SET",
                    help=f"the laws: a laws.json from `drscaling fit` (default {A}/laws/laws.json), or a law set "
                         "the paper published: 'paper' (= 'paper-msmarco': Table 1 L(N), Table 2 L(D) and the joint "
@@ -160,9 +162,8 @@ def _budget_parser(p: argparse.ArgumentParser) -> None:
                                                "any law of both N and D)")
     p.add_argument("--out", type=opt_str, help=f"result folder (default {A}/budget, the DVC stage's output; "
                                                f"{A}/budget-paper with a published law set)")
-    p.add_argument("--extrapolation-factor", type=float,
-                   help="flag an optimum more than this factor outside the fitted N or D range, either "
-                        "direction (default: params.yaml budget.extrapolation_factor, else 2)")
+    params_flag(p, "--extrapolation-factor", "budget.extrapolation_factor", "flag an optimum more than this factor "
+                "outside the fitted N or D range, either direction", 2, type=float)
     p.add_argument("--negatives", type=int,
                    help="evaluation negatives K: a predicted CE >= ln(K + 1) is flagged meaningless (default: "
                         "the laws' metadata, else params.yaml train.eval.negatives, else 256)")

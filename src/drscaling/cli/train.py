@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from drscaling import params
-from drscaling.cli.common import A, Register, prepared
+from drscaling.cli.common import A, Register, current_params, params_flag, prepared, prepared_flag
 from drscaling.errors import DrscalingError
 
 def _train_paths(args, out: str | Path):
@@ -102,23 +102,28 @@ def _train_sweep_parsers(cmd: Register) -> None:
     for name, func, help in (("train", cmd_train, "train one encoder (one MLflow run)"),
                              ("sweep", cmd_sweep, "run a preset's model/data/source/joint sweeps")):
         p = cmd(name, func, help)
-        p.add_argument("--prepared")
-        p.add_argument("--annotations", help=f"folder of <source>.jsonl (default {A}/annotations)")
-        p.add_argument("--tokenizer", help=f"shared tokenizer folder (default {A}/tokenizer)")
-        p.add_argument("--out")
+        _data_flags(p)
+        p.add_argument("--out", help=f"output folder (default: {A}/runs/<shape>-D<pairs>-<source>-<config key>)"
+                       if name == "train" else f"sweep folder (default: {A}/sweeps/<preset>)")
         if name == "train":
             p.add_argument("--section", help="params.yaml section whose values override the train section's")
             p.add_argument("--discard-checkpoint", action="store_true",
                            help="start afresh when --out holds an unusable checkpoint (corrupt, or made on other data)")
-            params.add_flags(p, TrainConfig)
+            params.add_flags(p, TrainConfig, current_params().get("train") or {}, "train")
         else:
-            p.add_argument("--preset", help="preset name in pipelines/ or a YAML path")
-            p.add_argument("--only", choices=SWEEPS, help="run one sweep of the preset")
-            p.add_argument("--executor", choices=EXECUTORS,
-                           help="local: points one after another here; ray: each point a task on a Ray cluster"
-                                " (default: params sweep.executor, else local)")
-            p.add_argument("--ray-address", help="the cluster's head, host:6379 (default: params sweep.ray.address,"
-                                                 " else RAY_ADDRESS or a local cluster)")
+            params_flag(p, "--preset", "sweep.preset", "preset name in pipelines/ or a YAML path", "quick")
+            p.add_argument("--only", choices=SWEEPS, help="run one sweep of the preset (default: all of them)")
+            params_flag(p, "--executor", "sweep.executor", "local: points one after another here; ray: each point a "
+                        "task on a Ray cluster", "local", choices=EXECUTORS)
+            params_flag(p, "--ray-address", "sweep.ray.address", "the cluster's head, host:6379",
+                        note="empty: RAY_ADDRESS, else a local cluster")
+
+
+def _data_flags(p) -> None:
+    """Where training reads its data: the dataset, the annotation files, the shared tokenizer."""
+    prepared_flag(p)
+    p.add_argument("--annotations", help=f"folder of <source>.jsonl (default {A}/annotations)")
+    p.add_argument("--tokenizer", help=f"shared tokenizer folder (default {A}/tokenizer)")
 
 
 def _study_parser(cmd: Register) -> None:
@@ -127,7 +132,8 @@ def _study_parser(cmd: Register) -> None:
     p = cmd("study", cmd_study, "scaling laws for your own data: import, annotate, sweeps sized to the data, fit, "
             "budget and report in one command (one MLflow experiment; --dvc: a DVC pipeline in the study folder)")
     p.add_argument("data", help="pairs: a JSONL file of {query, passage}; msmarco/beir: a folder; ir_datasets: an id")
-    p.add_argument("--format", choices=["pairs", "msmarco", "beir", "ir_datasets"], default="pairs")
+    p.add_argument("--format", choices=["pairs", "msmarco", "beir", "ir_datasets"], default="pairs",
+                   help="the layout of DATA (default: %(default)s)")
     p.add_argument("--preset", default="quick", help="sweep preset to size to the data (name in pipelines/ or a YAML "
                                                      "path; default quick, the CPU preset)")
     p.add_argument("--out", type=Path, help="study folder (default studies/<name>); reruns resume there")
@@ -139,7 +145,8 @@ def _study_parser(cmd: Register) -> None:
                    "the stages in its dvc.yaml) and run the sweeps onwards with `dvc repro`")
     p.add_argument("--new-data-version", action="store_true",
                    help="accept DATA for a study folder made from other data (its next data version)")
-    p.add_argument("--n-bootstrap", type=int, help="bootstrap refits per law (default: params.yaml fit.n_bootstrap)")
+    # the study folder has its own params.yaml: the project's fit section does not reach it
+    p.add_argument("--n-bootstrap", type=int, help="bootstrap refits per law (default: 1000, the fit stage's own)")
     p.add_argument("--costs-path", help="measured costs JSON (default costs/costs.json in the project; the paper's "
                                         "cost model when absent)")
 
@@ -151,20 +158,18 @@ def _distill_evaluate_parsers(cmd: Register) -> None:
     p = cmd("distill", cmd_distill, "distil a trained large query tower into a small one (ScalingNote stage 2)")
     p.add_argument("--teacher", required=True, help="trained model or run folder (e.g. dual smollm2-135m towers)")
     p.add_argument("--baseline", help="a small model trained end to end on the same data and steps, to compare with")
-    p.add_argument("--prepared")
-    p.add_argument("--annotations", help=f"folder of <source>.jsonl (default {A}/annotations)")
-    p.add_argument("--tokenizer", help=f"shared tokenizer folder (default {A}/tokenizer)")
+    _data_flags(p)
     p.add_argument("--out", help=f"output folder: model/ and metrics.json (default {A}/towers/distilled)")
-    params.add_flags(p, DistillConfig)
+    params.add_flags(p, DistillConfig, current_params().get("distill") or {}, "distill")
 
     p = cmd("evaluate", cmd_evaluate, "contrastive entropy and ranking metrics of any saved model")
     p.add_argument("--model", required=True, help="drscaling model folder, any HF encoder folder, an MLflow run "
                    "(runs:/<id>/model or its id) or a registered model (models:/drscaling-<shape>@recommended)")
-    p.add_argument("--prepared", help="canonical dataset folder")
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    prepared_flag(p)
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="split to score (default: %(default)s)")
     p.add_argument("--out", help="write the metrics JSON here")
-    p.add_argument("--no-mlflow", action="store_true")
-    params.add_flags(p, EvalConfig)
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation to MLflow")
+    params.add_flags(p, EvalConfig, (current_params().get("train") or {}).get("eval") or {}, "train.eval")
 
 
 def register(cmd: Register) -> None:
