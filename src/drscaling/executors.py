@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -25,9 +26,10 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from drscaling import tracking
+from drscaling.checkpoints import Start, resolve_start
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_json
-from drscaling.train import Paths, TrainConfig, data_key, train
+from drscaling.train import Paths, TrainConfig, data_key, data_versions, train
 
 EXECUTORS = ("local", "ray")
 Points = list[tuple[str, TrainConfig]]  # (config key, config), in the order they are submitted
@@ -93,7 +95,8 @@ def _check_address(address: str) -> None:
 
 
 def _probe(uri: str, paths: Paths, versions: dict[str, str]) -> tuple[str, list[str]]:
-    """On one node: can it import this code, reach the tracking server, and does it hold the same data?"""
+    """On one node: can it import this code, reach the tracking server, and does it hold the same data?
+    (`versions`: each source's data key without an init checkpoint; a point checks its own on start.)"""
     os.environ["MLFLOW_TRACKING_URI"] = uri
     problems = [p for p in [tracking_problem()] if p]
     for source, version in versions.items():
@@ -159,10 +162,11 @@ def keep_locally(result: dict, folder: Path) -> dict:
     """out/runs/<key>/ as the local executor leaves it (model/ + metrics.json): `fit`, `export
     --from-sweep` and the local cache then see a point that trained on another machine."""
     done = folder / "metrics.json"
-    if done.exists() and read_json(done).get("config_key") == result["config_key"]:
+    if done.exists() and all(read_json(done).get(k) == result.get(k) for k in ("config_key", "data_key")):
         return result
     import mlflow
 
+    shutil.rmtree(folder / "model", ignore_errors=True)  # a model trained on other data or init weights
     folder.mkdir(parents=True, exist_ok=True)
     mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="model", dst_path=str(folder))
     write_json(done, result)
@@ -183,7 +187,8 @@ def _point_runs(client, key: str, parent_id: str, status: str = "") -> list:
 
 def _train_point(cfg: TrainConfig, paths: Paths, tags: dict[str, str], uri: str, experiment: str,
                  parent_id: str, version: str) -> dict:
-    """A Ray task: train one point as a child run of the sweep's parent run."""
+    """A Ray task: train one point as a child run of the sweep's parent run. `version`: the point's
+    data key as the driver computed it (data + named init checkpoint), the one train() tags its run with."""
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["DRSCALING_EXPERIMENT"] = experiment
     tracking.configure()
@@ -195,8 +200,9 @@ def _train_point(cfg: TrainConfig, paths: Paths, tags: dict[str, str], uri: str,
         client.set_tag(orphan.info.run_id, "error", f"worker died; retried by Ray on {host}")
         client.set_terminated(orphan.info.run_id, "KILLED")
     try:
-        if data_key(paths, cfg.annotation_source) != version:
-            raise DrscalingError(f"{host} holds other data than the sweep's driver: `dvc pull` there (README)")
+        if data_key(paths, cfg.annotation_source, resolve_start(cfg.shape, cfg.init)) != version:
+            raise DrscalingError(f"{host} holds other data or other init checkpoint weights ({cfg.init}) than the"
+                                 " sweep's driver: `dvc pull` there, copy the checkpoint (README)")
         return train(cfg, paths, tags=tags | {"mlflow.parentRunId": parent_id, "ray_node": host})
     except Exception as exc:
         if not _point_runs(client, key, parent_id):  # failed before its run started: record it FAILED
@@ -209,23 +215,28 @@ def _train_point(cfg: TrainConfig, paths: Paths, tags: dict[str, str], uri: str,
 
 
 def run_ray(points: Points, paths: Paths, out: Path, tags: dict[str, str], cfg: RayConfig, desc: str,
-            parent_id: str, experiment: str) -> dict[str, dict]:
-    """Every point not yet finished on the tracking server as a Ray task; results keyed like run_local's."""
+            parent_id: str, experiment: str, starts: dict[str, Start] | None = None) -> dict[str, dict]:
+    """Every point not yet finished on the tracking server as a Ray task; results keyed like run_local's.
+    `starts`: each point's resolved init checkpoint, by config key (resolved here when not given)."""
     paths = dataclasses.replace(paths, prepared=paths.prepared.resolve(), annotations=paths.annotations.resolve(),
                                 tokenizer=paths.tokenizer.resolve())
     out = out.resolve()  # workers run elsewhere: every path they get is absolute (same layout on every node)
-    versions = {s: data_key(paths, s) for s in sorted({c.annotation_source for _, c in points})}
+    hashed = {s: data_versions(paths, s) for s in sorted({c.annotation_source for _, c in points})}
+    sources = {s: data_key(paths, s, versions=v) for s, v in hashed.items()}
+    starts = starts or {key: resolve_start(c.shape, c.init) for key, c in points}
+    # the key train() tags a run with, init checkpoint included: the same point on every machine
+    versions = {key: data_key(paths, c.annotation_source, starts[key], hashed[c.annotation_source]) for key, c in points}
     results: dict[str, dict] = {}
-    with ray_cluster(cfg, paths, versions) as ray:
+    with ray_cluster(cfg, paths, sources) as ray:
         for key, c in points:
-            found = finished_point(key, versions[c.annotation_source])
+            found = finished_point(key, versions[key])
             if found:
                 results[key] = keep_locally(found, run_folder(out, key)) | {"cached": True}
         task = ray.remote(_train_point).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                                                 max_retries=cfg.max_retries, retry_exceptions=False)
         uri = tracking.configure()
         refs = {task.remote(c, dataclasses.replace(paths, out=run_folder(out, key)), tags, uri, experiment, parent_id,
-                            versions[c.annotation_source]): key for key, c in points if key not in results}
+                            versions[key]): key for key, c in points if key not in results}
         failures: dict[str, str] = {}
         with tqdm(total=len(points), initial=len(results), desc=desc) as bar:
             pending = list(refs)
