@@ -43,9 +43,11 @@ def main() -> None:
     ap.add_argument("--prepared", default="artifacts/prepared")
     ap.add_argument("--annotations", default="artifacts/annotations")
     ap.add_argument("--tokenizer", default="artifacts/tokenizer")
+    ap.add_argument("--shapes", nargs="+", default=["bert-L2-H128", "bert-L4-H128"])
+    ap.add_argument("--train-pairs", nargs="+", type=int, default=[50, 100])
     args = ap.parse_args()
     paths = Paths(Path(args.prepared), Path(args.annotations), Path(args.tokenizer), Path("unused"))
-    grid = {"shapes": ["bert-L2-H128", "bert-L4-H128"], "train_pairs": [50, 100]}
+    grid = {"shapes": args.shapes, "train_pairs": args.train_pairs}
     points = len(grid["shapes"]) * len(grid["train_pairs"])
     times: dict[str, list[float]] = {"local": [], "ray": []}
     for rep in range(args.repeats):
@@ -54,7 +56,7 @@ def main() -> None:
             preset = Preset(f"bench-{executor}-{rep}", train=TINY | {"seed": seed}, joint=grid)
             times[executor].append(wall(preset, paths, executor, args.ray_address))
     local, ray = statistics.median(times["local"]), statistics.median(times["ray"])
-    print(json.dumps({"points": points, "repeats": args.repeats, "local_s": times["local"], "ray_s": times["ray"],
+    print(json.dumps({"grid": grid, "points": points, "repeats": args.repeats, "loadavg_end": Path("/proc/loadavg").read_text().split()[:3], "local_s": times["local"], "ray_s": times["ray"],
                       "median_local_s": local, "median_ray_s": ray, "ratio": ray / local,
                       "overhead_per_point_s": (ray - local) / points}, indent=2))
 

@@ -1,4 +1,4 @@
-"""Training under faults: SIGTERM and SIGKILL of a real `drscaling train`, a truncated checkpoint,
+"""Training under faults: SIGTERM and SIGKILL of a real `drscaling train` and `drscaling sweep`, a truncated checkpoint,
 a data change between kill and resume, two processes on one output folder. Nothing lost, mixed or
 left RUNNING in MLflow."""
 
@@ -15,11 +15,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 import drscaling.train as T
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig
-from drscaling.files import folder_lock
+from drscaling.files import folder_lock, read_json, read_jsonl
+from drscaling.sweep import load_preset, run_sweep
 from drscaling.train import Paths, TrainConfig, train
 
 EVAL = EvalConfig(negatives=32, draws=2, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=0)
@@ -111,6 +113,74 @@ def test_sigkill_before_the_first_checkpoint_leaves_no_running_run(prepared, ann
     assert again.returncode == 0, again.stderr[-3000:]
     [run] = runs_of("faults-sigkill")
     assert run.info.run_id == stuck.info.run_id and run.info.status == "FINISHED"
+    # the adopted run carries what a sweep finds it by, even if the kill came before the first process set it
+    done = json.loads((out / "metrics.json").read_text())
+    assert run.data.tags["config_key"] == done["config_key"] and run.data.tags["data_key"] == done["data_key"]
+    assert run.data.params["config_key"] == done["config_key"]
+
+
+SWEEP_TRAIN = {"steps": 30, "batch_size": 8, "warmup_steps": 5, "negatives": 16, "max_query_len": 16,
+               "max_passage_len": 32, "lr": 0.001, "eval_every": 10, "checkpoint_every": 1000, "dim": 64,
+               "eval": {"negatives": 32, "draws": 2, "max_query_len": 16, "max_passage_len": 32, "batch_size": 64,
+                        "rank_pool": 0}}
+
+
+def sweep_cli(prepared, annotations, tokenizer_dir, preset: Path, out: Path, pairs: list[int]) -> tuple[list[str], dict]:
+    """`drscaling sweep` over a data sweep of bert-L2-H128 at `pairs` (the preset file is rewritten)."""
+    preset.write_text(yaml.safe_dump({"name": "faultsweep", "train": SWEEP_TRAIN,
+                                      "data": {"shape": "bert-L2-H128", "train_pairs": pairs}}))
+    cmd = [sys.executable, "-m", "drscaling", "sweep", "--preset", str(preset), "--only", "data", "--out", str(out),
+           "--prepared", str(prepared), "--annotations", str(annotations), "--tokenizer", str(tokenizer_dir)]
+    return cmd, os.environ | {"PYTHONUNBUFFERED": "1", "DRSCALING_EXPERIMENT": "faults-sweep"}
+
+
+def children(out: Path) -> list:
+    parent = read_json(out / "parent-faultsweep-data.json")["run_id"]
+    return mlflow.search_runs(experiment_names=["faults-sweep"], output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_sigkilled_sweep_reruns_to_one_finished_child_per_point(prepared, annotations, tokenizer_dir, tmp_path,
+                                                                 monkeypatch):
+    """SIGKILL a real `drscaling sweep` while its second point trains: a rerun of a preset without that
+    point closes its stale RUNNING child; a rerun with it adopts and finishes it. Each point ends with
+    exactly one FINISHED child, none RUNNING, and the results of an uninterrupted sweep."""
+    out, preset = tmp_path / "sweep", tmp_path / "faultsweep.yaml"
+    cmd, env = sweep_cli(prepared, annotations, tokenizer_dir, preset, out, [40, 60])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, mid_second = time.time() + 3600, False  # seconds on an idle machine; a loaded one is slower
+    while not mid_second and time.time() < deadline and proc.poll() is None:
+        done = {p.parent for p in out.glob("runs/*/metrics.json")}
+        mid_second = bool(done) and any(p.parent not in done for p in out.glob("runs/*/run.json"))
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert mid_second, "the sweep was not killed during its second point"
+    [first] = [read_json(p) for p in out.glob("runs/*/metrics.json")]  # killed during the second point
+    stuck = [r for r in children(out) if r.info.status == "RUNNING"]
+    assert len(stuck) == 1 and stuck[0].data.tags["config_key"] != first["config_key"]
+
+    cmd, env = sweep_cli(prepared, annotations, tokenizer_dir, preset, out, [first["d"]])  # the point dropped
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    closed = {r.info.run_id: r for r in children(out)}[stuck[0].info.run_id]
+    assert closed.info.status == "KILLED" and "closed by its sweep" in closed.data.tags["error"]
+
+    cmd, env = sweep_cli(prepared, annotations, tokenizer_dir, preset, out, [40, 60])  # and back
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = children(out)
+    rows = read_jsonl(out / "results-data.jsonl")
+    assert sorted(r.data.tags["config_key"] for r in runs) == sorted(r["config_key"] for r in rows)
+    assert {r.info.status for r in runs} == {"FINISHED"}  # the stale run adopted: no duplicate, none RUNNING
+    assert stuck[0].info.run_id in {r.info.run_id for r in runs}
+
+    monkeypatch.setenv("DRSCALING_EXPERIMENT", "faults-sweep-reference")
+    reference = read_jsonl(run_sweep(load_preset(str(preset)), Paths(prepared, annotations, tokenizer_dir, Path("unused")),
+                                     {}, tmp_path / "reference", "data"))
+    for row, ref in zip(rows, reference, strict=True):
+        for key in ("ce_test_min", "ce_dev_best", "ce_test_at_best_dev", "ce_test_zero_shot"):
+            assert row[key] == pytest.approx(ref[key], abs=1e-6), key
 
 
 def test_truncated_checkpoint_is_refused_with_advice_then_discarded(prepared, annotations, tokenizer_dir, tmp_path,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -25,9 +26,11 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from drscaling import tracking
+from drscaling.checkpoints import Start, resolve_start
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_json
-from drscaling.train import Paths, TrainConfig, data_key, run_data_key, train
+from drscaling.model import uses_shared_tokenizer
+from drscaling.train import Paths, TrainConfig, data_key, data_versions, run_data_key, train
 
 EXECUTORS = ("local", "ray")
 Points = list[tuple[str, TrainConfig]]  # (config key, config), in the order they are submitted
@@ -93,7 +96,8 @@ def _check_address(address: str) -> None:
 
 
 def _probe(uri: str, paths: Paths, versions: dict[str, str]) -> tuple[str, list[str]]:
-    """On one node: can it import this code, reach the tracking server, and does it hold the same data?"""
+    """On one node: can it import this code, reach the tracking server, and does it hold the same data?
+    (`versions`: each source's data key without an init checkpoint; a point checks its own on start.)"""
     os.environ["MLFLOW_TRACKING_URI"] = uri
     problems = [p for p in [tracking_problem()] if p]
     for source, version in versions.items():
@@ -159,10 +163,11 @@ def keep_locally(result: dict, folder: Path) -> dict:
     """out/runs/<key>/ as the local executor leaves it (model/ + metrics.json): `fit`, `export
     --from-sweep` and the local cache then see a point that trained on another machine."""
     done = folder / "metrics.json"
-    if done.exists() and read_json(done).get("config_key") == result["config_key"]:
+    if done.exists() and all(read_json(done).get(k) == result.get(k) for k in ("config_key", "data_key")):
         return result
     import mlflow
 
+    shutil.rmtree(folder / "model", ignore_errors=True)  # a model trained on other data or init weights
     folder.mkdir(parents=True, exist_ok=True)
     mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="model", dst_path=str(folder))
     write_json(done, result)
@@ -182,10 +187,13 @@ def _point_runs(client, key: str, parent_id: str, status: str = "") -> list:
 
 
 def _train_point(cfg: TrainConfig, paths: Paths, tags: dict[str, str], uri: str, experiment: str,
-                 parent_id: str, version: str) -> dict:
-    """A Ray task: train one point as a child run of the sweep's parent run."""
+                 parent_id: str, version: str, study: str | None = None) -> dict:
+    """A Ray task: train one point as a child run of the sweep's parent run. `version`: the point's
+    data key as the driver computed it (data + named init checkpoint), the one train() tags its run with."""
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["DRSCALING_EXPERIMENT"] = experiment
+    if study:  # its models register under the study's name, as on the driver (registry.registered_name)
+        os.environ["DRSCALING_STUDY"] = study
     tracking.configure()
     import mlflow
 
@@ -196,7 +204,8 @@ def _train_point(cfg: TrainConfig, paths: Paths, tags: dict[str, str], uri: str,
         client.set_terminated(orphan.info.run_id, "KILLED")
     try:
         if run_data_key(paths, cfg) != version:
-            raise DrscalingError(f"{host} holds other data than the sweep's driver: `dvc pull` there (README)")
+            raise DrscalingError(f"{host} holds other data or other init checkpoint weights ({cfg.init}) than the"
+                                 " sweep's driver: `dvc pull` there, copy the checkpoint (README)")
         return train(cfg, paths, tags=tags | {"mlflow.parentRunId": parent_id, "ray_node": host})
     except Exception as exc:
         if not _point_runs(client, key, parent_id):  # failed before its run started: record it FAILED
@@ -208,25 +217,42 @@ def _train_point(cfg: TrainConfig, paths: Paths, tags: dict[str, str], uri: str,
         raise
 
 
+def _run_keys(points: Points, paths: Paths, starts: dict[str, Start], hashed: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The key train() tags each run with (init checkpoint and, for scratch shapes, the shared tokenizer
+    included): the same point on every machine. Each input is hashed once per sweep, not per point."""
+    cache: dict[tuple[str, bool], dict[str, str]] = {}
+    keys = {}
+    for key, c in points:
+        shared = uses_shared_tokenizer(starts[key].shape, starts[key].load or "")
+        if (c.annotation_source, shared) not in cache:
+            cache[(c.annotation_source, shared)] = (data_versions(paths, c.annotation_source, starts[key]) if shared
+                                                    else hashed[c.annotation_source])
+        keys[key] = data_key(paths, c.annotation_source, starts[key], cache[(c.annotation_source, shared)])
+    return keys
+
+
 def run_ray(points: Points, paths: Paths, out: Path, tags: dict[str, str], cfg: RayConfig, desc: str,
-            parent_id: str, experiment: str) -> dict[str, dict]:
-    """Every point not yet finished on the tracking server as a Ray task; results keyed like run_local's."""
+            parent_id: str, experiment: str, starts: dict[str, Start] | None = None) -> dict[str, dict]:
+    """Every point not yet finished on the tracking server as a Ray task; results keyed like run_local's.
+    `starts`: each point's resolved init checkpoint, by config key (resolved here when not given)."""
     paths = dataclasses.replace(paths, prepared=paths.prepared.resolve(), annotations=paths.annotations.resolve(),
                                 tokenizer=paths.tokenizer.resolve())
     out = out.resolve()  # workers run elsewhere: every path they get is absolute (same layout on every node)
-    versions = {s: data_key(paths, s) for s in sorted({c.annotation_source for _, c in points})}  # node checks
-    keys = {key: run_data_key(paths, c) for key, c in points}  # each run's own, as train() tags it
+    hashed = {s: data_versions(paths, s) for s in sorted({c.annotation_source for _, c in points})}
+    sources = {s: data_key(paths, s, versions=v) for s, v in hashed.items()}  # each node's data check
+    starts = starts or {key: resolve_start(c.shape, c.init) for key, c in points}
+    versions = _run_keys(points, paths, starts, hashed)
     results: dict[str, dict] = {}
-    with ray_cluster(cfg, paths, versions) as ray:
+    with ray_cluster(cfg, paths, sources) as ray:
         for key, c in points:
-            found = finished_point(key, keys[key])
+            found = finished_point(key, versions[key])
             if found:
                 results[key] = keep_locally(found, run_folder(out, key)) | {"cached": True}
         task = ray.remote(_train_point).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                                                 max_retries=cfg.max_retries, retry_exceptions=False)
         uri = tracking.configure()
         refs = {task.remote(c, dataclasses.replace(paths, out=run_folder(out, key)), tags, uri, experiment, parent_id,
-                            keys[key]): key for key, c in points if key not in results}
+                            versions[key], tracking.study_name()): key for key, c in points if key not in results}
         failures: dict[str, str] = {}
         with tqdm(total=len(points), initial=len(results), desc=desc) as bar:
             pending = list(refs)

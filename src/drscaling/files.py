@@ -163,14 +163,14 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[st
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (its `.lock` file) for the block; a second process that
+def folder_lock(folder: str | Path, what: str, name: str = ".lock") -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (its `name` file) for the block; a second process that
     asks for the same folder is refused at once with a clear message instead of racing the first."""
     import fcntl
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as fh:
+    with open(folder / name, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

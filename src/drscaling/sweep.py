@@ -24,7 +24,7 @@ from drscaling import params, tracking
 from drscaling.checkpoints import Start, init_for, resolve_start
 from drscaling.errors import DrscalingError
 from drscaling.executors import EXECUTORS, RayConfig, run_local, run_ray, tracking_problem
-from drscaling.files import read_json, write_json, write_jsonl
+from drscaling.files import folder_lock, read_json, write_json, write_jsonl
 from drscaling.model import check_shape, shape_cost
 from drscaling.train import Paths, TrainConfig
 
@@ -128,45 +128,72 @@ def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | N
     if not nested:
         tracking.use_experiment(tracking.experiment("sweeps"))
     label = f"{preset.name}-{only or 'all'}"
+    # One process per sweep: its parent run's RUNNING children are then stale once the points are done.
+    with folder_lock(out, f"sweep {label}", name=f".sweep-{label}.lock"):
+        return _run_points(preset, paths, out, only, todo, unique, starts, label, nested, executor, ray)
+
+
+def _run_points(preset: Preset, paths: Paths, out: Path, only: str | None, todo, unique: dict[str, TrainConfig],
+                starts: dict[str, Start], label: str, nested: bool, executor: str, ray: RayConfig | None) -> Path:
+    """The sweep under its MLflow parent run (adopted on a rerun); returns the results file."""
+    import mlflow
+
     state_file = out / f"parent-{label}.json"
     parent_id = read_json(state_file).get("run_id") if state_file.exists() else None
     if parent_id and not _run_exists(parent_id):
         parent_id = None
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"sweep-{label}", nested=nested) as parent:
-        write_json(state_file, {"run_id": parent.info.run_id, "preset": preset.name, "sweep": only or "all"})
-        mlflow.set_tags({"drscaling.stage": "sweep", "preset": preset.name, "sweep": only or "all"})
-        mlflow.log_dict(dataclasses.asdict(preset), "preset.json")
-        ordered = sorted(unique.items(), key=lambda kv: _cost(kv[1]))
-        tags = {"preset": preset.name, "sweep": only or "all"}
-        if executor == "ray":
-            experiment = mlflow.get_experiment(parent.info.experiment_id).name
-            results = run_ray(ordered, paths, out, tags, ray or RayConfig(), f"sweep {label}", parent.info.run_id, experiment)
-        else:
-            results = run_local(ordered, paths, out, tags, f"sweep {label}")
-        children = _children(parent.info.run_id)
-        for key, cfg in ordered:
-            if results[key].get("cached") and results[key].get("run_id") not in children:
-                _reference_child(cfg, results[key], preset.name, only or "all", starts[key])
-        rows = []
-        for sweep, cfg in todo:
-            r = results[cfg.key()]
-            rows.append({"sweep": sweep, "shape": cfg.shape, "n": r["n"], "d": r["d"], "source": cfg.annotation_source,
-                         "steps": cfg.steps, "config_key": cfg.key(), "model_dir": str(out / "runs" / cfg.key() / "model"),
-                         **starts[cfg.key()].record(), **{k: r.get(k) for k in RESULT_KEYS}})
-        path = out / (f"results-{only}.jsonl" if only else "results.jsonl")
-        write_jsonl(path, rows)
-        # MLflow run ids are random: they live beside the results, which DVC tracks and must stay a pure
-        # function of the data and the settings (a fresh clone's `make run` leaves dvc.lock unchanged).
-        write_json(path.with_name(path.name.replace("results", "runs").replace(".jsonl", ".json")),
-                   {key: r["run_id"] for key, r in results.items()})
-        if not only:  # every sweep at once: also one file per sweep, what `fit` (merge_results) reads
-            for sweep in dict.fromkeys(r["sweep"] for r in rows):
-                write_jsonl(out / f"results-{sweep}.jsonl", [r for r in rows if r["sweep"] == sweep])
-        summary = sweep_metrics(rows)
-        write_json(out / (f"metrics-{only}.json" if only else "metrics.json"), summary)  # DVC metrics
-        mlflow.log_artifact(str(path))
-        mlflow.log_metrics(summary)
+        try:
+            write_json(state_file, {"run_id": parent.info.run_id, "preset": preset.name, "sweep": only or "all"})
+            mlflow.set_tags({"drscaling.stage": "sweep", "preset": preset.name, "sweep": only or "all"})
+            mlflow.log_dict(dataclasses.asdict(preset), "preset.json")
+            ordered = sorted(unique.items(), key=lambda kv: _cost(kv[1]))
+            tags = {"preset": preset.name, "sweep": only or "all"}
+            if executor == "ray":
+                experiment = mlflow.get_experiment(parent.info.experiment_id).name
+                results = run_ray(ordered, paths, out, tags, ray or RayConfig(), f"sweep {label}",
+                                  parent.info.run_id, experiment, starts)
+            else:
+                results = run_local(ordered, paths, out, tags, f"sweep {label}")
+            children = _children(parent.info.run_id)
+            for key, cfg in ordered:
+                if results[key].get("cached") and results[key].get("run_id") not in children:
+                    _reference_child(cfg, results[key], preset.name, only or "all", starts[key])
+            rows = []
+            for sweep, cfg in todo:
+                r = results[cfg.key()]
+                rows.append({"sweep": sweep, "shape": cfg.shape, "n": r["n"], "d": r["d"], "source": cfg.annotation_source,
+                             "steps": cfg.steps, "config_key": cfg.key(), "model_dir": str(out / "runs" / cfg.key() / "model"),
+                             **starts[cfg.key()].record(), **{k: r.get(k) for k in RESULT_KEYS}})
+            path = out / (f"results-{only}.jsonl" if only else "results.jsonl")
+            write_jsonl(path, rows)
+            # MLflow run ids are random: they live beside the results, which DVC tracks and must stay a pure
+            # function of the data and the settings (a fresh clone's `make run` leaves dvc.lock unchanged).
+            write_json(path.with_name(path.name.replace("results", "runs").replace(".jsonl", ".json")),
+                       {key: r["run_id"] for key, r in results.items()})
+            if not only:  # every sweep at once: also one file per sweep, what `fit` (merge_results) reads
+                for sweep in dict.fromkeys(r["sweep"] for r in rows):
+                    write_jsonl(out / f"results-{sweep}.jsonl", [r for r in rows if r["sweep"] == sweep])
+            summary = sweep_metrics(rows)
+            write_json(out / (f"metrics-{only}.json" if only else "metrics.json"), summary)  # DVC metrics
+            mlflow.log_artifact(str(path))
+            mlflow.log_metrics(summary)
+        finally:
+            _close_stale_children(parent.info.run_id)
     return path
+
+
+def _close_stale_children(parent_id: str) -> None:
+    """End KILLED every child run still RUNNING when the sweep stops: each was left by a process killed
+    between starting its run and the first checkpoint of a point this sweep no longer has (a changed
+    preset), or by a worker that died for good. Points that were adopted and finished are FINISHED."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_run(parent_id).info.experiment_id
+    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "error", "left RUNNING by a killed process; closed by its sweep")
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def sweep_metrics(rows: list[dict]) -> dict[str, float]:

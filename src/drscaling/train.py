@@ -403,16 +403,17 @@ def data_versions(paths: Paths, source: str, start: Start | None = None) -> dict
     return versions
 
 
-def data_key(paths: Paths, source: str, start: Start | None = None) -> str:
+def data_key(paths: Paths, source: str, start: Start | None = None, versions: dict[str, str] | None = None) -> str:
     """The version of the data a run trains on: its annotations and prepared splits, the shared
     tokenizer where it uses it, plus a named init checkpoint's weights (other weights under the same
-    name are another run). Without `start`: the annotations and splits alone (a node's data check)."""
-    return _joined(data_versions(paths, source, start), start)
+    name are another run). Without `start`: the annotations and splits alone (a node's data check).
+    `versions`: data_versions(paths, source, start) when already hashed (a sweep hashes once)."""
+    return _joined(versions or data_versions(paths, source, start), start)
 
 
-def run_data_key(paths: Paths, cfg: TrainConfig) -> str:
-    """The data_key train() records for the run `cfg` describes (resolves its starting checkpoint)."""
-    return data_key(paths, cfg.annotation_source, resolve_start(cfg.shape, cfg.init))
+def run_data_key(paths: Paths, cfg: TrainConfig, start: Start | None = None) -> str:
+    """The data_key train() records for the run `cfg` describes (`start`: its resolved checkpoint)."""
+    return data_key(paths, cfg.annotation_source, start or resolve_start(cfg.shape, cfg.init))
 
 
 def _joined(versions: dict[str, str], start: Start | None) -> str:
@@ -586,23 +587,26 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
     if not nested:
         tracking.use_experiment(tracking.experiment("train"))
     run_id = state.get("run_id") or _unfinished_run(out, cfg)
+    # config_key + data_key: how a sweep on another machine finds this run once it is FINISHED (executors.py).
+    # Set when the run is created (one request), so a kill at any moment leaves a run its sweep can find.
+    run_tags = {"drscaling.stage": "train", "shape": cfg.shape, "source": cfg.annotation_source, "towers": cfg.towers,
+                "init_checkpoint": start.checkpoint, "n": str(meta.n_non_embedding), "d": str(d),
+                "config_key": cfg.key(), "data_key": state["data_key"], **(tags or {})}
     if run_id:  # resume (or adopt the run of a process killed before its first checkpoint)
-        mlflow.start_run(run_id=run_id, log_system_metrics=True, nested=nested)
-        return mlflow
-    run = mlflow.start_run(run_name=f"{cfg.shape}-D{d}-{cfg.annotation_source}", log_system_metrics=True, nested=nested)
-    write_json(out / RUN_FILE, {"run_id": run.info.run_id, "config_key": cfg.key()})
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=True, nested=nested)
+        mlflow.set_tags(run_tags)  # an adopted run may have died before it had them; a retry's node is recorded
+    else:
+        run = mlflow.start_run(run_name=f"{cfg.shape}-D{d}-{cfg.annotation_source}", log_system_metrics=True,
+                               nested=nested, tags=run_tags)
+        write_json(out / RUN_FILE, {"run_id": run.info.run_id, "config_key": cfg.key()})
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "eval"}
     params |= {f"eval_{k}": v for k, v in dataclasses.asdict(cfg.eval).items()}
     params |= {"n_non_embedding": meta.n_non_embedding, "d": d, "config_key": cfg.key(),
                "n_non_embedding_total": meta.n_non_embedding * (2 if cfg.towers == "dual" else 1),
                "git_commit": tracking.git_commit(), "data_version": tracking.data_version(),
                "device": _device(), "projection_init": meta.projection, **start.record()}
-    mlflow.log_params(params)
-    # config_key + data_key: how a sweep on another machine finds this run once it is FINISHED (executors.py)
-    mlflow.set_tags({"drscaling.stage": "train", "shape": cfg.shape, "source": cfg.annotation_source, "towers": cfg.towers,
-                     "init_checkpoint": start.checkpoint,
-                     "n": str(meta.n_non_embedding), "d": str(d), "config_key": cfg.key(),
-                     "data_key": state["data_key"], **(tags or {})})
+    logged = mlflow.get_run(run.info.run_id).data.params if run_id else {}
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})  # params are write-once in MLflow
     return mlflow
 
 
