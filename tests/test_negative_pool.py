@@ -13,9 +13,10 @@ from drscaling import evaluate
 from drscaling.data import Split, load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import (
-    EvalConfig, build_evalset, contrastive_entropy_from_scores, embed_evalset, encode_fns, pair_losses,
+    EvalConfig, build_evalset, contrastive_entropy_from_scores, embed_evalset, encode_fns, pair_losses, rank_pool,
+    evaluate_model, rank_split,
 )
-from drscaling.model import Retriever, Tower, build_model, load_tokenizer
+from drscaling.model import Retriever, Tower, build_model, load_tokenizer, save_retriever
 from drscaling.train import TrainConfig
 
 EVAL = EvalConfig(negatives=32, draws=3, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=0)
@@ -116,3 +117,38 @@ def test_the_default_pool_keeps_run_keys_and_a_sampled_pool_changes_them():
     assert base.eval.negative_pool == 0
     assert base.key() == "bb6394c24def"  # the key before negative_pool existed: no run retrains
     assert TrainConfig(eval=EvalConfig(negative_pool=1000)).key() != base.key()
+
+
+def test_the_rank_pool_of_a_large_corpus_is_its_judged_passages_plus_a_sample(prepared, wide_split):
+    pool = rank_pool(prepared, wide_split, 700, seed=4)
+    judged = set(wide_split.qrels["pid"])
+    assert len(pool) == 700 and judged <= set(pool["pid"]) and pool["pid"].is_unique
+    order = {pid: i for i, pid in enumerate(wide_split.corpus["pid"])}
+    assert list(pool["pid"]) == sorted(pool["pid"], key=order.get)  # corpus order
+    assert pool.equals(rank_pool(prepared, wide_split, 700, seed=4))
+    assert set(rank_pool(prepared, wide_split, 700, seed=5)["pid"]) != set(pool["pid"])
+    assert rank_pool(prepared, wide_split, len(wide_split.corpus), seed=4).equals(wide_split.corpus)
+
+
+def test_ranking_in_small_query_chunks_gives_the_same_metrics(prepared, wide_split, retriever, monkeypatch):
+    cfg = dataclasses.replace(EVAL, rank_pool=700)
+    whole = rank_split(retriever, prepared, wide_split, cfg)
+    monkeypatch.setattr(evaluate, "RANK_BYTES", 16 * 700 * 7)  # 7 queries per chunk
+    chunked = rank_split(retriever, prepared, wide_split, cfg)
+    assert chunked == pytest.approx(whole, rel=1e-12)
+
+
+def test_evaluate_model_scores_as_its_parts_do(prepared, retriever, tmp_path):
+    """evaluate_model keeps only the rank pool of the corpus while encoding: the same numbers as
+    the CE and the ranking computed on the whole split."""
+    save_retriever(retriever, tmp_path / "model")
+    cfg = dataclasses.replace(EVAL, rank_pool=700)
+    got = evaluate_model(tmp_path / "model", prepared, "test", cfg)
+    split = load_split(prepared, "test", relevance=True)
+    es = build_evalset(split, "test", cfg)
+    emb = embed_evalset(*encode_fns(retriever, cfg), es, cfg)
+    assert got["ce"] == pytest.approx(emb.ce(), rel=1e-6)
+    ranks = rank_split(retriever, prepared, split, cfg, known=emb)
+    assert ranks["rank_pool"] == 700 and {k: got[k] for k in ranks} == pytest.approx(ranks, rel=1e-6)
+    with pytest.raises(DrscalingError, match="larger than the corpus"):  # the test corpus: positives only
+        evaluate_model(tmp_path / "model", prepared, "test", dataclasses.replace(cfg, negative_pool=100))

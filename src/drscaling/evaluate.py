@@ -347,8 +347,9 @@ def rank_split(
     qtext = dict(zip(split.queries["qid"], split.queries["text"], strict=True))
     encode_q, encode_p = encode_fns(retriever, cfg, device)
     cache = passage_cache if passage_cache is not None else {}
-    if known:
-        cache.update(zip(known.es.pids, known.passages))
+    if known:  # only the rows this pool asks for: a 1M-passage CE pool would cost a view per row
+        wanted = set(pool["pid"])
+        cache.update((pid, known.passages[i]) for i, pid in enumerate(known.es.pids) if pid in wanted)
     p = _reuse(list(pool["pid"]), list(pool["text"]), cache, lambda texts: encode_p(texts, cfg.max_passage_len))
     cache.update(zip(pool["pid"], p))
     q = _reuse(qids, [qtext[x] for x in qids], known and dict(zip(known.es.qids, known.queries)),
@@ -396,6 +397,8 @@ def evaluate_model(model_dir: str | Path, prepared: str | Path, split: str, cfg:
     check_lengths(retriever.passage.meta, cfg.max_passage_len)
     data = load_split(prepared, split, relevance=True)
     es = build_evalset(data, split, cfg)
+    if cfg.rank_pool:  # keep the rank pool, not the whole corpus (MS MARCO's is 8.8M texts), while encoding
+        data = Split(rank_pool(prepared, data, cfg.rank_pool, cfg.seed), data.queries, data.qrels)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     retriever.to(device)
     embedded = embed_evalset(*encode_fns(retriever, cfg, device), es, cfg)
