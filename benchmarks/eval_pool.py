@@ -77,7 +77,16 @@ def child(args: argparse.Namespace) -> None:
     cfg = EvalConfig(negatives=256, draws=10, max_query_len=32, max_passage_len=180, batch_size=128,
                      rank_pool=args.rank_pool, negative_pool=args.pool)
     start = time.perf_counter()
-    result = evaluate_model(args.work / "model", args.work / "prepared", "test", cfg)
+    if args.load_only:  # what evaluate_model holds before it encodes anything
+        from drscaling.data import Split, load_split
+        from drscaling.evaluate import build_evalset, rank_pool
+
+        data = load_split(args.work / "prepared", "test", relevance=True)
+        es = build_evalset(data, "test", cfg)
+        data = Split(rank_pool(args.work / "prepared", data, cfg.rank_pool, cfg.seed), data.queries, data.qrels)
+        result = {"pairs": es.n_pairs, "rank_pool": len(data.corpus), "ce": None}
+    else:
+        result = evaluate_model(args.work / "model", args.work / "prepared", "test", cfg)
     secs = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"seconds": secs, "cpu_seconds": usage.ru_utime + usage.ru_stime,
@@ -95,6 +104,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="folder for the generated data and model (reused)")
     ap.add_argument("--tokenizer", type=Path, default=Path("artifacts/tokenizer"))
     ap.add_argument("--vocab-from", type=Path, default=Path("artifacts/prepared/train/corpus.jsonl"))
+    ap.add_argument("--load-only", action="store_true",
+                    help="measure only loading the split and building the pools (no encoding): the memory "
+                         "a full run holds besides its embeddings, at full scale in minutes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
