@@ -123,6 +123,11 @@ def main() -> None:
         sys.exit(f"evaluation failed:\n{run.stderr[-3000:]}")
     out = json.loads(run.stdout.strip().splitlines()[-1])
     r = out["result"]
+    if args.load_only:  # no encoding: rates and the bound do not apply
+        print(json.dumps({"passages": args.passages, "queries": args.queries, "pool": args.pool,
+                          "rank_pool": r["rank_pool"], "seconds": round(out["seconds"], 1),
+                          "peak_rss_gib": round(out["peak_rss"] / GiB, 3), "loadavg_start_end": load}))
+        return
     pool_bytes = (args.pool + args.queries) * args.dim * 4  # the pool's embeddings (+ the positives')
     # Passages encoded: the CE pool, the positives, and the rank pool's random passages that the CE
     # pool lacks (rank_split reuses the rest); the last term is its expectation.

@@ -402,6 +402,8 @@ def evaluate_model(model_dir: str | Path, prepared: str | Path, split: str, cfg:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     retriever.to(device)
     embedded = embed_evalset(*encode_fns(retriever, cfg, device), es, cfg)
+    # Encoded: a 1M-passage pool's texts (~0.5 GiB of strings) need not stay beside its embeddings.
+    es = embedded.es = dataclasses.replace(es, passages=[])
     metrics = {"ce": embedded.ce()}
     if cfg.rank_pool:
         metrics |= rank_split(retriever, prepared, data, cfg, device, known=embedded)
