@@ -87,10 +87,10 @@ def build_evalset(split: Split, name: str, cfg: EvalConfig) -> EvalSet:
         positive = np.searchsorted(members[cfg.negative_pool:], positive) + cfg.negative_pool
     else:
         members, negs = None, _corpus_negatives(len(pids), relevant, list(pairs["qid"]), name, cfg, rng)
-    texts = list(split.corpus["text"])
+    texts = split.corpus["text"]  # a pool takes only its members' texts: not 8.8M Python strings
     return EvalSet(
         name=name, queries=list(pairs["query"]),
-        passages=texts if members is None else [texts[i] for i in members],
+        passages=list(texts) if members is None else texts.take(members).tolist(),
         positive=positive, negatives=negs, qids=list(pairs["qid"]),
         pids=pids if members is None else [pids[i] for i in members],
     )
