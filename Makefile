@@ -17,13 +17,18 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup data run towers measure test clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/triton-stub-env/.installed
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+# The Triton tokenizer models' Python environment (numpy 1 + tokenizers; see drscaling.serving.stub_env)
+$(VENV)/triton-stub-env/.installed: requirements-triton-stub.txt $(VENV)/.installed
+	$(BIN)/python -m drscaling.serving.stub_env
 	touch $@
 
 # The embedded snapshot lives in the repository's own DVC store (dvc-store/): no network needed.

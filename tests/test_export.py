@@ -83,13 +83,12 @@ def test_quality_delta_is_contrastive_entropy(tiny_model, tiny_onnx, prepared, t
     `drscaling export` scores with), and PyTorch's value is what the evaluator gives the model."""
     import shutil
 
-    from drscaling.cli import _ce_metric
-    from drscaling.evaluate import EvalConfig, evaluate_model
+    from drscaling.evaluate import EvalConfig, ce_metric, evaluate_model
 
     onnx_dir = tmp_path / "onnx"
     shutil.copytree(tiny_onnx, onnx_dir)
     cfg = EvalConfig(negatives=32, draws=2, max_query_len=16, max_passage_len=32, rank_pool=0)
-    result = quality_delta(onnx_dir, _ce_metric(prepared, cfg), model_dir=tiny_model)
+    result = quality_delta(onnx_dir, ce_metric(prepared, cfg), model_dir=tiny_model)
     assert result["torch"] == pytest.approx(evaluate_model(tiny_model, prepared, "test", cfg)["ce"], abs=1e-5)
     assert 0 < result["torch"] < 2 * np.log(33)  # a CE in nats (random weights: near ln(33)), not a norm
     assert set(result["variants"]) == {"fp32", "opt", "int8"}

@@ -142,3 +142,25 @@ def test_share_stored_files_links_only_identical_files(tmp_path):
     assert os.path.samefile(local / "sub" / "a.bin", stored / "sub" / "a.bin")
     assert (local / "b.txt").read_text() == "mine" and (local / "b.txt").stat().st_nlink == 1
     assert registry.share_stored_files(local, None) == 0
+
+
+def test_a_study_registers_under_its_own_name_and_never_recommends_another_datasets_version(
+        trained, prepared, annotations, tokenizer_dir, tmp_path, monkeypatch):
+    """CEs on two datasets do not compare: a study's runs are versions of `drscaling-<study>-<shape>`,
+    and its budget's @recommended stays among them, leaving the project's registered model alone."""
+    client = mlflow.MlflowClient()
+    project_versions = {v.version for v in client.search_model_versions(f"name = '{NAME}'")}
+    registry.recommend({"best_measured_run": {"shape": SHAPE, "config_key": trained[60]["config_key"]}})
+    project_pick = client.get_model_version_by_alias(NAME, "recommended").version
+
+    monkeypatch.setenv("DRSCALING_STUDY", "mydata")
+    cfg = trained[60]["cfg"]
+    run = train(cfg, Paths(prepared, annotations, tokenizer_dir, tmp_path / "study-run"))
+    scoped = f"drscaling-mydata-{SHAPE}"
+    assert [v.run_id for v in client.search_model_versions(f"name = '{scoped}'")] == [run["run_id"]]
+    assert {v.version for v in client.search_model_versions(f"name = '{NAME}'")} == project_versions
+
+    picked = registry.recommend({"shapes": {"best": {"shape": SHAPE}}})
+    assert picked["uri"] == f"models:/{scoped}@recommended"
+    assert client.get_model_version_by_alias(scoped, "recommended").run_id == run["run_id"]
+    assert client.get_model_version_by_alias(NAME, "recommended").version == project_pick

@@ -140,6 +140,10 @@ def test_served_towers_by_role(towers_server, towers_onnx, protocol):
         # A plain URL (the CLI): each tower's tokenizer comes from the repository the server runs on.
         by_url = encode_texts(towers_server.url(protocol), "pair", texts, protocol=protocol, role=side, repo=repo)
         assert np.abs(by_url - ref).max() <= 1e-5
+        # Triton tokenising: the tower's own text ensemble (pair-<side>-text), the same embeddings
+        by_text = encode_texts(towers_server.url(protocol), "pair", texts, protocol=protocol, role=side,
+                               server_tokenize=True)
+        np.testing.assert_array_equal(by_text, by_url)
     with pytest.raises(DrscalingError, match="no tokenizer for model 'pair-query'.*--repo"):
         encode_texts(towers_server.url(protocol), "pair", texts, protocol=protocol, role="query")
     with Client(towers_server, protocol) as client:

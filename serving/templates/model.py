@@ -6,7 +6,8 @@ instance and the CPU provider otherwise, so embeddings equal onnxruntime in-proc
 
 Dynamic batching hands execute() several requests at once: they are padded to a common length
 (padding is masked, so each embedding is unchanged) and run as one onnxruntime call. A bad request
-gets its own error response; the others in the batch are still answered.
+gets its own error response (INVALID_ARG: HTTP 400 / gRPC INVALID_ARGUMENT); the others in the
+batch are still answered.
 """
 
 import json
@@ -91,7 +92,11 @@ class TritonPythonModel:
             mask = _input(request, "attention_mask")
             error = self._check(ids, mask)
             if error:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
+                # INVALID_ARG: Triton answers HTTP 400 / gRPC INVALID_ARGUMENT, a client mistake that
+                # a retry cannot fix (a plain TritonError is 500 / INTERNAL, which invites retries)
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG)
+                )
             else:
                 good.append((i, ids, mask))
         if not good:

@@ -24,7 +24,7 @@ The combined file (`measure_costs`) is what the budget module reads:
 "training" is absent when no training runs exist yet. The pipeline's copy is versioned data in git
 (costs/costs.json, `make measure`), not a DVC stage output: timings are not reproducible.
 
-Dual towers (models labelled `tower` = query / passage in their config, see serving.py) are not
+Dual towers (models labelled `tower` = query / passage in their config, see drscaling.serving) are not
 swept over the grid but measured at their own operating point: a query tower answers one query at
 a time, so its cost is latency at batch 1 (concurrency 1 and under concurrent load); a passage
 tower encodes the corpus in bulk, so its cost is throughput at batch `passage_batch`. The combined
@@ -101,12 +101,14 @@ def device_description() -> str:
 
 
 def served_models(url: str | TritonServer, protocol: str = "http") -> list[ServedModel]:
-    """Every ready model on the server, with shape and N from its config (build_model_repository
-    writes them)."""
+    """Every ready tensor model on the server, with shape and N from its config (build_model_repository
+    writes them); text ensembles and their tokenizers are left out."""
     with Client(url, protocol) as client:
         models = []
         for name in client.ready_models():
             info = client.info(name)
+            if info.interface != "tensor":  # <name>-text / -tokenizer: the ensemble around a tensor model
+                continue
             models.append(ServedModel(name, info.params.get("shape", name),
                                       int(info.params.get("n_non_embedding", 0)), info.tower,
                                       info.retriever))

@@ -412,3 +412,25 @@ def evaluate_model(model_dir: str | Path, prepared: str | Path, split: str, cfg:
                                           "query_n_non_embedding": q.n_non_embedding}
     return {"model": str(model_dir), "shape": p.shape, "n_non_embedding": p.n_non_embedding, **towers,
             "split": split, "pairs": es.n_pairs, **metrics}
+
+
+def ce_metric(prepared: str | Path, cfg: EvalConfig) -> Callable[..., float]:
+    """Contrastive entropy on the test split for any encode(texts, max_len) function (export variants),
+    or for a query and a passage encode function (dual towers)."""
+    es = cached_evalset(prepared, "test", cfg)
+    return lambda query_fn, passage_fn=None: embed_evalset(query_fn, passage_fn or query_fn, es, cfg).ce()
+
+
+def log_evaluation(result: dict, model: str, prepared: str | Path, split: str, cfg: EvalConfig) -> None:
+    """The evaluate stage's MLflow run: the model, data and settings as params, the scores as metrics,
+    the split as an input dataset."""
+    import mlflow
+
+    from drscaling import registry, tracking
+
+    with tracking.stage_run("evaluate", f"eval-{result['shape']}-{split}",
+                            {"drscaling.stage": "evaluate", "shape": result["shape"]}):
+        mlflow.log_params({"model": model, "data": prepared, "split": split,
+                           "n_non_embedding": result["n_non_embedding"]} | {f"eval_{k}": v for k, v in vars(cfg).items()})
+        mlflow.log_metrics(tracking.metric_names({k: v for k, v in result.items() if isinstance(v, float)}))
+        registry.log_dataset(prepared, tracking.file_version(prepared), "evaluation", name=f"prepared/{split}")

@@ -11,7 +11,7 @@ serves it offline (params: side = query | passage, max_len = 0 for the model's o
 batch_size). Loading needs the drscaling package importable (the pickled wrapper refers to it).
 
 Registry: one registered model per shape, `drscaling-<shape>` (`drscaling-<shape>-dual` for dual
-towers); each training run of that shape (another D, source or setting) is a version, tagged with
+towers; `drscaling-<study>-<shape>` for a `drscaling study`'s runs, so datasets never share one); each training run of that shape (another D, source or setting) is a version, tagged with
 its config key, D, source and CE, and described by its model card (N, D, source, CE with its 95%
 interval, MRR@10). The budget stage sets the alias `@recommended` on the version it picks.
 
@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from drscaling import tracking
 from drscaling.errors import DrscalingError
 
 PREFIX = "drscaling-"
@@ -50,10 +51,13 @@ RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "numpy", "pandas", "safetensors")
 
 
-def registered_name(shape: str, towers: str = "shared") -> str:
+def registered_name(shape: str, towers: str = "shared", study: str | None = None) -> str:
     """The registered model of a shape: one per shape; dual towers and distilled deployments (named by
-    their query tower's shape) are models of their own."""
-    name = f"{PREFIX}{shape}" + {"dual": "-dual", "distilled": "-distilled"}.get(towers, "")
+    their query tower's shape) are models of their own. A study's models carry its name
+    (`drscaling-<study>-<shape>`): CEs on different datasets do not compare, so one dataset's budget
+    must never move `@recommended` onto a version trained on another."""
+    study = study or tracking.study_name()
+    name = PREFIX + (f"{study}-" if study else "") + shape + {"dual": "-dual", "distilled": "-distilled"}.get(towers, "")
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 

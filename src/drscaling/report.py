@@ -368,3 +368,28 @@ def log_report(
         if active is None:
             mlflow.end_run()
     return run.info.run_id
+
+
+def pipeline_summary(artifacts: str | Path = "artifacts") -> str:
+    """What the default pipeline produced, from its files (also when `dvc repro` had nothing to do):
+    each law with its points, dof, intervals, held-out errors and flags; the budget's answer; the
+    ScalingNote towers' comparison when that pipeline has run."""
+    from drscaling.budget import format_recommendation, format_tower_comparison
+    from drscaling.laws.text import format_fits
+
+    root = Path(artifacts)
+    laws_path = root / "laws" / "laws.json"
+    if not laws_path.exists():
+        raise DrscalingError(f"{laws_path} not found: run `dvc repro` (or `drscaling fit`) first")
+    parts = [format_fits(load_laws(laws_path))]
+    budget = root / "budget" / "budget.json"
+    if budget.exists():
+        parts.append(format_recommendation(read_json(budget)))
+    towers = root / "towers" / "budget" / "towers.json"
+    if towers.exists():
+        from drscaling.distill import format_comparison
+
+        parts += [format_comparison(read_json(root / "towers" / "distilled" / "metrics.json")),
+                  format_tower_comparison(read_json(towers))]
+    parts.append("MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)")
+    return "\n".join(parts)

@@ -96,6 +96,17 @@ def experiment(default: str) -> str:
     return str(params.section("study").get("experiment") or default)
 
 
+def study_name() -> str | None:
+    """The study a stage works for: $DRSCALING_STUDY, else the working directory's params.yaml
+    `study.name` (a study folder's); None for the project's own pipeline."""
+    name = os.environ.get("DRSCALING_STUDY")
+    if name:
+        return name
+    from drscaling import params  # lazy: params imports this module
+
+    return params.section("study").get("name") or None
+
+
 def metric_names(metrics: dict) -> dict[str, float]:
     """MLflow forbids '@' in names: mrr@10 is logged as mrr_at_10 (files keep the usual spelling)."""
     return {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if v is not None}

@@ -4,7 +4,7 @@
 
 Modules: cost_model (eqs. 12-14, measured costs), law_sets (fitted laws.json or the paper's published
 laws), solve (the optimum over N, trained shapes, annotation sources; range and chance checks),
-stage (run_budget: budget.json, Figs 7/8), text (the printout), towers (dual-tower deployments).
+stage (run_budget: budget.json, Figs 7/8), record (its MLflow run), text (the printout), towers (dual-tower deployments).
 """
 
 from drscaling.budget.cost_model import (
@@ -18,11 +18,12 @@ from drscaling.budget.solve import (
     EXTRAPOLATION_FACTOR, GRID_POINTS, N_MAX, N_MIN, Chance, FittedRange, SearchRange, best_measured_run,
     compare_sources, law_loss, law_loss_samples, minimum_cost, solve, solve_shapes,
 )
-from drscaling.budget.stage import budget_figure, formula, mlflow_fields, run_budget, strict_json
+from drscaling.budget.record import log_budget, log_towers, mlflow_fields
+from drscaling.budget.stage import budget_figure, formula, run_budget, strict_json, trained_runs
 from drscaling.budget.text import format_recommendation
 from drscaling.budget.towers import (
     DEPLOYMENTS, TOWER_ENTRY_KEYS, TokenCost, TowerCostTable, TowerWorkload, compare_towers, deployment_cost,
-    format_tower_comparison, read_tower_metrics, run_tower_budget,
+    format_tower_comparison, read_tower_metrics, run_tower_budget, workload_from,
 )
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
     "FittedRange", "LawSource", "PaperCosts", "PaperLawSet", "SearchRange", "TokenCost", "TowerCostTable",
     "TowerWorkload", "best_measured_run", "budget_figure", "build_cost_model", "compare_sources",
     "compare_towers", "deployment_cost", "format_recommendation", "format_tower_comparison", "formula",
-    "known_law_sets", "law_loss", "law_loss_samples", "measured_cost_model", "minimum_cost", "mlflow_fields",
+    "known_law_sets", "law_loss", "law_loss_samples", "log_budget", "log_towers", "measured_cost_model", "minimum_cost", "mlflow_fields",
     "paper_derivation", "paper_laws", "read_annotation_cost", "read_tower_metrics", "resolve_laws",
-    "run_budget", "run_tower_budget", "solve", "solve_shapes", "strict_json",
+    "run_budget", "run_tower_budget", "solve", "solve_shapes", "strict_json", "trained_runs", "workload_from",
 ]

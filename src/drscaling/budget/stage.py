@@ -380,38 +380,14 @@ def run_budget(
     return write_strict_json(out_dir / "budget.json", result)
 
 
-def mlflow_fields(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
-    """(metrics, tags) of a budget result for MLflow: each optimum's numbers and 0/1 flags, and the
-    labels and flag texts as tags."""
-    metrics: dict[str, float] = {}
-    tags: dict[str, str] = {}
-
-    def numbers(prefix: str, opt: dict[str, Any] | None) -> None:
-        if not opt or "error" in opt:
-            return
-        for k, v in opt.items():
-            if isinstance(v, (bool, int, float)) and v is not None and math.isfinite(float(v)):
-                metrics[f"{prefix}_{k}"] = float(v)
-        if "label" in opt:
-            tags[f"budget.{prefix}.label"] = str(opt["label"])
-        if opt.get("flags"):
-            tags[f"budget.{prefix}.flags"] = "; ".join(opt["flags"])[:4900]
-
-    numbers("optimum", result.get("recommendation"))
-    numbers("without_inference", result.get("without_inference"))
-    numbers("with_inference", result.get("with_inference"))
-    shapes = result.get("shapes") or {}
-    if "best" in shapes:
-        numbers("best_shape", shapes["best"])
-        tags["budget.best_shape"] = str(shapes["best"]["shape"])
-    run = result.get("best_measured_run")
-    if run:
-        metrics.update({"best_run_loss": float(run["loss"]), "best_run_n": float(run["n"]),
-                        "best_run_d": float(run["d"])})
-    chance = result.get("chance") or {}
-    if chance.get("loss") is not None:
-        metrics["chance_loss"] = float(chance["loss"])
-    tags["budget.laws"] = str(result.get("laws"))
-    if result.get("flags"):
-        tags["budget.flags"] = "; ".join(result["flags"])[:4900]
-    return metrics, tags
+def trained_runs(laws_path: str | Path) -> tuple[dict[str, float] | None, list[dict[str, Any]] | None]:
+    """(shape -> N, the trained runs) from points.jsonl, which `drscaling fit` writes beside laws.json;
+    (None, None) when there is none (run_budget then takes both from the joint law)."""
+    points = Path(laws_path).with_name("points.jsonl")
+    if not points.exists():
+        return None, None
+    rows = [json.loads(line) for line in points.read_text().splitlines() if line.strip()]
+    shapes = {r["shape"]: r["n"] for r in rows if r.get("shape")}
+    runs = [{"shape": r.get("shape"), "n": r.get("n"), "d": r.get("d"), "loss": r.get("ce_test_min"),
+             "source": r.get("source"), "config_key": r.get("config_key")} for r in rows]
+    return shapes, runs

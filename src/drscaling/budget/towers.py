@@ -45,6 +45,15 @@ class TowerWorkload:
                 raise DrscalingError(f"{name} must be a finite number >= 0 (got {value!r})")
 
 
+def workload_from(*layers: dict[str, Any]) -> TowerWorkload:
+    """Each workload number from the first layer that sets it (e.g. the flags, params budget.towers,
+    params budget.measured), else TowerWorkload's default."""
+    def value(name: str, default: float) -> float:
+        return float(next((d[name] for d in layers if d.get(name) is not None), default))
+
+    return TowerWorkload(**{f.name: value(f.name, f.default) for f in dataclasses.fields(TowerWorkload)})
+
+
 @dataclass(frozen=True)
 class TokenCost:
     usd_per_token: float

@@ -40,14 +40,14 @@ from drscaling.laws.result import (
     ordered_laws,
     save_laws,
 )
-from drscaling.laws.stage import LOSS_FIELD, fit_sweep, law_metrics, log_to_mlflow
+from drscaling.laws.stage import LOSS_FIELD, figures_to_sweep_parents, fit_sweep, law_metrics, log_to_mlflow
 from drscaling.laws.text import format_fits
 
 __all__ = [
     "BOOTSTRAP_METHODS", "CI_COLLAPSED", "CI_RATIO_FLAG", "HELDOUT_FLAG", "HUBER_DELTA", "KINDS",
     "LAWS_VERSION", "LOSS_FIELD", "PARAM_NAMES", "R2_FLAG", "RANKING_METRICS", "SWEEPS",
     "FitConfig", "FitResult", "LawForm", "TooFewPointsError", "UnconvergedPointsError", "fit_d",
-    "fit_joint", "fit_law", "fit_n", "fit_sweep", "format_fits", "get_form", "law_metrics",
+    "figures_to_sweep_parents", "fit_joint", "fit_law", "fit_n", "fit_sweep", "format_fits", "get_form", "law_metrics",
     "load_laws", "load_laws_meta", "log_to_mlflow", "make_figures", "ordered_laws", "predict",
     "register", "registered_forms", "save_laws", "write_plot_data",
 ]

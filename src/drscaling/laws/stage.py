@@ -269,3 +269,25 @@ def log_to_mlflow(summary: dict[str, Any]) -> str:
         if active is None:
             mlflow.end_run()
     return run.info.run_id
+
+
+# Which figures belong to which sweep (by file-name prefix): a sweep's parent run shows its law's figure.
+FIGURE_OF_SWEEP = {"model": ("fig3", "fig2"), "data": ("fig4",), "source": ("fig5",), "joint": ("fig6",)}
+
+
+def figures_to_sweep_parents(sweeps: Path, figures: dict[str, str] | Sequence[str]) -> None:
+    """Each sweep's parent run also gets the figure of its law, so the UI shows it where the points are."""
+    import json
+
+    import mlflow
+
+    paths = list(figures.values()) if isinstance(figures, dict) else list(figures)
+    client = mlflow.MlflowClient()
+    for sweep, prefixes in FIGURE_OF_SWEEP.items():
+        state = sweeps / f"parent-{sweeps.name}-{sweep}.json"
+        if not state.exists():
+            continue
+        run_id = json.loads(state.read_text())["run_id"]
+        for fig in paths:
+            if Path(fig).name.startswith(prefixes):
+                client.log_artifact(run_id, str(fig), artifact_path="figures")

@@ -1,5 +1,5 @@
 """A study's stages, defined once: run in-process by `drscaling study`, or written as the study folder's
-dvc.yaml and run by `dvc repro` there. Each stage is an existing `drscaling` command (cli.py's cmd_*),
+dvc.yaml and run by `dvc repro` there. Each stage is an existing `drscaling` command (a cmd_* of drscaling/cli/),
 run with the study folder as working directory; nothing here re-implements a stage.
 """
 

@@ -1,0 +1,184 @@
+"""Law and decision commands: fit, report, budget (and its dual-tower comparison), summary."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from drscaling import params
+from drscaling.cli.common import A, COSTS, Register, costs_mode, opt_float, opt_str, picker
+
+
+def cmd_fit(args) -> None:
+    """Fit every registered law form to the preset's sweep results; print each law with its points,
+    dof, intervals, held-out errors and flags. params.yaml `fit:` may set n_bootstrap, seed,
+    holdout_largest, sources (the annotation sources to fit: each must have points), workers and
+    bootstrap_method; flags override them."""
+    from drscaling import laws, tracking
+    from drscaling.files import write_jsonl
+    from drscaling.sweep import merge_results
+
+    preset = args.preset or params.section("sweep").get("preset", "quick")
+    pick = picker(args, "fit")
+    out = Path(args.out or f"{A}/laws")
+    points = out / "points.jsonl"
+    sweeps = Path(args.sweeps or f"{A}/sweeps") / preset
+    write_jsonl(points, merge_results(sweeps))
+    summary = laws.fit_sweep(points, out, n_bootstrap=int(pick("n_bootstrap", 1000)), seed=int(pick("seed", 0)),
+                             holdout_largest=int(pick("holdout_largest", 1)), sources=pick("sources"),
+                             workers=pick("workers"), bootstrap_method=pick("bootstrap_method", "parametric"))
+    with tracking.stage_run("laws", f"fit-{preset}", {"drscaling.stage": "fit", "preset": preset}):
+        laws.log_to_mlflow(summary)
+    laws.figures_to_sweep_parents(sweeps, summary.get("figures") or {})
+    print(laws.format_fits(laws.load_laws(summary["laws_path"]), summary.get("skipped")))
+
+
+def cmd_report(args) -> None:
+    from drscaling import report, tracking
+    from drscaling.study.folder import data_lines
+
+    laws_path = Path(args.laws or f"{A}/laws/laws.json")
+    budget = Path(args.budget_json or f"{A}/budget/budget.json")
+    out = report.write_report(laws_path, args.out, budget if budget.exists() else None,
+                              header=data_lines(params.section("study")))
+    with tracking.stage_run("laws", "report", {"drscaling.stage": "report"}):
+        report.log_report(out, laws_path, budget if budget.exists() else None)
+    print(f"report written to {out}")
+
+
+def cmd_budget(args) -> None:
+    from drscaling import budget as B
+
+    cfg = params.section("budget")
+    pick = picker(args, "budget")
+    if args.towers:
+        return cmd_budget_towers(args)
+    laws = args.laws or f"{A}/laws/laws.json"
+    published = laws in B.LAW_SETS
+    # A published law set reproduces the paper: its costs unless --costs says otherwise, no artifacts read,
+    # and a result folder that is not the pipeline's DVC output.
+    mode = args.costs or ("paper" if published else cfg.get("costs", "paper"))
+    out = Path(args.out or (f"{A}/budget-paper" if published else f"{A}/budget"))
+    scale = cfg.get("measured") or {}
+    ann_cost = Path(f"{A}/annotations/{pick('source', 'human')}.cost.json")
+    shapes, runs = (None, None) if published else B.trained_runs(laws)
+    eval_negatives = (params.section("train").get("eval") or {}).get("negatives")
+
+    def workload(name: str):  # paper mode keeps the paper's own corpus and steps unless given here
+        return getattr(args, name) if mode == "paper" else getattr(args, name) or scale.get(name)
+
+    result = B.run_budget(
+        laws, float(pick("budget", 20000)), bool(pick("include_inference", False)),
+        mode, pick("costs_path", COSTS) if mode == "measured" else None, out,
+        annotation_cost_path=ann_cost if mode == "measured" and ann_cost.exists() and not published else None,
+        source_cost_paths=[] if published else sorted(Path(f"{A}/annotations").glob("*.cost.json")),
+        steps=workload("steps"), corpus_pages=workload("corpus_pages"), tokens_per_page=workload("tokens_per_page"),
+        shapes=shapes, measured_runs=runs,
+        extrapolation_factor=float(pick("extrapolation_factor", B.EXTRAPOLATION_FACTOR)),
+        negatives=args.negatives, default_negatives=int(eval_negatives) if eval_negatives else None,
+        law=args.law or "ND",
+    )
+    picked = None if args.no_mlflow else B.log_budget(result, out, mode, published)
+    if args.show_derivation or mode == "paper":
+        print("\n".join(B.paper_derivation()))
+    print(B.format_recommendation(result))
+    if not args.no_mlflow and not published:
+        print(f"MLflow registry: {picked['uri']} = version {picked['version']} ({picked['why']})" if picked else
+              "MLflow registry: no registered version of the picked run (trained before models were registered,"
+              " or in another tracking store); @recommended not set")
+    print(f"written to {out / 'budget.json'}")
+
+
+def cmd_budget_towers(args) -> None:
+    """Which dual-tower deployment for the budget: large / large passage + distilled query / small."""
+    from drscaling import budget as B
+
+    pick = picker(args, "budget")
+    # Each workload number: the flag, else params budget.towers, else budget.measured (the corpus), else the default.
+    cfg = params.section("budget")
+    workload = B.workload_from(vars(args), cfg.get("towers") or {}, cfg.get("measured") or {})
+    mode = pick("costs", "measured")
+    out = Path(args.out or f"{A}/budget-towers")
+    costs_path = pick("costs_path", COSTS) if mode == "measured" else None
+    result = B.run_tower_budget(args.towers, float(pick("budget", 20000)), mode, costs_path, out, workload)
+    B.log_towers(result, out, mode, args.towers)
+    print(B.format_tower_comparison(result))
+    print(f"written to {out / 'towers.json'}")
+
+
+def cmd_summary(args) -> None:
+    """What the default pipeline produced, from its files (also when `dvc repro` had nothing to do)."""
+    from drscaling.report import pipeline_summary
+
+    print(pipeline_summary(A))
+
+
+# ---------------------------------------------------------------------------------------------
+# parsers
+# ---------------------------------------------------------------------------------------------
+
+
+def _fit_report_parsers(cmd: Register) -> None:
+    p = cmd("fit", cmd_fit, "fit L(N), L(D), L(D) per source and L(N,D) to a preset's sweep results")
+    p.add_argument("--preset")
+    p.add_argument("--n-bootstrap", type=int, help="bootstrap refits per law (default: params.yaml fit.n_bootstrap)")
+    p.add_argument("--sources", nargs="+", help="annotation sources to fit D@<source> for (default: every source "
+                   "with points); a source without points is an error")
+    p.add_argument("--workers", type=int, help="processes for the bootstrap refits (default: min(2, CPUs))")
+    p.add_argument("--bootstrap-method", choices=["parametric", "pairs"],
+                   help="interval method (default parametric: see drscaling/laws/bootstrap.py)")
+    p.add_argument("--sweeps", help=f"folder holding <preset>/results-*.jsonl (default {A}/sweeps)")
+    p.add_argument("--out", help=f"default {A}/laws")
+    p = cmd("report", cmd_report, "write the Markdown report (coefficient tables, figures, budget)")
+    p.add_argument("--laws")
+    p.add_argument("--budget-json")
+    p.add_argument("--out", default=f"{A}/report/report.md")
+
+
+def _budget_parser(p: argparse.ArgumentParser) -> None:
+    # An empty value ("", as MLproject passes for a parameter left at its default) means: not given.
+    p.add_argument("--budget", type=opt_float, help="dollars (default: params.yaml budget.budget)")
+    p.add_argument("--include-inference", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--costs", type=costs_mode, metavar="{paper,measured}",
+                   help="paper: eq. 12-14 from their parts; measured: the costs stage's file (default: params.yaml "
+                        "budget.costs; paper with a published law set)")
+    p.add_argument("--costs-path", help=f"measured costs JSON (default: params.yaml budget.costs_path, else {COSTS}: "
+                                        "the versioned costs `make measure` writes)")
+    p.add_argument("--source", help="annotation source whose $/pair is Zdata (measured mode)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--corpus-pages", type=float)
+    p.add_argument("--tokens-per-page", type=float)
+    p.add_argument("--laws", type=opt_str, metavar="LAWS_JSON|SET",
+                   help=f"the laws: a laws.json from `drscaling fit` (default {A}/laws/laws.json), or a law set "
+                        "the paper published: 'paper' (= 'paper-msmarco': Table 1 L(N), Table 2 L(D) and the joint "
+                        "law of eqs. 8-10 on MS MARCO) or 'paper-t2ranking' (Tables 1 and 2 only: the paper gives "
+                        "no joint law for T2Ranking, which the budget needs, so it is refused with a note). A set "
+                        "needs no fit and no artifacts, defaults to --costs paper and writes to "
+                        f"{A}/budget-paper: `drscaling budget --laws paper --costs paper` reproduces Section 5 "
+                        "(Figs 7/8)")
+    p.add_argument("--law", type=opt_str, help="which joint law of the laws to use (default ND, the paper's eq. 8; "
+                                               "any law of both N and D)")
+    p.add_argument("--out", type=opt_str, help=f"result folder (default {A}/budget, the DVC stage's output; "
+                                               f"{A}/budget-paper with a published law set)")
+    p.add_argument("--extrapolation-factor", type=float,
+                   help="flag an optimum more than this factor outside the fitted N or D range, either "
+                        "direction (default: params.yaml budget.extrapolation_factor, else 2)")
+    p.add_argument("--negatives", type=int,
+                   help="evaluation negatives K: a predicted CE >= ln(K + 1) is flagged meaningless (default: "
+                        "the laws' metadata, else params.yaml train.eval.negatives, else 256)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the result to MLflow")
+    p.add_argument("--show-derivation", action="store_true", help="print eq. 12-14 from their parts")
+    p.add_argument("--towers", metavar="METRICS_JSON",
+                   help="compare dual-tower deployments instead (large; large passage + distilled query; small) "
+                        "from `drscaling distill`'s metrics.json; writes <out>/towers.json (default out "
+                        f"{A}/budget-towers); uses --budget, --costs, --costs-path, --corpus-pages, --tokens-per-page")
+    p.add_argument("--query-volume", type=float, help="--towers: queries served over the deployment's life")
+    p.add_argument("--tokens-per-query", type=float, help="--towers: tokens per query")
+    p.add_argument("--usd-per-pair", type=float,
+                   help="--towers: $/pair for entries that record 'pairs' but no 'annotation_usd'")
+
+
+def register(cmd: Register) -> None:
+    _fit_report_parsers(cmd)
+    _budget_parser(cmd("budget", cmd_budget, "optimal model size and annotation amount for a budget (paper section 5)"))
+    cmd("summary", cmd_summary, "print the fitted laws and the budget recommendation")
