@@ -1,10 +1,12 @@
 """Contrastive entropy (paper eq. 5) and ranking metrics, for any saved model on any canonical dataset.
 
 Contrastive entropy: for every (query, positive) pair of a split, -log softmax of the positive's score
-among itself and K negatives drawn (fixed seed) from the split's corpus minus the query's relevant
-passages, averaged over R draws. Every distinct passage is encoded once per evaluation and the
-negatives are gathered from one score matrix, so the cost grows with the number of distinct passages,
-not with queries x (K + 1).
+among itself and K negatives drawn (fixed seed) from a negative pool, averaged over R draws. The pool is
+the split's corpus minus the query's relevant passages (`negative_pool` 0, the default), or
+`negative_pool` random passages of the corpus that no query of the split is judged relevant to (the
+paper: 1,000,000 of MS MARCO's 8.8M). The pool and the positives are encoded once per evaluation, in
+chunks, streamed to a scratch file when large; each chunk of pairs then scores only the passages it
+draws, so the cost grows with the pool plus pairs x R x K, never with queries x corpus.
 
 Ranking metrics: exact inner-product search over a sub-corpus (all positives of the split plus random
 passages of the whole dataset up to `rank_pool`), top 1000 per query in chunks of queries; MRR@10,
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,15 @@ class EvalConfig:
     max_passage_len: int = 180
     batch_size: int = 128
     rank_pool: int = 100_000  # sub-corpus size for ranking metrics (0: skip them)
+    # CE negatives come from this many random non-relevant passages of the split's corpus (the paper:
+    # 1,000,000); 0: the whole corpus. Not part of a run's config key while 0 (TrainConfig.key).
+    negative_pool: int = 0
+
+
+# Passages encoded per encode call: above this many, embeddings go to a scratch file chunk by chunk.
+ENCODE_CHUNK = 65_536
+# Bytes of gathered passage embeddings one chunk of pairs may score against (bounds CE's memory).
+SCORE_BYTES = 64 << 20
 
 
 @dataclass
@@ -68,25 +80,66 @@ def build_evalset(split: Split, name: str, cfg: EvalConfig) -> EvalSet:
     relevant: dict[str, set[int]] = {}
     for qid, pid in zip(split.qrels["qid"], split.qrels["pid"], strict=True):
         relevant.setdefault(qid, set()).add(index[pid])
+    positive = np.array([index[p] for p in pairs["pid"]])
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.negative_pool:
+        members, negs = _pooled_negatives(len(pids), relevant, positive, len(pairs), name, cfg, rng)
+        positive = np.searchsorted(members[cfg.negative_pool:], positive) + cfg.negative_pool
+    else:
+        members, negs = None, _corpus_negatives(len(pids), relevant, list(pairs["qid"]), name, cfg, rng)
+    texts = split.corpus["text"]  # a pool takes only its members' texts: not 8.8M Python strings
+    return EvalSet(
+        name=name, queries=list(pairs["query"]),
+        passages=list(texts) if members is None else texts.take(members).tolist(),
+        positive=positive, negatives=negs, qids=list(pairs["qid"]),
+        pids=pids if members is None else [pids[i] for i in members],
+    )
+
+
+def _corpus_negatives(n_corpus: int, relevant: dict[str, set[int]], qids: list[str], name: str,
+                      cfg: EvalConfig, rng: np.random.Generator) -> np.ndarray:
+    """[draws, pairs, K] corpus indices: each pair's negatives from the corpus minus its query's relevant passages."""
     worst = max(len(r) for r in relevant.values())
-    if len(pids) - worst < cfg.negatives:
+    if n_corpus - worst < cfg.negatives:
         raise DrscalingError(
-            f"{name}: the corpus has {len(pids)} passages, too few for {cfg.negatives} negatives"
+            f"{name}: the corpus has {n_corpus} passages, too few for {cfg.negatives} negatives"
             f" (need at least {cfg.negatives + worst}); lower `negatives` or use a larger split"
         )
-    rng = np.random.default_rng(cfg.seed)
-    negs = np.empty((cfg.draws, len(pairs), cfg.negatives), dtype=np.int64)
-    for i, qid in enumerate(pairs["qid"]):
+    negs = np.empty((cfg.draws, len(qids), cfg.negatives), dtype=np.int64)
+    for i, qid in enumerate(qids):
         rel = relevant[qid]
         for r in range(cfg.draws):
             # Oversample by the number of relevant passages, then drop them: exact, and rarely loops.
-            cand = rng.choice(len(pids), size=cfg.negatives + len(rel), replace=False)
+            cand = rng.choice(n_corpus, size=cfg.negatives + len(rel), replace=False)
             negs[r, i] = [c for c in cand if c not in rel][: cfg.negatives]
-    return EvalSet(
-        name=name, queries=list(pairs["query"]), passages=list(split.corpus["text"]),
-        positive=np.array([index[p] for p in pairs["pid"]]), negatives=negs,
-        qids=list(pairs["qid"]), pids=pids,
-    )
+    return negs
+
+
+def _pooled_negatives(n_corpus: int, relevant: dict[str, set[int]], positive: np.ndarray, n_pairs: int,
+                      name: str, cfg: EvalConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(members, negatives): the corpus indices to encode (the pool's `negative_pool` passages, then
+    the distinct positives) and [draws, pairs, K] indices into members' pool part. The pool holds no
+    passage any query of the split is judged relevant to, so no draw has to skip one."""
+    judged = np.array(sorted(set().union(*relevant.values())))
+    free = n_corpus - len(judged)
+    size = cfg.negative_pool
+    if size < 0:
+        raise DrscalingError(f"negative_pool must be >= 0 (0: the whole corpus; got {size})")
+    if size > free:
+        raise DrscalingError(
+            f"{name}: negative_pool {size} is larger than the corpus: it has {n_corpus} passages, {free} of"
+            f" them judged relevant to no query; lower `negative_pool` (0 uses the whole corpus)")
+    if size < cfg.negatives:
+        raise DrscalingError(f"{name}: negative_pool {size} is smaller than `negatives` ({cfg.negatives})")
+    # Sorted: the pool keeps corpus order, so reading its texts and embeddings walks forward.
+    pool = np.setdiff1d(np.arange(n_corpus), judged)[np.sort(rng.choice(free, size=size, replace=False))]
+    members = np.concatenate([pool, np.unique(positive)])
+    dtype = np.int32 if size < 2**31 else np.int64
+    negs = np.empty((cfg.draws, n_pairs, cfg.negatives), dtype=dtype)
+    for i in range(n_pairs):
+        for r in range(cfg.draws):
+            negs[r, i] = rng.choice(size, size=cfg.negatives, replace=False)
+    return members, negs
 
 
 _EVALSETS: dict[tuple, EvalSet] = {}
@@ -115,7 +168,7 @@ def pair_losses(scores: np.ndarray, positive: np.ndarray, negatives: np.ndarray)
 
 
 def contrastive_entropy_from_scores(scores: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> float:
-    """Mean over draws and pairs of -log softmax(positive | negatives)."""
+    """Mean over draws and pairs of -log softmax(positive | negatives), from the full score matrix."""
     return float(pair_losses(scores, positive, negatives).mean())
 
 
@@ -127,28 +180,68 @@ def bootstrap_interval(values: np.ndarray, level: float = 0.95, resamples: int =
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def chunked_pair_losses(queries: np.ndarray, passages: np.ndarray, positive: np.ndarray,
+                        negatives: np.ndarray) -> np.ndarray:
+    """pair_losses without the [pairs, passages] score matrix: each chunk of pairs scores only the
+    passages it draws (`passages` may be a memmap), at most SCORE_BYTES of them at a time."""
+    n, per_pair = len(positive), negatives.shape[0] * negatives.shape[2] + 1
+    step = max(1, SCORE_BYTES // (4 * passages.shape[1] * min(len(passages), per_pair)))
+    out = np.empty(n, dtype=np.result_type(queries.dtype, passages.dtype))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        cols, local = np.unique(np.concatenate([positive[s:e], negatives[:, s:e].ravel()]), return_inverse=True)
+        scores = queries[s:e] @ np.asarray(passages[cols]).T  # [chunk, distinct passages drawn]
+        out[s:e] = pair_losses(scores, local[: e - s], local[e - s :].reshape(negatives.shape[0], e - s, -1))
+    return out
+
+
 @dataclass
 class Embedded:
     """The embeddings one retriever gave an evaluation set: reused by the ranking metrics."""
 
     queries: np.ndarray  # [n_pairs, dim], in EvalSet.queries order
-    passages: np.ndarray  # [n_passages, dim], in EvalSet.passages order
+    passages: np.ndarray  # [n_passages, dim], in EvalSet.passages order (a memmap when large)
     es: EvalSet
 
+    def losses(self) -> np.ndarray:
+        """Each pair's -log softmax(positive | negatives), mean over draws."""
+        return chunked_pair_losses(self.queries, self.passages, self.es.positive, self.es.negatives)
+
     def ce(self) -> float:
-        return contrastive_entropy_from_scores(self.queries @ self.passages.T, self.es.positive, self.es.negatives)
+        return float(self.losses().mean())
 
     def ce_interval(self, level: float = 0.95) -> tuple[float, float]:
         """The CE's bootstrap interval over the test pairs (how much another test sample would move it)."""
-        return bootstrap_interval(pair_losses(self.queries @ self.passages.T, self.es.positive, self.es.negatives), level)
+        return bootstrap_interval(self.losses(), level)
 
 
 def embed_evalset(encode_query: EncodeFn, encode_passage: EncodeFn, es: EvalSet, cfg: EvalConfig) -> Embedded:
     """Each distinct passage and each query once, with any pair of encode functions (PyTorch
     towers, onnxruntime sessions, a Triton client)."""
-    p = encode_passage(es.passages, cfg.max_passage_len)
+    p = encode_chunked(encode_passage, es.passages, cfg.max_passage_len)
     q = encode_query(es.queries, cfg.max_query_len)
     return Embedded(q, p, es)
+
+
+def encode_chunked(encode: EncodeFn, texts: list[str], max_len: int) -> np.ndarray:
+    """encode(texts) in one call up to ENCODE_CHUNK texts; above, chunk by chunk into a scratch file
+    that is unlinked at once (the mapping keeps it; the OS reclaims it when the array goes)."""
+    if len(texts) <= ENCODE_CHUNK:
+        return encode(texts, max_len)
+    out: np.ndarray | None = None
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        part = encode(texts[start : start + ENCODE_CHUNK], max_len)
+        if out is None:
+            out = _scratch_array((len(texts), part.shape[1]))
+        out[start : start + len(part)] = part
+    return out
+
+
+def _scratch_array(shape: tuple[int, int]) -> np.ndarray:
+    """A float32 array backed by an anonymous file in the temp folder (TMPDIR), not by memory."""
+    with tempfile.NamedTemporaryFile(prefix="drscaling-embeddings-", suffix=".f32") as f:
+        arr = np.memmap(f.name, dtype=np.float32, mode="w+", shape=shape)
+    return arr  # the file is unlinked: nothing is left behind, even if this process is killed
 
 
 def encode_fns(retriever: Retriever, cfg: EvalConfig, device: str = "cpu") -> tuple[EncodeFn, EncodeFn]:
@@ -171,10 +264,16 @@ def contrastive_entropy(retriever: Retriever, es: EvalSet, cfg: EvalConfig, devi
 
 
 def rank_pool(prepared: str | Path, split: Split, size: int, seed: int) -> pd.DataFrame:
-    """The split's corpus plus random passages from the other splits, up to `size` passages."""
+    """The split's corpus plus random passages from the other splits, up to `size` passages; from a
+    corpus larger than that (MS MARCO gives every split all 8.8M), its judged passages plus random
+    others up to `size`, in corpus order."""
     pool = split.corpus
-    if size <= len(pool):
+    if size == len(pool):
         return pool
+    if size < len(pool):
+        judged = pool["pid"].isin(set(split.qrels["pid"]))
+        others = pool[~judged].sample(n=max(0, size - int(judged.sum())), random_state=seed)
+        return pool[judged | pool.index.isin(others.index)].reset_index(drop=True)
     others = pd.concat(
         [load_split(prepared, s).corpus for s in SPLITS], ignore_index=True
     ).drop_duplicates("pid")
@@ -185,6 +284,7 @@ def rank_pool(prepared: str | Path, split: Split, size: int, seed: int) -> pd.Da
 
 # The deepest cutoff measured (Recall@1000): each query's ranking is cut there.
 RANK_DEPTH = 1000
+RANK_BYTES = 256 << 20  # the score matrix of a chunk of queries and what ranking it takes
 # Metric name (as logged) -> ir-measures measure. ir-measures picks trec_eval (pytrec_eval) for nDCG
 # and recall, and MS MARCO's official script for RR@10: trec_eval's recip_rank has no cutoff.
 MEASURES = {"mrr@10": "RR@10", "ndcg@10": "nDCG@10", "recall@100": "R@100", "recall@1000": "R@1000"}
@@ -247,17 +347,20 @@ def rank_split(
     qtext = dict(zip(split.queries["qid"], split.queries["text"], strict=True))
     encode_q, encode_p = encode_fns(retriever, cfg, device)
     cache = passage_cache if passage_cache is not None else {}
-    if known:
-        cache.update(zip(known.es.pids, known.passages))
+    if known:  # only the rows this pool asks for: a 1M-passage CE pool would cost a view per row
+        wanted = set(pool["pid"])
+        cache.update((pid, known.passages[i]) for i, pid in enumerate(known.es.pids) if pid in wanted)
     p = _reuse(list(pool["pid"]), list(pool["text"]), cache, lambda texts: encode_p(texts, cfg.max_passage_len))
     cache.update(zip(pool["pid"], p))
     q = _reuse(qids, [qtext[x] for x in qids], known and dict(zip(known.es.qids, known.queries)),
                lambda texts: encode_q(texts, cfg.max_query_len))
     out: dict[str, list[float]] = {}
-    for start in range(0, len(qids), 1024):  # chunks keep the score matrix small for big pools
-        m = ranking_metrics(q[start : start + 1024] @ p.T, [rel[x] for x in qids[start : start + 1024]])
+    # Chunks of queries keep the score matrix small for big pools: top_k holds ~16 bytes per score.
+    step = max(1, min(1024, RANK_BYTES // (16 * len(p))))
+    for start in range(0, len(qids), step):
+        m = ranking_metrics(q[start : start + step] @ p.T, [rel[x] for x in qids[start : start + step]])
         for k, v in m.items():
-            out.setdefault(k, []).append(v * len(qids[start : start + 1024]))
+            out.setdefault(k, []).append(v * len(qids[start : start + step]))
     metrics = {k: float(sum(v) / len(qids)) for k, v in out.items()}
     return metrics | {"rank_pool": float(len(pool))}
 
@@ -294,9 +397,13 @@ def evaluate_model(model_dir: str | Path, prepared: str | Path, split: str, cfg:
     check_lengths(retriever.passage.meta, cfg.max_passage_len)
     data = load_split(prepared, split, relevance=True)
     es = build_evalset(data, split, cfg)
+    if cfg.rank_pool:  # keep the rank pool, not the whole corpus (MS MARCO's is 8.8M texts), while encoding
+        data = Split(rank_pool(prepared, data, cfg.rank_pool, cfg.seed), data.queries, data.qrels)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     retriever.to(device)
     embedded = embed_evalset(*encode_fns(retriever, cfg, device), es, cfg)
+    # Encoded: a 1M-passage pool's texts (~0.5 GiB of strings) need not stay beside its embeddings.
+    es = embedded.es = dataclasses.replace(es, passages=[])
     metrics = {"ce": embedded.ce()}
     if cfg.rank_pool:
         metrics |= rank_split(retriever, prepared, data, cfg, device, known=embedded)

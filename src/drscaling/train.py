@@ -87,6 +87,8 @@ class TrainConfig:
         """Identity of a run: same key and same data = same results, so it is never trained twice."""
         d = dataclasses.asdict(self)
         d.pop("eval_every", None), d.pop("checkpoint_every", None)
+        if not d["eval"]["negative_pool"]:  # the whole corpus, as before the field existed: same keys
+            d["eval"].pop("negative_pool")
         if d["init"] == SCRATCH:  # the same run as the default "" (from config), so the same key
             d["init"] = ""
         if layers := series_layers(self.shape):  # which layers a series shape keeps is part of what was trained
