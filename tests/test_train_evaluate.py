@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -352,3 +353,13 @@ def test_last_token_pooling_and_scaled_embeddings(tokenizer_dir):
         build_model("bert-L2-H128", tok, 16, pooling="max")
     with pytest.raises(DrscalingError, match="scale must be >= 0"):
         build_model("bert-L2-H128", tok, 16, scale=-1.0)
+
+
+def test_evaluation_sets_are_built_once_per_split_while_a_run_alternates_dev_and_test(prepared):
+    """A run evaluates dev, then test, then dev again: each set is built once, not once per evaluation."""
+    from drscaling.evaluate import EvalConfig, cached_evalset
+
+    cfg = EvalConfig(negatives=16, draws=2, max_query_len=16, max_passage_len=24, batch_size=64, rank_pool=200)
+    dev, test = cached_evalset(prepared, "dev", cfg), cached_evalset(prepared, "test", cfg)
+    assert cached_evalset(prepared, "dev", cfg) is dev and cached_evalset(prepared, "test", cfg) is test
+    assert cached_evalset(prepared, "dev", dataclasses.replace(cfg, negatives=8)) is not dev  # another setting

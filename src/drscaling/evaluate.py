@@ -150,8 +150,9 @@ def cached_evalset(prepared: str | Path, split: str, cfg: EvalConfig) -> EvalSet
     folder = Path(prepared) / split
     stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(folder.glob("*")))
     key = (str(Path(prepared).resolve()), split, json.dumps(dataclasses.asdict(cfg), sort_keys=True), stamp)
-    if key not in _EVALSETS:
-        _EVALSETS.clear()  # one dataset at a time is all a process needs
+    if key not in _EVALSETS:  # one set per split of one dataset: a run alternates dev and test
+        for old in [k for k in _EVALSETS if k[0] != key[0] or k[1] == split]:
+            del _EVALSETS[old]
         _EVALSETS[key] = build_evalset(load_split(prepared, split), split, cfg)
     return _EVALSETS[key]
 
