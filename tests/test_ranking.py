@@ -18,10 +18,11 @@ CFG = EvalConfig(negatives=16, draws=1, max_query_len=16, max_passage_len=32, ba
 
 
 def reference_metrics(scores: np.ndarray, relevant: list[set[int]]) -> dict[str, float]:
-    """The hand-written implementation ir-measures replaced (binary relevance), kept as the reference."""
+    """The hand-written implementation ir-measures replaced (binary relevance), kept as the reference.
+    Equal scores (duplicate passage texts embed identically) rank the lower index first, as top_k
+    promises: an unstable sort here made the parity depend on which duplicates sat at a cutoff."""
     k_max = min(1000, scores.shape[1])
-    top = np.argpartition(-scores, k_max - 1, axis=1)[:, :k_max]
-    order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k_max]
     mrr, ndcg, r100, r1000 = [], [], [], []
     discounts = 1.0 / np.log2(np.arange(2, 12))
     for ranked, rel in zip(order, relevant, strict=True):
