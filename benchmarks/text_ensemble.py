@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from drscaling.files import write_json  # noqa: E402
 from drscaling.model import load_tokenizer  # noqa: E402
 from drscaling.serving import Client, TritonServer, build_model_repository  # noqa: E402
+from serving import rate  # noqa: E402  (benchmarks/serving.py: the same rows/s loop)
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = REPO / "data" / "debian" / "pairs.jsonl"
@@ -44,18 +45,6 @@ def passages(n: int) -> list[str]:
             if len(out) == n:
                 return out
     raise SystemExit(f"{SNAPSHOT} holds fewer than {n} pairs")
-
-
-def rate(fn, rows: int, min_s: float) -> float:
-    """Rows per second of fn() run back to back for at least min_s (after one warm-up call)."""
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_s and n >= 3:
-            return n * rows / elapsed
 
 
 def load() -> list[float]:

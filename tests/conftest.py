@@ -197,6 +197,15 @@ def make_tiny_model(root: Path) -> Path:
     return _CACHE["model"]
 
 
+def random_retriever(tokenizer_dir: Path, seed: int):
+    """A random-weight bert-L2-H128 (dim 32) single-tower retriever on the fixture data's tokenizer."""
+    from drscaling.model import Retriever, Tower, build_model, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    encoder, meta = build_model("bert-L2-H128", tok, dim=32, seed=seed)
+    return Retriever.single(Tower(encoder, tok, meta))
+
+
 def make_tiny_export(root: Path) -> Path:
     if "onnx" not in _CACHE:
         from drscaling.export import export_onnx

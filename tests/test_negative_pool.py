@@ -16,7 +16,8 @@ from drscaling.evaluate import (
     EvalConfig, build_evalset, contrastive_entropy_from_scores, embed_evalset, encode_fns, pair_losses, rank_pool,
     evaluate_model, rank_split,
 )
-from drscaling.model import Retriever, Tower, build_model, load_tokenizer, save_retriever
+from drscaling.model import Retriever, save_retriever
+from conftest import random_retriever
 from drscaling.train import TrainConfig
 
 EVAL = EvalConfig(negatives=32, draws=3, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=0)
@@ -24,9 +25,7 @@ EVAL = EvalConfig(negatives=32, draws=3, max_query_len=16, max_passage_len=32, b
 
 @pytest.fixture(scope="module")
 def retriever(tokenizer_dir) -> Retriever:
-    tok = load_tokenizer(tokenizer_dir)
-    encoder, meta = build_model("bert-L2-H128", tok, dim=32, seed=5)
-    return Retriever.single(Tower(encoder, tok, meta))
+    return random_retriever(tokenizer_dir, seed=5)
 
 
 @pytest.fixture(scope="module")

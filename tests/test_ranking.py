@@ -7,12 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import conftest
 from drscaling.data import Split, load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import (
     Embedded, EvalConfig, EvalSet, encode_fns, rank_pool, rank_split, ranked_metrics, ranking_metrics, top_k,
 )
-from drscaling.model import Retriever, Tower, build_model, load_tokenizer
+from drscaling.model import Retriever
 
 CFG = EvalConfig(negatives=16, draws=1, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=600)
 
@@ -65,10 +66,8 @@ def test_ir_measures_equal_the_hand_written_metrics(n_queries, n_passages):
 
 @pytest.fixture(scope="module")
 def random_retriever(tokenizer_dir) -> Retriever:
-    """A random-weight encoder with the fixture data's tokenizer: distinct embeddings, no ties."""
-    tok = load_tokenizer(tokenizer_dir)
-    encoder, meta = build_model("bert-L2-H128", tok, dim=32, seed=3)
-    return Retriever.single(Tower(encoder, tok, meta))
+    """A random-weight encoder with the fixture data's tokenizer (duplicate passage texts still tie)."""
+    return conftest.random_retriever(tokenizer_dir, seed=3)
 
 
 @pytest.fixture(scope="module")
