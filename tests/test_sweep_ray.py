@@ -1,9 +1,11 @@
-"""Sweeps on a Ray cluster: a real two-node Ray cluster on 127.0.0.1 (a head and a second node process
-joining it) and a real `mlflow server` with its basic-auth app, a SQLite backend and a shared artifact
-folder. Everything started here is stopped here (the whole process session of each daemon)."""
+"""Sweeps and corpus indexes on a Ray cluster: a real two-node Ray cluster on 127.0.0.1 (a head and a second
+node process joining it) and a real `mlflow server` with its basic-auth app, a SQLite backend and a shared
+artifact folder; the indexes are compared with a real Triton server's. Everything started here is stopped
+here (the whole process session of each daemon)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,14 +17,20 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
+from conftest import CORPUS
+from test_serving import MODEL, triton  # noqa: F401 - the session's Triton server on the tiny model
 
 from drscaling.errors import DrscalingError
 from drscaling.checkpoints import resolve_start
 from drscaling.executors import RayConfig, finished_point
 from drscaling.files import read_json, read_jsonl
+from drscaling.serving import build_index, search
+from drscaling.serving.index_ray import RayIndexConfig, build_index_ray
 from drscaling.sweep import Preset, run_sweep
 from drscaling.train import Paths, data_key
+from drscaling.vector_index import config_from
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -119,8 +127,9 @@ def services(tmp_path_factory):
     root, tmp = tmp_path_factory.mktemp("server"), tmp_path_factory.mktemp("ray")
     server, server_port = _start_server(root)
     port = _free_port()
+    # RAY_AUTH_MODE: without it, a ~/.ray/auth_token (which a local `ray.init()` writes) makes the head demand it
     env = os.environ | {"PYTHONPATH": str(SRC), "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD,
-                        "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+                        "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
     common = ["--node-ip-address", "127.0.0.1", "--block", "--disable-usage-stats"]
     head = [str(BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2", "--temp-dir", str(tmp),
             "--include-dashboard=false", *common]
@@ -329,3 +338,63 @@ def test_a_point_from_a_named_init_checkpoint_is_found_from_another_machine(clus
     _init_checkpoint(tokenizer_dir, init, seed=1)  # other weights under the same name
     start = resolve_start("bert-L2-H128", str(init))
     assert finished_point(first["config_key"], data_key(paths, "human", start)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# drscaling index --executor ray
+# ---------------------------------------------------------------------------------------------
+
+
+def _corpus(path: Path, rows: list[dict], blank_at: int = -1) -> Path:
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    if blank_at >= 0:
+        lines.insert(blank_at, "")  # skipped, as build_index skips it
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_index_on_ray_writes_the_triton_index(cluster, triton, tmp_path):
+    """Ray Data actors on both nodes run the repository's graph in-process: the same files as the Triton
+    build (pids, passages, index.json), embeddings equal to 1e-5, the same top-k for every query."""
+    from drscaling.cli import main
+
+    texts = sorted(set(CORPUS))
+    rows = [{"pid": 1000 - i, "text": f"{texts[i % len(texts)]} {'é' * (i % 3)} {i} " * (1 + i % 4)} for i in range(150)]
+    corpus = _corpus(tmp_path / "corpus.jsonl", rows, blank_at=40)
+    local = build_index(triton, MODEL, corpus, tmp_path / "local", batch_size=16)  # the server takes 16 at most
+    out = tmp_path / "ray"
+    assert main(["index", "--executor", "ray", "--ray-address", cluster, "--repo", str(triton.repo_dir), "--model", MODEL,
+                 "--corpus", str(corpus), "--out", str(out), "--concurrency", "2", "--num-gpus", "0"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "local").iterdir())
+    for name in ("pids.json", "passages.jsonl", "index.json"):
+        assert (out / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    assert json.loads((out / "pids.json").read_text())[:2] == ["1000", "999"]  # corpus order
+    np.testing.assert_allclose(np.load(out / "embeddings.npy"), np.load(tmp_path / "local" / "embeddings.npy"),
+                               rtol=0, atol=1e-5)
+    assert json.loads((out / "index.json").read_text()) == local
+    for query in (texts[0], texts[3], "package manager"):
+        assert [h[0] for h in search(triton, MODEL, out, query, k=5)] == \
+            [h[0] for h in search(triton, MODEL, tmp_path / "local", query, k=5)]
+
+
+def test_index_on_ray_bad_input_fails_before_encoding(cluster, triton, tmp_path):
+    repo, corpus = triton.repo_dir, _corpus(tmp_path / "c.jsonl", [{"pid": "a", "text": "x"}, {"pid": "b", "text": "y"}])
+    out = tmp_path / "out"
+    t0, dead = time.time(), f"127.0.0.1:{_free_port()}"
+    with pytest.raises(DrscalingError, match=f"no Ray cluster answers at {dead}"):
+        build_index_ray(repo, MODEL, corpus, out, RayIndexConfig(address=dead))
+    assert time.time() - t0 < 30 and not out.exists()
+    live = RayIndexConfig(address=cluster)
+    for rows, match in (([{"pid": "a", "text": "x"}, {"pid": "a", "text": "y"}], "duplicate pid 'a'"),
+                        ([{"pid": "a", "text": "x"}, {"pid": "b", "text": 3}], "every 'text' must be a string"),
+                        ([{"pid": "a"}], "line 1 lacks the field.s. text")):
+        with pytest.raises(DrscalingError, match=match):
+            build_index_ray(repo, MODEL, _corpus(tmp_path / "bad.jsonl", rows), out, live)
+        assert not out.exists()
+    with pytest.raises(DrscalingError, match=f"model 'nope' is not in the repository.*{MODEL}"):
+        build_index_ray(repo, "nope", corpus, out, live)
+    with pytest.raises(DrscalingError, match="is a text model: name the encoder it wraps"):
+        build_index_ray(repo, f"{MODEL}-text", corpus, out, live)
+    with pytest.raises(DrscalingError, match="nlist 5 exceeds the 2 passages"):
+        build_index_ray(repo, MODEL, corpus, out, live, config_from(index_type="ivf", nlist=5))
+    assert not out.exists()

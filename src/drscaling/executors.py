@@ -92,7 +92,7 @@ def _check_address(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError) as exc:
         raise DrscalingError(f"no Ray cluster answers at {address} ({exc}): start one with `ray start --head`"
-                             " (README) or fix --ray-address / sweep.ray.address") from None
+                             " (README) or fix --ray-address (params.yaml sweep.ray / index.ray)") from None
 
 
 def _probe(uri: str, paths: Paths, versions: dict[str, str]) -> tuple[str, list[str]]:
@@ -110,20 +110,31 @@ def _probe(uri: str, paths: Paths, versions: dict[str, str]) -> tuple[str, list[
 
 
 @contextlib.contextmanager
+def connect(address: str) -> Iterator[object]:
+    """The `ray` module connected to the cluster at `address` ("" : RAY_ADDRESS, else a local cluster);
+    a dead address is a clear error at once. Disconnects on exit."""
+    _check_address(address)
+    import ray
+
+    try:
+        ray.init(address=address or None, log_to_driver=False, configure_logging=False)
+    except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ...: no cluster
+        raise DrscalingError(f"cannot connect to the Ray cluster at {address or 'auto'}: {exc}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
 def ray_cluster(cfg: RayConfig, paths: Paths, versions: dict[str, str]) -> Iterator[object]:
     """Connect to the cluster after checking the tracking server, the address, and every node."""
     problem = tracking_problem()
     if problem:
         raise DrscalingError(problem)
-    _check_address(cfg.address)
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    with connect(cfg.address) as ray:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    try:
-        ray.init(address=cfg.address or None, log_to_driver=False, configure_logging=False)
-    except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ...: no cluster
-        raise DrscalingError(f"cannot connect to the Ray cluster at {cfg.address or 'auto'}: {exc}") from None
-    try:
         probe = ray.remote(_probe)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         checks = ray.get([probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
@@ -132,8 +143,6 @@ def ray_cluster(cfg: RayConfig, paths: Paths, versions: dict[str, str]) -> Itera
         if bad:
             raise DrscalingError("Ray nodes not ready for the sweep:\n  " + "\n  ".join(bad))
         yield ray
-    finally:
-        ray.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------

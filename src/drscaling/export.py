@@ -130,7 +130,7 @@ def ort_encode_fn(session, tokenizer, batch_size: int = 128) -> Callable[[list[s
         out: np.ndarray | None = None
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
-            feeds = _feeds(tokenizer, [texts[i] for i in idx], max_len)
+            feeds = token_feeds(tokenizer, [texts[i] for i in idx], max_len)
             emb = session.run([OUTPUT_NAME], feeds)[0].astype(np.float32)
             if out is None:
                 out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
@@ -149,7 +149,9 @@ def torch_encode_fn(encoder: nn.Module, tokenizer, batch_size: int = 128):
     return fn
 
 
-def _feeds(tokenizer, texts: list[str], max_len: int) -> dict[str, np.ndarray]:
+def token_feeds(tokenizer, texts: list[str], max_len: int) -> dict[str, np.ndarray]:
+    """The encoder's inputs for a batch: truncated to max_len, padded to the batch's longest (the one
+    tokenisation of every client: Triton's, onnxruntime's, a Ray index actor's)."""
     enc = tokenizer(
         texts, max_length=max_len, truncation=True, padding=True, return_tensors="np",
         return_token_type_ids=False,
@@ -278,7 +280,7 @@ def _export_fp32(encoder: nn.Module, tokenizer, path: Path, opset: int) -> None:
             backbone.set_attn_implementation("eager")
     wrapper = _Wrapper(encoder)
     wrapper.eval()  # export restores the wrapper's flag onto the whole model: it must be eval
-    enc = _feeds(tokenizer, PARITY_TEXTS[:2], 16)
+    enc = token_feeds(tokenizer, PARITY_TEXTS[:2], 16)
     args = tuple(torch.from_numpy(enc[k]) for k in INPUT_NAMES)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             OUTPUT_NAME: {0: "batch"}}

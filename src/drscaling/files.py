@@ -141,9 +141,10 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
         ) from exc
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Read a JSON-lines file; every line must be an object holding the `required` keys."""
-    rows: list[dict[str, Any]] = []
+def iter_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Stream a JSON-lines file row by row (blank lines skipped); every line must be an object holding
+    the `required` keys, and the file must hold one at least."""
+    empty = True
     for lineno, line in iter_lines(path):
         if not line.strip():
             continue
@@ -156,10 +157,15 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[st
         missing = [k for k in required if k not in row]
         if missing:
             raise DrscalingError(f"{path}: line {lineno} lacks the field(s) {', '.join(missing)}")
-        rows.append(row)
-    if not rows:
+        empty = False
+        yield row
+    if empty:
         raise DrscalingError(f"{path}: file is empty")
-    return rows
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Read a JSON-lines file; every line must be an object holding the `required` keys."""
+    return list(iter_jsonl(path, required))
 
 
 @contextlib.contextmanager

@@ -65,13 +65,26 @@ def cmd_encode(args) -> None:
 
 
 def cmd_index(args) -> None:
-    from drscaling.serving import build_index
     from drscaling.vector_index import config_from
 
     index = config_from(index_type=args.index_type, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
                         ef_construction=args.ef_construction, ef_search=args.ef_search)
-    info = build_index(args.url, args.model, args.corpus, args.out, protocol=args.protocol, tokenizer=args.tokenizer,
-                       repo=args.repo, index=index, server_tokenize=args.server_tokenize)
+    section = params.section("index")
+    if (args.executor or section.get("executor", "local")) == "ray":
+        from drscaling.serving.index_ray import RayIndexConfig, build_index_ray
+
+        if args.server_tokenize:
+            raise DrscalingError("--server-tokenize is for --executor local (Triton): with ray, the actors tokenise")
+        cfg = params.build(RayIndexConfig, dict(section.get("ray") or {}))
+        for flag, name in (("ray_address", "address"), ("concurrency", "concurrency"), ("num_gpus", "num_gpus")):
+            if getattr(args, flag) is not None:
+                setattr(cfg, name, getattr(args, flag))
+        info = build_index_ray(args.repo, args.model, args.corpus, args.out, cfg, index, tokenizer=args.tokenizer)
+    else:
+        from drscaling.serving import build_index
+
+        info = build_index(args.url, args.model, args.corpus, args.out, protocol=args.protocol,
+                           tokenizer=args.tokenizer, repo=args.repo, index=index, server_tokenize=args.server_tokenize)
     settings = ", ".join(f"{k} {v}" for k, v in info["index"].items() if k != "type")
     print(f"indexed {info['n']} passages with {info['model']} into {args.out} ({info['index']['type']} FAISS index"
           f"{': ' + settings if settings else ''}; query it with --model {info['query_model']})")
@@ -130,6 +143,21 @@ def _index_flags(p: argparse.ArgumentParser, build: bool) -> None:
     p.add_argument("--ef-search", type=int, help=f"hnsw: candidates kept per query (default {ef})")
 
 
+def _executor_flags(p: argparse.ArgumentParser) -> None:
+    """`index --executor ray`: the corpus embedded by Ray Data actors running the repository's graph."""
+    from drscaling.executors import EXECUTORS
+
+    params_flag(p, "--executor", "index.executor", "local: embed on the Triton server at --url; ray: Ray Data actors on "
+                "a cluster run the model of --repo in-process (onnxruntime, a GPU each where the cluster has them)",
+                "local", choices=EXECUTORS)
+    params_flag(p, "--ray-address", "index.ray.address", "ray: the cluster's head, host:6379",
+                note="empty: RAY_ADDRESS, else a local cluster")
+    params_flag(p, "--concurrency", "index.ray.concurrency", "ray: encoder actors", 0,
+                note="0: one per GPU where the cluster has GPUs, else one per CPU", type=int)
+    params_flag(p, "--num-gpus", "index.ray.num_gpus", "ray: GPUs per actor",
+                note="none: 1 where the cluster has GPUs, else 0", type=float)
+
+
 def _export_serve_parsers(cmd: Register) -> None:
     p = cmd("export", cmd_export, "export trained encoders to ONNX (+ optimised variants) and a Triton repository")
     p.add_argument("--model", help="model folder, runs:/<run id>/model, a run id, or models:/<name>@<alias>; a dual-tower folder "
@@ -166,7 +194,8 @@ def _client_parsers(cmd: Register) -> None:
                             "through NAME-query, passages through NAME-passage) or a tower's own name")
         p.add_argument("--tokenizer", help="tokenizer folder (default: <repo>/<model>/1/tokenizer)")
         p.add_argument("--repo", default=f"{A}/serving/repo",
-                       help="the model repository the server runs on: each model's tokenizer is read from it")
+                       help="the model repository the server runs on: each model's tokenizer is read from it"
+                            + (" (--executor ray: and the model.onnx the actors run)" if name == "index" else ""))
         p.add_argument("--server-tokenize", action="store_true",
                        help="send the texts as they are to the model's <model>-text ensemble, which tokenises "
                             "them in Triton (same embeddings; no tokenizer or --repo needed here)")
@@ -181,6 +210,7 @@ def _client_parsers(cmd: Register) -> None:
             p.add_argument("--corpus", required=True, help="JSONL of {pid, text}")
             p.add_argument("--out", required=True, help="index folder to write (FAISS index + passage ids and texts)")
             _index_flags(p, build=True)
+            _executor_flags(p)
         else:
             p.add_argument("--index", required=True, help="index folder written by `drscaling index`")
             p.add_argument("-k", type=int, default=10, help="passages to return (default: %(default)s)")

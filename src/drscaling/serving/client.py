@@ -37,6 +37,18 @@ class ModelInfo:
         """"tensor" (token ids in), "text" (the <name>-text ensemble) or "tokenizer"."""
         return self.params.get("interface", "tensor")
 
+    @classmethod
+    def from_config(cls, name: str, cfg: dict) -> ModelInfo:
+        """From a model's config as JSON (Triton's answer, or a config.pbtxt read as its protobuf)."""
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        return cls(
+            name=name,
+            max_sequence_length=int(params.get("max_sequence_length", 512)),
+            max_query_len=int(params.get("max_query_len", 32)),
+            max_passage_len=int(params.get("max_passage_len", 180)),
+            dim=int(cfg["output"][0]["dims"][-1]), params=params,
+        )
+
     def max_len(self, role: str | None) -> int:
         """The default truncation for texts of `role` (queries: the query length, else passages')."""
         n = self.max_query_len if role == "query" else self.max_passage_len
@@ -139,15 +151,7 @@ class Client:
                                  as_json=True)["config"]
             else:
                 cfg = self._call("a config request", self.client.get_model_config, model)
-            params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-            dims = cfg["output"][0]["dims"]
-            self._info[model] = ModelInfo(
-                name=model,
-                max_sequence_length=int(params.get("max_sequence_length", 512)),
-                max_query_len=int(params.get("max_query_len", 32)),
-                max_passage_len=int(params.get("max_passage_len", 180)),
-                dim=int(dims[-1]), params=params,
-            )
+            self._info[model] = ModelInfo.from_config(model, cfg)
         return self._info[model]
 
     def infer(self, model: str, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

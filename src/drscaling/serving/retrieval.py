@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +11,8 @@ from tqdm import tqdm
 
 from drscaling import vector_index
 from drscaling.errors import DrscalingError
-from drscaling.files import atomic_path, read_jsonl
-from drscaling.serving.client import Client, resolve_tower, text_model
+from drscaling.files import atomic_path, iter_jsonl, read_jsonl
+from drscaling.serving.client import Client, ModelInfo, resolve_tower, text_model
 from drscaling.serving.repository import VERSION
 from drscaling.serving.server import TritonServer
 from drscaling.vector_index import IndexConfig
@@ -82,10 +82,11 @@ def encode_texts(
 
 def _id_embedder(client: Client, model: str, max_len: int, tok):
     """texts -> embeddings, tokenised here, the tensor model embedding the ids."""
+    from drscaling.export import token_feeds
+
     def embed(batch: list[str]) -> np.ndarray:
-        enc = tok(batch, max_length=max_len, truncation=True, padding=True, return_tensors="np",
-                  return_token_type_ids=False)
-        return client.infer(model, enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
+        feeds = token_feeds(tok, batch, max_len)
+        return client.infer(model, feeds["input_ids"], feeds["attention_mask"])
 
     return embed
 
@@ -96,6 +97,46 @@ def _text_embedder(client: Client, model: str, max_len: int):
     return lambda batch: client.infer_text(name, batch, max_len)
 
 
+def corpus_rows(corpus_path: str | Path) -> Iterator[tuple[str, str]]:
+    """(pid, text) of a JSONL corpus ({"pid", "text"} per line), streamed and checked: a duplicate pid
+    or a text that is not a string is a DrscalingError naming it."""
+    seen: set[str] = set()
+    for row in iter_jsonl(corpus_path, required=("pid", "text")):
+        pid = str(row["pid"])
+        if pid in seen:
+            raise DrscalingError(f"{corpus_path}: duplicate pid '{pid}'")
+        if not isinstance(row["text"], str):
+            raise DrscalingError(f"{corpus_path}: every 'text' must be a string")
+        seen.add(pid)
+        yield pid, row["text"]
+
+
+def write_passages(folder: Path, rows: Iterable[tuple[str, str]]) -> list[str]:
+    """An index's passages.jsonl and pids.json from (pid, text) rows, streamed; returns the pids."""
+    pids = []
+    with open(folder / "passages.jsonl", "w", encoding="utf-8") as fh:
+        for pid, text in rows:
+            fh.write(json.dumps({"pid": pid, "text": text}, ensure_ascii=False) + "\n")
+            pids.append(pid)
+    (folder / "pids.json").write_text(json.dumps(pids))
+    return pids
+
+
+def index_meta(info: ModelInfo, n: int, corpus_path: str | Path, index: IndexConfig) -> dict:
+    """index.json of an index of n passages embedded by the passage model `info`."""
+    # Queries must go through the same encoder (shared) or the pair's query tower.
+    query_model = info.name if info.tower == "shared" else f"{info.retriever}-query"
+    return {"model": info.name, "query_model": query_model, "retriever": info.retriever,
+            "tower": info.tower, "n": n, "dim": info.dim, "corpus": str(Path(corpus_path).resolve()),
+            "score": "inner_product", "index": index.describe(n)}
+
+
+def write_search_index(folder: Path, emb: np.ndarray, index: IndexConfig, meta: dict) -> None:
+    """faiss.index over `emb` (embeddings.npy's rows), then index.json: the last files of an index."""
+    vector_index.save(vector_index.build(emb, index), folder / vector_index.INDEX_FILE)
+    (folder / "index.json").write_text(json.dumps(meta, indent=2))
+
+
 def build_index(
     url: str | TritonServer, model: str, corpus_path: str | Path, out_dir: str | Path,
     protocol: str = "http", batch_size: int = 32, tokenizer: str | Path | None = None,
@@ -103,39 +144,22 @@ def build_index(
 ) -> dict:
     """Embed a JSONL corpus ({"pid", "text"} per line) on Triton; writes out_dir atomically:
     embeddings.npy (float32 [n, dim]), faiss.index (`index`: exact inner product by default, IVF or
-    HNSW; see drscaling.vector_index), pids.json, passages.jsonl, index.json. Returns index.json."""
+    HNSW; see drscaling.vector_index), pids.json, passages.jsonl, index.json. Returns index.json.
+    (drscaling.serving.index_ray builds the same files on a Ray cluster.)"""
     index = index or IndexConfig()
     index.validate()
-    rows = read_jsonl(corpus_path, required=("pid", "text"))
-    pids = [str(r["pid"]) for r in rows]
-    if len(set(pids)) != len(pids):
-        dup = next(p for i, p in enumerate(pids) if p in pids[:i])
-        raise DrscalingError(f"{corpus_path}: duplicate pid '{dup}'")
-    texts = [r["text"] for r in rows]
-    if not all(isinstance(t, str) for t in texts):
-        raise DrscalingError(f"{corpus_path}: every 'text' must be a string")
+    rows = list(corpus_rows(corpus_path))
     with Client(url, protocol) as client:
-        model = resolve_tower(client, model, "passage")
-        info = client.info(model)
-    emb = encode_texts(url, model, texts, protocol=protocol, batch_size=batch_size,
-                       tokenizer=tokenizer, desc=f"index {model}", repo=repo,
+        info = client.info(resolve_tower(client, model, "passage"))
+    meta = index_meta(info, len(rows), corpus_path, index)
+    emb = encode_texts(url, info.name, [text for _, text in rows], protocol=protocol, batch_size=batch_size,
+                       tokenizer=tokenizer, desc=f"index {info.name}", repo=repo,
                        server_tokenize=server_tokenize)
-    # Queries must go through the same encoder (shared) or the pair's query tower.
-    query_model = model if info.tower == "shared" else f"{info.retriever}-query"
-    meta = {"model": model, "query_model": query_model, "retriever": info.retriever,
-            "tower": info.tower, "n": len(pids), "dim": int(emb.shape[1]),
-            "corpus": str(Path(corpus_path).resolve()), "score": "inner_product",
-            "index": index.describe(len(pids))}
-    built = vector_index.build(emb, index)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         np.save(tmp / "embeddings.npy", emb)  # the index's source: another index type needs no re-embedding
-        vector_index.save(built, tmp / vector_index.INDEX_FILE)
-        (tmp / "pids.json").write_text(json.dumps(pids))
-        with open(tmp / "passages.jsonl", "w", encoding="utf-8") as fh:
-            for pid, text in zip(pids, texts, strict=True):
-                fh.write(json.dumps({"pid": pid, "text": text}, ensure_ascii=False) + "\n")
-        (tmp / "index.json").write_text(json.dumps(meta, indent=2))
+        write_passages(tmp, rows)
+        write_search_index(tmp, emb, index, meta)
     return meta
 
 
