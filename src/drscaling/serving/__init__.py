@@ -5,6 +5,8 @@ Modules, by concept:
 - server: the tritonserver process (`TritonServer`, `serve`)
 - client: one tritonclient with clear errors (`Client`, `ModelInfo`, `resolve_tower`, `infer_ids`)
 - retrieval: texts to embeddings and the passage index (`encode_texts`, `build_index`, `search`)
+- index_ray: the same index from Ray Data actors running the repository's graph on a cluster
+  (`build_index_ray`, `RayIndexConfig`; `drscaling index --executor ray`)
 
 Dual towers (ScalingNote; `build_tower_repository` on a dual export folder) are two models,
 `<name>-query` and `<name>-passage`. Each config carries the parameters `tower` ("query",
@@ -44,6 +46,7 @@ from drscaling.serving.repository import (
     build_tower_repository,
     render_config,
 )
+from drscaling.serving.index_ray import RayIndexConfig, build_index_ray
 from drscaling.serving.retrieval import build_index, encode_texts, search
 from drscaling.serving.server import (
     ServerConfig,
@@ -55,7 +58,8 @@ from drscaling.serving.server import (
 
 __all__ = [
     "FLAVOURS", "KINDS", "ONNX_FILES", "TEMPLATES", "TOWER_ROLES", "VERSION", "Client", "ModelInfo",
-    "RepositoryConfig", "ServerConfig", "TritonServer", "build_index", "build_model_repository",
+    "RayIndexConfig", "RepositoryConfig", "ServerConfig", "TritonServer", "build_index", "build_index_ray",
+    "build_model_repository",
     "build_tower_repository", "encode_texts", "free_port", "infer_ids", "render_config",
     "resolve_tower", "search", "serve", "triton_dist",
 ]
