@@ -1,5 +1,6 @@
 """The measure stage: load-test served encoders on Triton (a server started here, or one running),
-fit $ per token and $ per step against N, draw cost_vs_n.png and print the result."""
+fit $ per token and $ per step against N, draw cost_vs_n.png, put each measured shape's throughput and
+$ on its registered versions' model cards (registry.add_costs) and print the result."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ LOAD_KEYS = ("batch_sizes", "concurrency", "duration_s", "seq_len", "protocol", 
 def measure_stage(url: str | None, repo: str | Path, out: Path, server_log: Path, common: dict, load: dict) -> dict:
     """Measure on the server at `url`, else on a Triton started on `repo` (its log at `server_log`,
     outside the possibly versioned costs folder), in the stage's MLflow run; returns the costs."""
-    from drscaling import costs, tracking
+    from drscaling import costs, registry, tracking
     from drscaling.serving import TritonServer
 
     with tracking.stage_run("measure", "measure", {"drscaling.stage": "measure"}):
@@ -24,6 +25,10 @@ def measure_stage(url: str | None, repo: str | Path, out: Path, server_log: Path
                 print(f"Triton ready at {server.http_url} (HTTP), {server.grpc_url} (gRPC); log {server.log_path}")
                 result = costs.measure_costs(server, out, **common, **load)
         cost_figure(result, out.with_name("cost_vs_n.png"))
+        cards = registry.add_costs(result, out)  # tokens/s and $ on the registered versions' cards
+        if cards:
+            print(f"model cards updated with the measured throughput: "
+                  f"{', '.join(sorted({c['name'] for c in cards}))} ({len(cards)} versions)")
     return result
 
 
