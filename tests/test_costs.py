@@ -291,3 +291,31 @@ def test_measure_command_writes_the_costs_folder(triton, tiny_model, mlflow_tmp,
     log_budget({"budget": 1.0, "laws": "laws.json"}, tmp_path / "budget", "measured", False, tmp_path / "later.json")
     version = mlflow_tmp.MlflowClient().get_model_version("drscaling-bert-L2-H128", "1")
     assert version.tags["tokens_per_s"] == "4321.0" and "later.json" in version.tags["costs_source"]
+
+
+def overlapping_tick_labels(fig) -> list[tuple[str, str]]:
+    """Pairs of drawn tick labels (major and minor) whose boxes overlap, per axis."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    out = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            out += [(labels[i].get_text(), labels[j].get_text()) for i in range(len(boxes))
+                    for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+    return out
+
+
+def test_cost_figure_is_log_log_with_tick_labels_that_never_overlap():
+    """cost_vs_n.png from the committed costs: log axes, and no two tick labels overlap on either axis
+    (matplotlib's default labelled 3x10^6 over 4x10^6 on this one-decade range)."""
+    from pathlib import Path
+
+    from drscaling.measure_stage import draw_cost_figure
+
+    costs = json.loads((Path(__file__).resolve().parents[1] / "costs/costs.json").read_text())
+    fig = draw_cost_figure(costs)
+    assert all(ax.get_xscale() == "log" and ax.get_yscale() == "log" for ax in fig.axes)
+    assert all(len(ax.xaxis.get_ticklabels()) >= 2 for ax in fig.axes)
+    assert overlapping_tick_labels(fig) == []
