@@ -205,3 +205,4 @@ def test_measured_costs_go_on_the_cards_of_measured_shapes_only(trained, tmp_pat
         card = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{r['run_id']}/model_card.json")).read_text())
         assert card["tokens_per_s"] == 12345.6 and card["usd_per_million_tokens"] == 0.0884
         assert card["ce_test"] == r["ce_test_at_best_dev"]
+    assert registry.add_costs(costs, path) == []  # the same costs again: nothing to rewrite

@@ -260,6 +260,8 @@ def add_costs(costs: dict, source: str | Path) -> list[dict]:
             card = _run_card(version.run_id)
             if card is None or (n is not None and card.get("n_non_embedding") not in (None, n)):
                 continue
+            if all(card.get(k) == v for k, v in fields.items()):
+                continue  # already on the card (the budget stage reruns on the same costs file)
             card |= fields
             describe_version(version.name, str(version.version), card)
             client.log_dict(version.run_id, card, "model_card.json")
