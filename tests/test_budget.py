@@ -239,6 +239,24 @@ def test_run_budget_writes_result_and_figures(tmp_path: Path) -> None:
     assert f"Recommended: {res['shapes']['best']['shape']} (a trained shape" in text
 
 
+def test_figs_7_and_8_have_bootstrap_bands_the_fitted_range_and_log_axes() -> None:
+    from drscaling.budget.stage import draw_budget_figure
+
+    fit = law("ND", PAPER_ND, n_samples=50, points={"n": [1e6, 1e7], "d": [1e3, 1e4]})
+    fig = draw_budget_figure(fit, PAPER, [1e4, 1e6], True, SearchRange(),
+                             FittedRange.of_fit(fit, B.EXTRAPOLATION_FACTOR), Chance(256))
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "95% bootstrap band" in labels and "fitted N" in labels and "$10,000 (predicted)" in labels
+    def bands(axes) -> int:  # fill_between's polygons (the optima are scatter PathCollections)
+        return sum("PolyCollection" in type(c).__name__ for c in axes.collections)
+
+    assert bands(ax) == 2  # one per budget curve
+    without = draw_budget_figure(law("ND", PAPER_ND), PAPER, [1e6], True, SearchRange())  # no bootstrap
+    assert bands(without.axes[0]) == 0
+
+
 def test_run_budget_errors(tmp_path: Path) -> None:
     with pytest.raises(DrscalingError, match="run the fit stage .*drscaling fit"):
         run_budget(tmp_path / "no" / "laws.json", 1e4, out_dir=tmp_path / "b")

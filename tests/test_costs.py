@@ -254,10 +254,15 @@ def test_measure_repeats_each_setting_on_a_real_server(triton, tmp_path):  # noq
         measure(triton, [(MODEL, "bert-L2-H128", 1)], log_mlflow=False, **(SHORT | {"repeats": 0}))
 
 
-def test_measure_command_writes_the_costs_folder(triton, mlflow_tmp, tmp_path, monkeypatch, capsys):  # noqa: F811
-    """`drscaling measure --url ... --repeats 2` with a small grid from the working directory's params.yaml."""
+def test_measure_command_writes_the_costs_folder(triton, tiny_model, mlflow_tmp, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """`drscaling measure --url ... --repeats 2` with a small grid from the working directory's params.yaml;
+    the served shape's registered version gets the measured throughput on its model card."""
+    from drscaling import registry
     from drscaling.cli import main
 
+    meta = json.loads((tiny_model / "drscaling.json").read_text())
+    with mlflow_tmp.start_run():
+        registry.log_encoder(tiny_model, {"shape": "bert-L2-H128", "dim": 32, "n_non_embedding": meta["n_non_embedding"]})
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "measure": {"batch_sizes": [2], "concurrency": [1, 2], "duration_s": 0.2, "seq_len": 16, "repeats": 3},
@@ -273,3 +278,44 @@ def test_measure_command_writes_the_costs_folder(triton, mlflow_tmp, tmp_path, m
     assert "2 repeats per setting" in printed and "inference cost fit: $/token" in printed
     assert "95% interval: a in [" in printed
     assert not (tmp_path / "costs/triton.log").exists()
+    version = mlflow_tmp.MlflowClient().get_model_version("drscaling-bert-L2-H128", "1")
+    assert float(version.tags["tokens_per_s"]) == pytest.approx(costs["inference"]["points"][0]["tokens_per_s"])
+    assert "costs/costs.json" in version.tags["costs_source"] and "Triton throughput" in version.description
+    # The budget stage on measured costs does the same from the costs file it reads (versions
+    # registered after `make measure` get the numbers too).
+    from drscaling.budget import log_budget
+
+    costs["inference"]["points"][0]["tokens_per_s"] = 4321.0
+    (tmp_path / "later.json").write_text(json.dumps(costs))
+    (tmp_path / "budget").mkdir()
+    log_budget({"budget": 1.0, "laws": "laws.json"}, tmp_path / "budget", "measured", False, tmp_path / "later.json")
+    version = mlflow_tmp.MlflowClient().get_model_version("drscaling-bert-L2-H128", "1")
+    assert version.tags["tokens_per_s"] == "4321.0" and "later.json" in version.tags["costs_source"]
+
+
+def overlapping_tick_labels(fig) -> list[tuple[str, str]]:
+    """Pairs of drawn tick labels (major and minor) whose boxes overlap, per axis."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    out = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            out += [(labels[i].get_text(), labels[j].get_text()) for i in range(len(boxes))
+                    for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+    return out
+
+
+def test_cost_figure_is_log_log_with_tick_labels_that_never_overlap():
+    """cost_vs_n.png from the committed costs: log axes, and no two tick labels overlap on either axis
+    (matplotlib's default labelled 3x10^6 over 4x10^6 on this one-decade range)."""
+    from pathlib import Path
+
+    from drscaling.measure_stage import draw_cost_figure
+
+    costs = json.loads((Path(__file__).resolve().parents[1] / "costs/costs.json").read_text())
+    fig = draw_cost_figure(costs)
+    assert all(ax.get_xscale() == "log" and ax.get_yscale() == "log" for ax in fig.axes)
+    assert all(len(ax.xaxis.get_ticklabels()) >= 2 for ax in fig.axes)
+    assert overlapping_tick_labels(fig) == []

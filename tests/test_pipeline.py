@@ -287,3 +287,29 @@ def test_sweep_overrides_beat_the_preset_and_the_workspace_preset_wins(tmp_path,
     assert load_preset("quick").model == TINY_SWEEP["model"]
     with pytest.raises(DrscalingError, match="unknown preset 'nope'.*quick"):
         load_preset("nope")
+
+
+def test_make_exps_is_a_compact_dvc_exp_show(tmp_path):
+    """`make exps` (`dvc exp show --drop '.*' --keep EXP_COLUMNS`) on a repo with the fit stage's metrics
+    file and the project's params: the experiment, the fitted exponents and R^2, the varied parameters."""
+    import re
+
+    from test_laws import write_synthetic_sweep
+
+    from drscaling.laws.stage import fit_sweep
+
+    keep = re.search(r"^EXP_COLUMNS := (.*)$", (REPO / "Makefile").read_text(), re.M).group(1).replace("$$", "$")
+    repo = tmp_path / "repo"
+    fit_sweep(write_synthetic_sweep(tmp_path / "results.jsonl"), repo / "artifacts/laws", n_bootstrap=5, seed=0)
+    shutil.copy(REPO / "params.yaml", repo / "params.yaml")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"fit": {
+        "cmd": "true", "params": ["sweep", "train"], "metrics": [{"artifacts/laws/metrics.json": {"cache": False}}]}}}))
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], repo)
+    everything = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout.splitlines()[0].split(",")
+    shown = run(["dvc", "exp", "show", "--no-pager", "--csv", "--drop", ".*", "--keep", keep], repo).stdout
+    columns = shown.splitlines()[0].split(",")
+    assert {"Experiment", "N.alpha", "D.beta", "ND.alpha", "ND.beta", "N.r2", "sweep.preset", "train.seed"} <= set(columns)
+    assert len(columns) <= 20 < len(everything), columns

@@ -164,3 +164,45 @@ def test_a_study_registers_under_its_own_name_and_never_recommends_another_datas
     assert picked["uri"] == f"models:/{scoped}@recommended"
     assert client.get_model_version_by_alias(scoped, "recommended").run_id == run["run_id"]
     assert client.get_model_version_by_alias(NAME, "recommended").version == project_pick
+
+
+def _costs(*points: dict) -> dict:
+    return {"device": "CPU test", "device_hour_usd": 3.93, "measured_at": "2026-11-27T11:47:15+00:00", "repeats": 3,
+            "inference": {"points": list(points), "fit": {"a": 1e-14, "b": 1.0}}}
+
+
+def test_measured_costs_go_on_the_cards_of_measured_shapes_only(trained, tmp_path):
+    """Triton tokens/s and $ per million tokens on the card of every version of a measured shape (its
+    description, tags and the run's model_card.json), naming the costs file; nothing for a shape the
+    costs file did not measure, nor for a measured model of another N."""
+    client = mlflow.MlflowClient()
+    n = trained[60]["n"]
+    path = tmp_path / "costs.json"
+    other = {"shape": "bert-L4-H256", "n": 3_000_000, "tokens_per_s": 900.0, "usd_per_million_tokens": 1.2}
+    not_ours = {"shape": SHAPE, "n": n + 1, "tokens_per_s": 1.0, "usd_per_million_tokens": 1.0}
+    for costs in (_costs(other), _costs(not_ours)):
+        path.write_text(json.dumps(costs))
+        assert registry.add_costs(costs, path) == []
+    for r in trained.values():
+        v = {v.tags["config_key"]: v for v in client.search_model_versions(f"name = '{NAME}'")}[r["config_key"]]
+        assert "tokens_per_s" not in v.tags and "Triton throughput" not in v.description
+        card = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{r['run_id']}/model_card.json")).read_text())
+        assert "tokens_per_s" not in card
+
+    ours = {"shape": SHAPE, "n": n, "tokens_per_s": 12345.6, "usd_per_million_tokens": 0.0884}
+    costs = _costs(other, ours)
+    path.write_text(json.dumps(costs))
+    updated = registry.add_costs(costs, path)
+    assert sorted(u["version"] for u in updated) == sorted(
+        str(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
+    for r in trained.values():
+        v = {v.tags["config_key"]: v for v in client.search_model_versions(f"name = '{NAME}'")}[r["config_key"]]
+        assert v.tags["tokens_per_s"] == "12345.6" and v.tags["usd_per_million_tokens"] == "0.0884"
+        assert str(path) in v.tags["costs_source"] and "2026-11-27T11:47:15" in v.tags["costs_source"]
+        assert "| Triton throughput (tokens/s) | 1.235e+04 |" in v.description
+        assert "| $ per million tokens | 0.0884 |" in v.description and str(path) in v.description
+        assert f"| D (training pairs) | {r['d']} |" in v.description  # the rest of the card kept
+        card = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{r['run_id']}/model_card.json")).read_text())
+        assert card["tokens_per_s"] == 12345.6 and card["usd_per_million_tokens"] == 0.0884
+        assert card["ce_test"] == r["ce_test_at_best_dev"]
+    assert registry.add_costs(costs, path) == []  # the same costs again: nothing to rewrite

@@ -191,6 +191,37 @@ def test_missing_ensemble_is_a_clear_error(tiny_onnx, tmp_path):  # noqa: F811
         encode_texts(server, "plain", ["hello"], server_tokenize=True)
 
 
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_repository_is_relocatable(tiny_onnx, tmp_path, monkeypatch):  # noqa: F811
+    """The tokenizer model names its Python environment relative to itself (not the absolute path
+    of this checkout's env): the same bytes wherever it is built, and a copy in another folder, the
+    original gone, still serves the text ensemble."""
+    import shutil
+
+    from drscaling.serving import TritonServer
+
+    first, second = tmp_path / "a" / "repo", tmp_path / "b" / "repo"
+    build_model_repository(tiny_onnx, first, "m", max_batch_size=16)
+    build_model_repository(tiny_onnx, second, "m", max_batch_size=16)
+    files = _tree(first)
+    assert files == _tree(second)  # deterministic, and nothing depends on where it was built
+    assert not any(str(tmp_path).encode() in b or b"triton-stub-env" in b for b in files.values())
+    assert '"$$TRITON_MODEL_DIRECTORY/1/python-env"' in files["m-tokenizer/config.pbtxt"].decode()
+    moved = tmp_path / "elsewhere" / "copied"
+    shutil.copytree(first, moved)
+    shutil.rmtree(tmp_path / "a")
+    ref = ort_encode_fn(ort_session(tiny_onnx / "model.onnx"), load_tokenizer(tiny_onnx / "tokenizer"))(MORE, 128)
+    with TritonServer(moved) as server, Client(server) as client:
+        assert np.abs(client.infer_text("m-text", MORE) - ref).max() <= 1e-5
+    # Its environment is resolved when the server starts: a missing one is a clear error, no server.
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "no-env"))
+    with pytest.raises(DrscalingError, match="python -m drscaling.serving.stub_env"):
+        TritonServer(moved).start()
+
+
 def test_cli_server_tokenize(triton, tmp_path, monkeypatch, capsys):  # noqa: F811
     """`drscaling encode/index/search --server-tokenize`: text to Triton, no tokenizer or --repo needed."""
     from drscaling.cli import main

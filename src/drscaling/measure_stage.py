@@ -1,5 +1,6 @@
 """The measure stage: load-test served encoders on Triton (a server started here, or one running),
-fit $ per token and $ per step against N, draw cost_vs_n.png and print the result."""
+fit $ per token and $ per step against N, draw cost_vs_n.png, put each measured shape's throughput and
+$ on its registered versions' model cards (registry.add_costs) and print the result."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ LOAD_KEYS = ("batch_sizes", "concurrency", "duration_s", "seq_len", "protocol", 
 def measure_stage(url: str | None, repo: str | Path, out: Path, server_log: Path, common: dict, load: dict) -> dict:
     """Measure on the server at `url`, else on a Triton started on `repo` (its log at `server_log`,
     outside the possibly versioned costs folder), in the stage's MLflow run; returns the costs."""
-    from drscaling import costs, tracking
+    from drscaling import costs, registry, tracking
     from drscaling.serving import TritonServer
 
     with tracking.stage_run("measure", "measure", {"drscaling.stage": "measure"}):
@@ -24,18 +25,36 @@ def measure_stage(url: str | None, repo: str | Path, out: Path, server_log: Path
                 print(f"Triton ready at {server.http_url} (HTTP), {server.grpc_url} (gRPC); log {server.log_path}")
                 result = costs.measure_costs(server, out, **common, **load)
         cost_figure(result, out.with_name("cost_vs_n.png"))
+        cards = registry.add_costs(result, out)  # tokens/s and $ on the registered versions' cards
+        if cards:
+            print(f"model cards updated with the measured throughput: "
+                  f"{', '.join(sorted({c['name'] for c in cards}))} ({len(cards)} versions)")
     return result
 
 
 def cost_figure(costs: dict, path: Path) -> None:
-    """$ per million tokens (inference) and $ per step (training) against N: points with the range of
-    their repeats, fitted curves with the fit's interval of b in the legend; logged to the active run."""
+    """Draw the costs (draw_cost_figure) to `path` and log it to the active run."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    fig = draw_cost_figure(costs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    mlflow.log_artifact(str(path), artifact_path="figures")
+
+
+def draw_cost_figure(costs: dict):
+    """$ per million tokens (inference) and $ per step (training) against N, log-log: points with the
+    range of their repeats, fitted curves with the fit's interval of b in the legend; tick labels that
+    never collide (laws.figures.set_log_axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import mlflow
     import numpy as np
+
+    from drscaling.laws.figures import set_log_axis
 
     parts = [("inference", "usd_per_million_tokens", 1e6, "$ per 1M tokens (served)"),
              ("training", "usd_per_step", 1.0, "$ per training step")]
@@ -45,6 +64,7 @@ def cost_figure(costs: dict, path: Path) -> None:
         pts = costs[key]["points"]
         n = np.array([p["n"] for p in pts], dtype=float)
         y = np.array([p[field] for p in pts])
+        lo = hi = y
         if key == "inference" and all("tokens_per_s_repeats" in p for p in pts):
             # $ is inverse to tokens/s: the slowest repeat is the highest cost.
             lo = np.array([p["tokens_per_s"] / max(p["tokens_per_s_repeats"]) for p in pts]) * y
@@ -56,14 +76,14 @@ def cost_figure(costs: dict, path: Path) -> None:
         f = costs[key]["fit"]
         iv = f.get("interval", {}).get("b")
         band = f" (b {iv[0]:.2f}..{iv[1]:.2f})" if iv else ""
-        ax.plot(grid, scale * f["a"] * grid ** f["b"], "--", label=f"fit: {f['a'] * scale:.3g} N^{f['b']:.2f}{band}")
-        ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel=label, title=key)
+        fitted = scale * f["a"] * grid ** f["b"]
+        ax.plot(grid, fitted, "--", label=f"fit: {f['a'] * scale:.3g} N^{f['b']:.2f}{band}")
+        set_log_axis(ax, "x", grid[0], grid[-1], sizes=True)
+        set_log_axis(ax, "y", min(lo.min(), fitted.min()) / 1.15, max(hi.max(), fitted.max()) * 1.15, sizes=False)
+        ax.set(xlabel="non-embedding parameters N", ylabel=label, title=key)
         ax.legend(fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    mlflow.log_artifact(str(path), artifact_path="figures")
+    return fig
 
 
 def measure_lines(result: dict) -> list[str]:

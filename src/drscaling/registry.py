@@ -13,7 +13,9 @@ batch_size). Loading needs the drscaling package importable (the pickled wrapper
 Registry: one registered model per shape, `drscaling-<shape>` (`drscaling-<shape>-dual` for dual
 towers; `drscaling-<study>-<shape>` for a `drscaling study`'s runs, so datasets never share one); each training run of that shape (another D, source or setting) is a version, tagged with
 its config key, D, source and CE, and described by its model card (N, D, source, CE with its 95%
-interval, MRR@10). The budget stage sets the alias `@recommended` on the version it picks.
+interval, MRR@10; Triton tokens/s and $ per million tokens once a costs file has measured its shape:
+`add_costs`, run by `drscaling measure` and by the budget stage on measured costs). The budget stage
+sets the alias `@recommended` on the version it picks.
 
 Stored once: the MLflow artifact store holds the model; the run folder's `model/` (what resume,
 `export --from-sweep` and `evaluate <folder>` read) is the only other copy, and on a local
@@ -100,6 +102,7 @@ CARD_FIELDS = (  # (key, label) in the order the card shows them
     ("ce_test_min", "min test CE over training (the laws' point)"), ("ce_test_zero_shot", "zero-shot test CE"),
     ("mrr@10", "MRR@10"), ("ndcg@10", "NDCG@10"), ("converged", "converged"), ("steps", "steps"),
     ("tokens_per_s", "Triton throughput (tokens/s)"), ("usd_per_million_tokens", "$ per million tokens"),
+    ("costs_source", "throughput measured by"),
     ("config_key", "config key"), ("annotations_version", "training data (md5)"),
     ("prepared_version", "evaluation data (md5)"), ("data_version", "data.dvc version"), ("run_id", "MLflow run"),
 )
@@ -197,9 +200,74 @@ def describe_version(name: str, version: str, card: dict) -> None:
 
     client = mlflow.MlflowClient()
     client.update_model_version(name, version, description=card_markdown(card))
-    for key in ("config_key", "d", "source", "ce_test", "ce_test_min", "mrr@10", "n_non_embedding"):
+    for key in ("config_key", "d", "source", "ce_test", "ce_test_min", "mrr@10", "n_non_embedding",
+                *COST_FIELDS):
         if card.get(key) is not None:  # tag keys cannot hold '@': mrr@10 is mrr_at_10, as in metrics
             client.set_model_version_tag(name, version, key.replace("@", "_at_"), str(card[key]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured serving costs on the cards
+# ---------------------------------------------------------------------------------------------
+
+COST_FIELDS = ("tokens_per_s", "usd_per_million_tokens", "costs_source")
+
+
+def measured_shapes(costs: dict, source: str) -> dict[str, dict]:
+    """{shape: card fields} for the shared models a costs file measured on Triton: their best median
+    throughput and its $ per million tokens, and where that came from. Tower points (a query tower
+    at batch 1, a passage tower) are not a shared model's numbers and are left out."""
+    towers = {(t.get("shape"), t.get("tokens_per_s")) for t in costs.get("towers") or []}
+    where = (f"{source}: measured {costs.get('measured_at')} on {costs.get('device')}, median of "
+             f"{costs.get('repeats')} repeats, ${costs.get('device_hour_usd')}/device-hour")
+    out = {}
+    for p in (costs.get("inference") or {}).get("points") or []:
+        if p.get("shape") and (p["shape"], p.get("tokens_per_s")) not in towers:
+            out[p["shape"]] = {"n": p.get("n"), "tokens_per_s": float(p["tokens_per_s"]),
+                               "usd_per_million_tokens": float(p["usd_per_million_tokens"]), "costs_source": where}
+    return out
+
+
+def _run_card(run_id: str) -> dict | None:
+    import json
+
+    import mlflow
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="drscaling-card-") as tmp:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model_card.json", dst_path=tmp)
+            return json.loads(Path(path).read_text())
+    except Exception:  # noqa: BLE001 - a run without a card (logged before cards existed) or gone
+        return None
+
+
+def add_costs(costs: dict, source: str | Path) -> list[dict]:
+    """Put a costs file's measured throughput and $ per million tokens on the card of every registered
+    version of each measured shape (the version's description and tags, and its run's model_card.json
+    and model_card.md), naming the file and the measurement. A version whose N differs from the
+    measured model's, and every shape not measured, is left alone. Returns {name, version, shape}
+    per updated version."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    source = str(source)
+    if Path(source).exists():
+        source = f"{source} (md5 {tracking.file_version(source)[:12]})"
+    updated = []
+    for shape, fields in measured_shapes(costs, source).items():
+        n = fields.pop("n")
+        for version in _versions(registered_name(shape)):
+            card = _run_card(version.run_id)
+            if card is None or (n is not None and card.get("n_non_embedding") not in (None, n)):
+                continue
+            if all(card.get(k) == v for k, v in fields.items()):
+                continue  # already on the card (the budget stage reruns on the same costs file)
+            card |= fields
+            describe_version(version.name, str(version.version), card)
+            client.log_dict(version.run_id, card, "model_card.json")
+            client.log_text(version.run_id, card_markdown(card), "model_card.md")
+            updated.append({"name": version.name, "version": str(version.version), "shape": shape})
+    return updated
 
 
 def _stored_folder(info, folder_name: str) -> Path | None:

@@ -45,9 +45,12 @@ def mlflow_fields(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, s
     return metrics, tags
 
 
-def log_budget(result: dict[str, Any], out: Path, mode: str, published: bool) -> dict[str, Any] | None:
+def log_budget(result: dict[str, Any], out: Path, mode: str, published: bool,
+               costs_path: str | Path | None = None) -> dict[str, Any] | None:
     """Log a budget result to its MLflow run; for fitted laws, set @recommended on the picked run's
-    registered version and return it (None: no registered version, or a published law set)."""
+    registered version and return it (None: no registered version, or a published law set). On
+    measured costs, the registered versions of each shape the costs file measured get its Triton
+    throughput and $ per million tokens on their cards (versions registered since `make measure`)."""
     import mlflow
 
     from drscaling import registry, tracking
@@ -62,6 +65,10 @@ def log_budget(result: dict[str, Any], out: Path, mode: str, published: bool) ->
         picked = None if published else registry.recommend(result)  # @recommended on the picked version
         if picked:
             mlflow.set_tag("budget.recommended_model", f"{picked['name']}/{picked['version']}")
+        if mode == "measured" and not published and costs_path is not None:
+            from drscaling.files import read_json
+
+            registry.add_costs(read_json(costs_path, what="costs file"), costs_path)
     return picked
 
 

@@ -21,7 +21,7 @@ from drscaling.budget.cost_model import HUMAN_USD_PER_PAIR, CostModel, build_cos
 from drscaling.budget.law_sets import DEFAULT_NEGATIVES, LawSource, resolve_laws
 from drscaling.budget.solve import (
     EXTRAPOLATION_FACTOR, N_MAX, N_MIN, Chance, FittedRange, SearchRange, best_measured_run, check_budget,
-    compare_sources, law_loss, solve, solve_shapes,
+    compare_sources, law_loss, law_loss_samples, solve, solve_shapes,
 )
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path, write_text
@@ -95,8 +95,29 @@ def budget_figure(
     fitted_range: FittedRange | None = None,
     chance: Chance | None = None,
 ) -> Path | None:
-    """Predicted loss vs N for several budgets; a dot marks each budget's optimum; the fitted N range
-    is shaded and chance drawn as a line."""
+    """Fig 7 / 8 (draw_budget_figure) written to `path`; None when no budget affords a model."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_budget_figure(fit, costs, budgets, include_inference, search, fitted_range, chance)
+    if fig is None:
+        return None
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def draw_budget_figure(
+    fit: FitResult,
+    costs: CostModel,
+    budgets: Sequence[float],
+    include_inference: bool,
+    search: SearchRange,
+    fitted_range: FittedRange | None = None,
+    chance: Chance | None = None,
+):
+    """Predicted loss vs N for several budgets, each with the 95% band of the law's bootstrap refits;
+    a dot marks each budget's optimum; the fitted N range is shaded and chance drawn as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +125,6 @@ def budget_figure(
 
     ns = search.grid()
     fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
-    drawn = False
     optima = []
     for i, budget in enumerate(sorted(budgets)):
         ds = costs.data_pairs(ns, budget, include_inference)
@@ -113,12 +133,16 @@ def budget_figure(
             continue
         ls = law_loss(fit, ns[ok], ds[ok])
         color = f"C{i % 10}"
-        ax.plot(ns[ok], ls, color=color, label=f"${budget:,.0f}")
+        ax.plot(ns[ok], ls, color=color, label=f"${budget:,.0f} (predicted)")
+        samples = law_loss_samples(fit, ns[ok], ds[ok])
+        if samples.shape[0]:
+            lo, hi = np.nanpercentile(samples, [2.5, 97.5], axis=0)
+            ax.fill_between(ns[ok], lo, hi, color=color, alpha=0.15, lw=0,
+                            label=None if len(optima) else "95% bootstrap band")
         j = int(np.argmin(ls))
         ax.scatter([ns[ok][j]], [ls[j]], color=color, zorder=3)
         optima.append(float(ls[j]))
-        drawn = True
-    if not drawn:
+    if not optima:
         plt.close(fig)
         return None
     ax.set_xscale("log")
@@ -136,12 +160,9 @@ def budget_figure(
     fig_no = 8 if include_inference else 7
     ax.set_title(f"Fig {fig_no}: predicted loss vs model size, {which} inference ({costs.mode} costs)",
                  fontsize=9)
-    ax.legend(title="budget", fontsize=7)
+    ax.legend(title="budget (dots: its optimum)", fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def cmd_budget(args) -> None:
         negatives=args.negatives, default_negatives=int(eval_negatives) if eval_negatives else None,
         law=args.law or "ND",
     )
-    picked = None if args.no_mlflow else B.log_budget(result, out, mode, published)
+    picked = None if args.no_mlflow else B.log_budget(
+        result, out, mode, published, pick("costs_path", COSTS) if mode == "measured" else None)
     if args.show_derivation or mode == "paper":
         print("\n".join(B.paper_derivation()))
     print(B.format_recommendation(result))

@@ -8,7 +8,8 @@
 
 and, for text in (`text_ensemble`, on by default), two more models around the tensor model <name>:
     <repo>/<name>-tokenizer/            python model: BYTES texts -> input_ids, attention_mask
-                                        (1/model.py from serving/templates/tokenizer.py, 1/tokenizer.json)
+                                        (1/model.py from serving/templates/tokenizer.py, 1/tokenizer.json,
+                                        1/python-env/bin/activate: see serving.stub_env)
     <repo>/<name>-text/                 ensemble: <name>-tokenizer then <name>; texts in, embeddings out
 
 Every config carries the parameter `interface` ("tensor", "tokenizer", "text"), so clients and the
@@ -131,6 +132,7 @@ def build_model_repository(
         with atomic_path(repo_dir / model) as tmp:
             (tmp / VERSION).mkdir(parents=True)
             for rel, content in files.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_text(content)
     return repo_dir / name
 
@@ -157,9 +159,10 @@ def _render_text_models(name: str, cfg: RepositoryConfig, dim: int, params: dict
         "truncation_side": tokenizer.truncation_side,
     }
     if cfg.flavour == "python":  # our server; the NGC container's stub reads strings with its own numpy
-        from drscaling.serving.stub_env import check_stub_env
+        from drscaling.serving.stub_env import EXECUTION_ENV_PATH, check_stub_env
 
-        tok_params["EXECUTION_ENV_PATH"] = str(check_stub_env())
+        check_stub_env()  # fail now, not when the server starts
+        tok_params["EXECUTION_ENV_PATH"] = EXECUTION_ENV_PATH  # relative: the repository can move
     tok_config = string.Template((TEMPLATES / "tokenizer.pbtxt.in").read_text()).substitute(
         name=tok_name, encoder=name, max_batch_size=cfg.max_batch_size, instances=cfg.instances,
         parameters=_render_parameters(tok_params),
@@ -168,9 +171,14 @@ def _render_text_models(name: str, cfg: RepositoryConfig, dim: int, params: dict
         name=text_name, tokenizer=tok_name, encoder=name, max_batch_size=cfg.max_batch_size,
         dim=dim, parameters=_render_parameters(params | {"interface": "text", "encoder": name}),
     )
+    files = {"config.pbtxt": tok_config, f"{VERSION}/tokenizer.json": backend.to_str(),
+             f"{VERSION}/model.py": (TEMPLATES / "tokenizer.py").read_text()}
+    if "EXECUTION_ENV_PATH" in tok_params:
+        from drscaling.serving.stub_env import SHIM_DIR, activate_shim
+
+        files[f"{VERSION}/{SHIM_DIR}/bin/activate"] = activate_shim()
     return {
-        tok_name: {"config.pbtxt": tok_config, f"{VERSION}/tokenizer.json": backend.to_str(),
-                   f"{VERSION}/model.py": (TEMPLATES / "tokenizer.py").read_text()},
+        tok_name: files,
         text_name: {"config.pbtxt": ens_config},
     }
 

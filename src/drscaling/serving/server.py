@@ -83,6 +83,7 @@ class TritonServer:
         )
         self.proc: subprocess.Popen | None = None
         self._workdir: Path | None = None
+        self._stub_env: Path | None = None
         self.log_path: Path | None = None
         self.last_log = ""
         self.http_port = self.grpc_port = self.metrics_port = 0
@@ -122,6 +123,11 @@ class TritonServer:
             )
         if self.proc is not None and self.proc.poll() is None:
             raise DrscalingError("this TritonServer is already running")
+        from drscaling.serving.stub_env import check_stub_env, uses_stub_env
+
+        # The tokenizer models' environment is resolved now (see serving.stub_env): checked here, or
+        # their stubs would never start and the server would time out.
+        self._stub_env = check_stub_env() if uses_stub_env(cfg.repo_dir) else None
         self._workdir = Path(tempfile.mkdtemp(prefix="drscaling-triton-"))
         backends = self._prepare_backends(self._workdir)
         self.log_path = cfg.log_path or self._workdir / "tritonserver.log"
@@ -172,6 +178,10 @@ class TritonServer:
         # The embedded interpreter finds its prefix (and so this venv's site-packages: numpy,
         # onnxruntime) from the first python3 on PATH.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        if self._stub_env is not None:  # what the tokenizer models' bin/activate shim activates
+            from drscaling.serving.stub_env import ENV_VAR
+
+            env[ENV_VAR] = str(self._stub_env)
         return env
 
     def _launch(self, backends: Path) -> None:

@@ -11,6 +11,16 @@ Python environment (an unpacked folder with bin/activate).
     python -m drscaling.serving.stub_env            # create it (make setup does); pip, from the registry
     DRSCALING_TRITON_STUB_ENV=/path                 # use another location
 
+Relocatable repositories: the config does not name the environment's absolute path (a repository
+copied to another folder or checkout would break, and the exported bytes would depend on where the
+checkout lives). It names `$$TRITON_MODEL_DIRECTORY/1/python-env`, a folder inside the model holding
+only `bin/activate`, a shim (`activate_shim()`) that the python backend sources before starting the
+stub and that activates the environment named by $DRSCALING_TRITON_STUB_ENV, resolved when the server
+starts: `TritonServer` sets it (to `stub_env_path()`); set it yourself to run tritonserver by hand.
+(Measured with Triton 2.51 here: `$$TRITON_MODEL_DIRECTORY` is expanded in EXECUTION_ENV_PATH, an
+unpacked environment needs only bin/activate, and with the variable unset the stub never starts and
+the model times out, the shim's message in the server log.)
+
 The pins are requirements-triton-stub.txt, plus the venv's own `tokenizers` version, so the
 server tokenises as the client does.
 """
@@ -30,6 +40,8 @@ from drscaling.tracking import REPO
 ENV_VAR = "DRSCALING_TRITON_STUB_ENV"
 REQUIREMENTS = REPO / "requirements-triton-stub.txt"
 PYTHON_DIR = f"python{sys.version_info.major}.{sys.version_info.minor}"
+SHIM_DIR = "python-env"  # inside the tokenizer model's version folder
+EXECUTION_ENV_PATH = f"$$TRITON_MODEL_DIRECTORY/1/{SHIM_DIR}"  # what its config.pbtxt names
 
 
 def stub_env_path() -> Path:
@@ -54,6 +66,25 @@ def check_stub_env(path: Path | None = None) -> Path:
             "(params.yaml serving.text_ensemble: false)"
         )
     return path
+
+
+def activate_shim() -> str:
+    """`<model>/1/python-env/bin/activate`: activates $DRSCALING_TRITON_STUB_ENV (sourced by bash)."""
+    return f"""# The drscaling tokenizer model's Python environment (numpy 1 + tokenizers), found when the server
+# starts so that the repository can move: drscaling's TritonServer sets {ENV_VAR};
+# set it yourself to start tritonserver by hand (python -m drscaling.serving.stub_env makes one).
+if [ -z "${{{ENV_VAR}:-}}" ] || [ ! -f "${ENV_VAR}/bin/activate" ]; then
+    echo "drscaling tokenizer model: {ENV_VAR} ('${{{ENV_VAR}:-}}') is not a Python environment;" \
+         "set it to the one python -m drscaling.serving.stub_env makes" >&2
+    return 1
+fi
+. "${ENV_VAR}/bin/activate"
+"""
+
+
+def uses_stub_env(repo_dir: Path) -> bool:
+    """Whether a model repository holds a model that activates the shim (a tokenizer model)."""
+    return any(repo_dir.glob(f"*/1/{SHIM_DIR}/bin/activate"))
 
 
 def create_stub_env(path: Path | None = None) -> Path:
