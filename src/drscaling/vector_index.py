@@ -155,11 +155,12 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 def knn_ip(queries: np.ndarray, passages: np.ndarray, k: int) -> np.ndarray:
     """[n_queries, min(k, n)] passage indices by descending inner product, ties to the lower index
-    (as top_k), without a [queries, passages] score matrix: FAISS's exact brute-force search (no
-    index, so no copy of `passages`) for k + TIE_MARGIN candidates, re-sorted by (-score, index). A
-    query whose tied scores may reach past its candidates (duplicate passages) is ranked by top_k
-    over all its scores. FAISS sums the inner products in another order than numpy's matmul: scores
-    differ in the last bits, so near-ties may rank otherwise than top_k(queries @ passages.T)."""
+    (also at the k-th place, where top_k keeps argpartition's pick), without a [queries, passages]
+    score matrix: FAISS's exact brute-force search (no index, so no copy of `passages`) for
+    k + TIE_MARGIN candidates, re-sorted by (-score, index). A query whose tied scores may reach past
+    its candidates (duplicate passages) is sorted over all its scores. FAISS sums the inner products
+    in another order than numpy's matmul: scores differ in the last bits, so near-ties may rank
+    otherwise than top_k(queries @ passages.T)."""
     faiss = _faiss()
     n = len(passages)
     k, wide = min(k, n), min(n, k + TIE_MARGIN)
@@ -171,7 +172,7 @@ def knn_ip(queries: np.ndarray, passages: np.ndarray, k: int) -> np.ndarray:
     out = ids[:, :k].copy()
     if wide < n:
         for row in np.flatnonzero(scores[:, k - 1] == scores[:, wide - 1]):
-            out[row] = top_k(queries[row : row + 1] @ np.asarray(passages).T, k)[0]
+            out[row] = np.argsort(-(np.asarray(passages) @ queries[row]), kind="stable")[:k]
     return out
 
 
