@@ -15,6 +15,7 @@ an Arrow array, each passage's place in corpus.jsonl, and texts read from the fi
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
@@ -140,14 +141,13 @@ def read_corpus(path: Path) -> Corpus:
 
 def _line_spans(path: Path) -> np.ndarray:
     """[n, 2] (byte offset, length) of each non-blank line, as read_jsonl and Arrow count them."""
-    starts, lengths, pos = [], [], 0
+    spans, pos = array.array("q"), 0  # 8 bytes an entry while it grows, not a Python int
     with open(path, "rb") as fh:
         for line in fh:
             if line.strip():
-                starts.append(pos)
-                lengths.append(len(line))
+                spans.extend((pos, len(line)))
             pos += len(line)
-    return np.stack([np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.int64)], axis=1).reshape(-1, 2)
+    return np.frombuffer(spans, dtype=np.int64).reshape(-1, 2).copy()
 
 
 @dataclass

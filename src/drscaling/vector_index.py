@@ -144,8 +144,10 @@ TIE_MARGIN = 64
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """[n_queries, k] passage indices by descending score; ties go to the lower index, so a
-    ranking never depends on the sort algorithm."""
+    """[n_queries, k] passage indices by descending score; ties among the k go to the lower index,
+    so a ranking never depends on the sort algorithm. A tie across the k-th place keeps
+    argpartition's pick (deterministic, not always the lower index): kept so, as the rankings of
+    the pools below evaluate.FAISS_FROM (the default pipeline's) were computed so."""
     k = min(k, scores.shape[1])
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     top.sort(axis=1)  # index order first: the stable sort below keeps it among equal scores
