@@ -67,11 +67,42 @@ def make_model(dest: Path, tokenizer: Path, dim: int) -> None:
     save_retriever(Retriever.single(Tower(encoder, tok, meta)), dest)
 
 
+STAGES = ("load_split", "build_evalset", "rank_pool", "embed_evalset", "chunked_pair_losses", "rank_split", "_reuse")
+
+
+def rss_gib() -> tuple[float, float]:
+    """(current, peak) RSS of this process in GiB."""
+    with open("/proc/self/status") as f:
+        cur = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+    return round(cur / GiB, 3), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB, 3)
+
+
+def trace_stages(log: list) -> None:
+    """Wrap evaluate's stages (module globals, which evaluate_model calls) to record the RSS at entry
+    and exit of each: where the peak is reached. Measurement only; the results are unchanged."""
+    from drscaling import evaluate
+
+    def wrap(name, fn):
+        def traced(*a, **kw):
+            log.append((name, "in", *rss_gib()))
+            out = fn(*a, **kw)
+            log.append((name, "out", *rss_gib()))
+            return out
+        return traced
+
+    for name in STAGES:
+        setattr(evaluate, name, wrap(name, getattr(evaluate, name)))
+
+
 def child(args: argparse.Namespace) -> None:
     """The measured evaluation: one process, nothing but evaluate_model."""
     import torch
 
     from drscaling.evaluate import EvalConfig, evaluate_model
+
+    stages: list = []
+    if args.trace:
+        trace_stages(stages)
 
     torch.set_num_threads(args.threads)
     cfg = EvalConfig(negatives=256, draws=10, max_query_len=32, max_passage_len=180, batch_size=128,
@@ -81,7 +112,7 @@ def child(args: argparse.Namespace) -> None:
         from drscaling.data import Split, load_split
         from drscaling.evaluate import build_evalset, rank_pool
 
-        data = load_split(args.work / "prepared", "test", relevance=True)
+        data = load_split(args.work / "prepared", "test", relevance=True, lean=True)
         es = build_evalset(data, "test", cfg)
         data = Split(rank_pool(args.work / "prepared", data, cfg.rank_pool, cfg.seed), data.queries, data.qrels)
         result = {"pairs": es.n_pairs, "rank_pool": len(data.corpus), "ce": None}
@@ -90,7 +121,7 @@ def child(args: argparse.Namespace) -> None:
     secs = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"seconds": secs, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                      "peak_rss": usage.ru_maxrss * 1024, "result": result}))
+                      "peak_rss": usage.ru_maxrss * 1024, "result": result, "stages": stages}))
 
 
 def main() -> None:
@@ -107,6 +138,8 @@ def main() -> None:
     ap.add_argument("--load-only", action="store_true",
                     help="measure only loading the split and building the pools (no encoding): the memory "
                          "a full run holds besides its embeddings, at full scale in minutes")
+    ap.add_argument("--trace", action="store_true",
+                    help="print the RSS (current, peak GiB) at entry and exit of each evaluation stage")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -123,6 +156,8 @@ def main() -> None:
         sys.exit(f"evaluation failed:\n{run.stderr[-3000:]}")
     out = json.loads(run.stdout.strip().splitlines()[-1])
     r = out["result"]
+    for stage in out["stages"]:
+        print("stage %-20s %-3s rss %.3f GiB, peak so far %.3f GiB" % tuple(stage))
     if args.load_only:  # no encoding: rates and the bound do not apply
         print(json.dumps({"passages": args.passages, "queries": args.queries, "pool": args.pool,
                           "rank_pool": r["rank_pool"], "seconds": round(out["seconds"], 1),

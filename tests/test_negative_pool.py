@@ -54,7 +54,7 @@ def old_negatives(split: Split, cfg: EvalConfig) -> np.ndarray:
 
 def test_the_default_pool_gives_the_ce_of_the_full_score_matrix(wide_split, retriever):
     es = build_evalset(wide_split, "test", EVAL)
-    assert es.passages == list(wide_split.corpus["text"])  # the whole corpus, in corpus order
+    assert list(es.passages) == list(wide_split.corpus["text"])  # the whole corpus, in corpus order
     assert (es.negatives == old_negatives(wide_split, EVAL)).all()  # the same draws as before
     emb = embed_evalset(*encode_fns(retriever, EVAL), es, EVAL)
     dense = pair_losses(emb.queries @ emb.passages.T, es.positive, es.negatives)
@@ -81,7 +81,7 @@ def test_a_sampled_pool_holds_only_unjudged_passages(wide_split):
     assert es.pids[500:] == sorted(judged, key=list(wide_split.corpus["pid"]).index)  # then each positive once
     assert es.negatives.shape == (3, es.n_pairs, 32) and es.negatives.max() < 500
     text = dict(zip(wide_split.corpus["pid"], wide_split.corpus["text"], strict=True))
-    assert es.passages == [text[p] for p in es.pids]
+    assert list(es.passages) == [text[p] for p in es.pids]
     pairs = wide_split.pairs()
     assert [es.pids[i] for i in es.positive] == list(pairs["pid"])
     again = build_evalset(wide_split, "test", cfg)

@@ -8,12 +8,14 @@ import pandas as pd
 import pytest
 
 import conftest
+from drscaling import evaluate
 from drscaling.data import Split, load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import (
     Embedded, EvalConfig, EvalSet, encode_fns, rank_pool, rank_split, ranked_metrics, ranking_metrics, top_k,
 )
 from drscaling.model import Retriever
+from drscaling.vector_index import knn_ip
 
 CFG = EvalConfig(negatives=16, draws=1, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=600)
 
@@ -146,3 +148,40 @@ def test_ranking_metrics_bad_input():
         ranking_metrics(scores, [{0}])
     with pytest.raises(DrscalingError, match="at least one relevant passage"):
         ranking_metrics(scores, [{0}, set()])
+
+
+def by_score_then_index(scores: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("low, high, dim", [(-2, 3, 6), (-50, 51, 16)])  # most scores tie / few do
+def test_faiss_top_k_ranks_ties_by_index(low, high, dim):
+    """Small integer vectors: every inner product is exact in float32 whatever the summation order,
+    so FAISS and numpy score alike and the rankings must be equal, ties (also at the cutoff) included."""
+    rng = np.random.default_rng(dim)
+    p = rng.integers(low, high, size=(3000, dim)).astype(np.float32)
+    q = rng.integers(low, high, size=(40, dim)).astype(np.float32)
+    for k in (1, 10, 1000):
+        got = knn_ip(q, p, k)
+        assert (got == by_score_then_index(q @ p.T, k)).all(), k
+        # top_k agrees wherever no tie straddles its cutoff (there it keeps argpartition's pick)
+        assert (np.sort(q @ p.T, axis=1)[:, ::-1][:, :k] == np.take_along_axis(q @ p.T, top_k(q @ p.T, k), 1)).all()
+    assert (knn_ip(q, p[:50], 1000) == top_k(q @ p[:50].T, 1000)).all()  # a pool smaller than k: no cutoff
+
+
+def test_large_rank_pools_rank_with_faiss():
+    rng = np.random.default_rng(1)
+    p = rng.integers(-3, 4, size=(evaluate.FAISS_FROM, 4)).astype(np.float32)
+    q = rng.integers(-3, 4, size=(20, 4)).astype(np.float32)
+    assert (evaluate.rank_top(q, p) == by_score_then_index(q @ p.T, evaluate.RANK_DEPTH)).all()
+    assert (evaluate.rank_top(q, p[:-1]) == top_k(q @ p[:-1].T, evaluate.RANK_DEPTH)).all()  # numpy below FAISS_FROM
+
+
+def test_rank_split_with_faiss_scores_close_to_numpy(prepared, random_retriever, test_split_embedded, monkeypatch):
+    """On real embeddings FAISS sums in another order (last-bit differences can swap near-ties):
+    the metrics agree closely, not bit for bit; pools below FAISS_FROM keep numpy's exact ones."""
+    split = load_split(prepared, "test", relevance=True)
+    numpy_metrics = rank_split(random_retriever, prepared, split, CFG, known=test_split_embedded)
+    monkeypatch.setattr(evaluate, "FAISS_FROM", 1)
+    faiss_metrics = rank_split(random_retriever, prepared, split, CFG, known=test_split_embedded)
+    assert faiss_metrics == pytest.approx(numpy_metrics, abs=1e-3)

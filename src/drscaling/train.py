@@ -36,7 +36,7 @@ from tqdm import tqdm
 from drscaling import registry, tracking
 from drscaling.annotate import load_annotations
 from drscaling.checkpoints import SCRATCH, Start, resolve_start
-from drscaling.data import load_split
+from drscaling.data import Corpus, load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, cached_evalset, embed_evalset, encode_fns, rank_split
 from drscaling.files import NoRoomError, atomic_path, folder_lock, read_json, to_json, write_json
@@ -109,14 +109,14 @@ class Paths:
 # ---------------------------------------------------------------------------------------------
 
 
-def training_pairs(paths: Paths, source: str, train_pairs: int, seed: int) -> tuple[list[str], list[str], list[str], list[str]]:
-    """(queries, positive pids, positive passages, corpus texts) for the first D pairs of a seeded
-    permutation: smaller D are subsets of larger ones, as in a data-size sweep. D = 0: all pairs."""
+def training_pairs(paths: Paths, source: str, train_pairs: int, seed: int) -> tuple[list[str], list[str], list[str], Corpus]:
+    """(queries, positive pids, positive passages, the train corpus) for the first D pairs of a seeded
+    permutation: smaller D are subsets of larger ones, as in a data-size sweep. D = 0: all pairs.
+    The corpus is read lean: a step reads its negatives' texts from the file, not from 8.8M strings."""
     ann_path = paths.annotations / f"{source}.jsonl"
     ann = load_annotations(ann_path)
-    corpus = load_split(paths.prepared, "train").corpus
-    text = dict(zip(corpus["pid"], corpus["text"], strict=True))
-    check_annotations_match(ann, text.keys(), ann_path, paths.prepared)
+    corpus = load_split(paths.prepared, "train", lean=True).corpus
+    check_annotations_match(ann, corpus, ann_path, paths.prepared)
     available = len(ann)
     d = train_pairs or available
     if d > available:
@@ -125,14 +125,14 @@ def training_pairs(paths: Paths, source: str, train_pairs: int, seed: int) -> tu
         raise DrscalingError("train_pairs must be >= 1")
     order = np.random.default_rng(seed).permutation(available)[:d]
     ann = ann.iloc[order]
-    return list(ann["query"]), list(ann["pid"]), [text[p] for p in ann["pid"]], list(corpus["text"])
+    return list(ann["query"]), list(ann["pid"]), corpus.texts(corpus.index_of(ann["pid"])), corpus
 
 
-def check_annotations_match(ann, corpus_pids, ann_path: Path, prepared: Path) -> None:
+def check_annotations_match(ann, corpus: Corpus, ann_path: Path, prepared: Path) -> None:
     """Every annotation must name a passage of the train corpus it is trained against: one that does
     not was made from another dataset (or another import of it), and training on the rest would
     silently measure something else."""
-    unknown = ~ann["pid"].isin(set(corpus_pids))
+    unknown = corpus.index_of(ann["pid"]) < 0
     if unknown.any():
         corpus_file = Path(prepared) / "train" / "corpus.jsonl"
         raise DrscalingError(
@@ -341,8 +341,8 @@ class _Data:
 
     queries: list[str]
     pos_texts: list[str]
-    corpus_texts: list[str]
-    pos_idx: np.ndarray  # each pair's positive as an index into corpus_texts
+    corpus: Corpus  # the train corpus negatives are drawn from (texts read per step)
+    pos_idx: np.ndarray  # each pair's positive as an index into corpus
     versions: dict[str, str]  # content hashes of the annotations, the prepared splits (and shared tokenizer)
     key: str  # data_key: those hashes, plus a named init checkpoint's
 
@@ -375,7 +375,7 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
     done = finished(paths.out, cfg, data.key)
     if done:
         return done | {"resumed": False, "cached": True}
-    check_config(cfg, len(data.corpus_texts))
+    check_config(cfg, len(data.corpus))
     lock = folder_lock(paths.out, f"training {cfg.shape}") if rank == 0 else contextlib.nullcontext()
     with lock, sigterm_at_step_boundary() as term:
         if discard_checkpoint:
@@ -385,11 +385,9 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
 
 
 def _training_data(cfg: TrainConfig, paths: Paths, start: Start) -> _Data:
-    queries, pos_pids, pos_texts, corpus_texts = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)
+    queries, pos_pids, pos_texts, corpus = training_pairs(paths, cfg.annotation_source, cfg.train_pairs, cfg.seed)
     versions = data_versions(paths, cfg.annotation_source, start)
-    corpus_pids = list(load_split(paths.prepared, "train").corpus["pid"])
-    cindex = {p: i for i, p in enumerate(corpus_pids)}
-    return _Data(queries, pos_texts, corpus_texts, np.array([cindex[p] for p in pos_pids]), versions,
+    return _Data(queries, pos_texts, corpus, corpus.index_of(pos_pids), versions,
                  _joined(versions, start))
 
 
@@ -504,12 +502,12 @@ def _train(cfg: TrainConfig, paths: Paths, data: _Data, run: _Run, tags, term: d
 
 def _step(cfg: TrainConfig, data: _Data, run: _Run, step: int, state: dict, world: int, rank: int) -> float:
     """One training step of the run; records its time and tokens in `state`."""
-    batch, negs = sample_step(step, cfg, len(data.queries), data.pos_idx, len(data.corpus_texts))
+    batch, negs = sample_step(step, cfg, len(data.queries), data.pos_idx, len(data.corpus))
     batch = np.array_split(batch, world)[rank]  # DDP: each rank a slice, same negatives
     t0 = time.perf_counter()
     run.model.train()
     q = tokenize(run.tokenizer, [data.queries[i] for i in batch], cfg.max_query_len)
-    p = tokenize(run.tokenizer, [data.pos_texts[i] for i in batch] + [data.corpus_texts[i] for i in negs],
+    p = tokenize(run.tokenizer, [data.pos_texts[i] for i in batch] + data.corpus.texts(negs),
                  cfg.max_passage_len)
     loss = train_step(run.model, run.opt, run.sched, q, p, len(batch), cfg.in_batch_negatives, run.autocast,
                       run.device, cfg.max_grad_norm)

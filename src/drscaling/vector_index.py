@@ -139,6 +139,45 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return scores, ids
 
 
+# Candidates past k that knn_ip asks FAISS for, so that equal scores at the cutoff resolve by index.
+TIE_MARGIN = 64
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """[n_queries, k] passage indices by descending score; ties among the k go to the lower index,
+    so a ranking never depends on the sort algorithm. A tie across the k-th place keeps
+    argpartition's pick (deterministic, not always the lower index): kept so, as the rankings of
+    the pools below evaluate.FAISS_FROM (the default pipeline's) were computed so."""
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top.sort(axis=1)  # index order first: the stable sort below keeps it among equal scores
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
+
+
+def knn_ip(queries: np.ndarray, passages: np.ndarray, k: int) -> np.ndarray:
+    """[n_queries, min(k, n)] passage indices by descending inner product, ties to the lower index
+    (also at the k-th place, where top_k keeps argpartition's pick), without a [queries, passages]
+    score matrix: FAISS's exact brute-force search (no index, so no copy of `passages`) for
+    k + TIE_MARGIN candidates, re-sorted by (-score, index). A query whose tied scores may reach past
+    its candidates (duplicate passages) is sorted over all its scores. FAISS sums the inner products
+    in another order than numpy's matmul: scores differ in the last bits, so near-ties may rank
+    otherwise than top_k(queries @ passages.T)."""
+    faiss = _faiss()
+    n = len(passages)
+    k, wide = min(k, n), min(n, k + TIE_MARGIN)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    scores, ids = faiss.knn(queries, np.ascontiguousarray(passages, dtype=np.float32), wide,
+                            metric=faiss.METRIC_INNER_PRODUCT)
+    order = np.lexsort((ids, -scores), axis=1)
+    scores, ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    out = ids[:, :k].copy()
+    if wide < n:
+        for row in np.flatnonzero(scores[:, k - 1] == scores[:, wide - 1]):
+            out[row] = np.argsort(-(np.asarray(passages) @ queries[row]), kind="stable")[:k]
+    return out
+
+
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean over queries of |found ∩ exact| / |exact|: an approximate top-k against the exact one."""
     hits = [len(set(f[f >= 0].tolist()) & set(e.tolist())) / len(e) for f, e in zip(found, exact, strict=True)]
