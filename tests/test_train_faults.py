@@ -215,6 +215,18 @@ def test_checkpoint_of_other_data_is_refused(prepared, annotations, tokenizer_di
         train(cfg(checkpoint_every=10), Paths(prepared, changed, tokenizer_dir, out))
     assert not (out / "metrics.json").exists()
 
+    # Starting afresh on the new data is a new MLflow run: the old one (its metrics, its dataset
+    # inputs) belongs to the old data and is closed, not adopted and mixed with the new.
+    old = read_json(out / "run.json")["run_id"]
+    old_inputs = {d.dataset.digest for d in mlflow.get_run(old).inputs.dataset_inputs}
+    done = train(cfg(checkpoint_every=10), Paths(prepared, changed, tokenizer_dir, out), discard_checkpoint=True)
+    assert done["run_id"] != old
+    closed, new = mlflow.get_run(old), mlflow.get_run(done["run_id"])
+    assert closed.info.status == "FAILED" and "trained on other data" in closed.data.tags["superseded"]
+    assert {d.dataset.digest for d in closed.inputs.dataset_inputs} == old_inputs
+    assert new.info.status == "FINISHED" and new.data.tags["data_key"] == done["data_key"]
+    assert closed.data.tags["data_key"] != done["data_key"]
+
 
 def test_a_second_process_on_the_same_output_is_refused(prepared, annotations, tokenizer_dir, tmp_path):
     out = tmp_path / "run"
@@ -267,3 +279,31 @@ def test_a_checkpoint_write_without_room_fails_cleanly_and_leaves_nothing_partia
     assert not list(out.glob(".checkpoint.*"))  # the temporary copy it was writing is gone too
     [run] = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("faults-disk-full").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_a_sweep_point_checkpointed_on_other_data_gives_advice_a_sweep_can_follow(prepared, annotations, tokenizer_dir,
+                                                                                  tmp_path, monkeypatch):
+    """A sweep interrupted mid-point, then new annotations: the sweep refuses to mix them, naming what
+    its user can do (`drscaling sweep` has no --discard-checkpoint); doing it, the sweep finishes."""
+    changed = tmp_path / "annotations"
+    shutil.copytree(annotations, changed)
+    preset = tmp_path / "faultsweep.yaml"
+    preset.write_text(yaml.safe_dump({"name": "faultsweep", "data": {"shape": "bert-L2-H128", "train_pairs": [40]},
+                                      "train": SWEEP_TRAIN | {"steps": 10, "eval_every": 5, "checkpoint_every": 5}}))
+    paths, out = Paths(prepared, changed, tokenizer_dir, Path("unused")), tmp_path / "sweep"
+    crash_after_checkpoint(monkeypatch, 7)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_sweep(load_preset(str(preset)), paths, {}, out, "data")
+    monkeypatch.undo()
+    [ckpt] = out.glob("runs/*/checkpoint")
+    human = changed / "human.jsonl"
+    human.write_text("\n".join(human.read_text().splitlines()[:-5]) + "\n")
+    with pytest.raises(DrscalingError, match="other data") as info:
+        run_sweep(load_preset(str(preset)), paths, {}, out, "data")
+    message = str(info.value)
+    assert f"delete {ckpt} " in message
+    assert "--discard-checkpoint" not in message or "`drscaling train`" in message  # a flag only train has
+    shutil.rmtree(ckpt)
+    [row] = read_jsonl(run_sweep(load_preset(str(preset)), paths, {}, out, "data"))
+    assert read_json(ckpt.parent / "metrics.json")["data_key"] == T.run_data_key(paths, cfg(steps=10))
+    assert row["ce_test_min"] == read_json(ckpt.parent / "metrics.json")["ce_test_min"]

@@ -258,7 +258,9 @@ def read_checkpoint(path: Path, cfg: TrainConfig, data_key: str = "") -> dict | 
     file = path / "checkpoint.pt"
     if not file.exists():
         return None
-    discard = f"rerun with --discard-checkpoint to start {cfg.shape} afresh (or delete {path})"
+    # Named for every command that trains: a sweep or study point has no --discard-checkpoint flag.
+    discard = (f"delete {path} to start {cfg.shape} afresh (`drscaling train`: rerun with --discard-checkpoint,"
+               " which deletes it)")
     try:
         ck = torch.load(file, weights_only=True)
         state = ck["state"]
@@ -586,7 +588,7 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
     nested = mlflow.active_run() is not None  # inside a sweep: a child of its parent run
     if not nested:
         tracking.use_experiment(tracking.experiment("train"))
-    run_id = state.get("run_id") or _unfinished_run(out, cfg)
+    run_id = state.get("run_id") or _unfinished_run(out, cfg, state["data_key"])
     # config_key + data_key: how a sweep on another machine finds this run once it is FINISHED (executors.py).
     # Set when the run is created (one request), so a kill at any moment leaves a run its sweep can find.
     run_tags = {"drscaling.stage": "train", "shape": cfg.shape, "source": cfg.annotation_source, "towers": cfg.towers,
@@ -610,9 +612,11 @@ def _start_mlflow(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags, 
     return mlflow
 
 
-def _unfinished_run(out: Path, cfg: TrainConfig) -> str | None:
+def _unfinished_run(out: Path, cfg: TrainConfig, data_key: str) -> str | None:
     """The MLflow run a killed process left for this folder and config, if it is not FINISHED: a rerun
-    takes it over, so a kill before the first checkpoint leaves no run stuck in RUNNING."""
+    takes it over, so a kill before the first checkpoint leaves no run stuck in RUNNING. A run on other
+    data is closed instead (FAILED, tagged `superseded`): adopting it would mix two data versions'
+    metrics and dataset inputs in one run."""
     import mlflow
 
     file = out / RUN_FILE
@@ -625,7 +629,16 @@ def _unfinished_run(out: Path, cfg: TrainConfig) -> str | None:
         run = mlflow.get_run(info["run_id"])
     except Exception:  # noqa: BLE001 - another tracking store, or a deleted run: start a new one
         return None
-    return None if run.info.status == "FINISHED" else run.info.run_id
+    if run.info.status == "FINISHED":
+        return None
+    if run.data.tags.get("data_key", data_key) != data_key:
+        client = mlflow.MlflowClient()
+        client.set_tag(run.info.run_id, "superseded", "trained on other data; a new run in the same folder"
+                       " starts afresh on the current data")
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
+        return None
+    return run.info.run_id
 
 
 def _finish(cfg, paths, state, run: _Run, d, mlflow, best_test: dict, versions: dict[str, str]) -> dict:
