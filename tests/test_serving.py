@@ -198,3 +198,34 @@ def test_server_start_failure_shows_the_log(tiny_onnx, tmp_path):  # noqa: F811
         TritonServer(repo, startup_timeout_s=60).start()
     with pytest.raises(DrscalingError, match="holds no model"):
         TritonServer(tmp_path / "empty").start()
+
+
+def test_a_sigkilled_serve_leaves_no_temp_folder(tiny_onnx, tmp_path):  # noqa: F811
+    """SIGKILL (which no handler sees) of a real `drscaling serve`: its Triton stops and its private
+    temp folder (backend copy, log) is removed all the same."""
+    import subprocess
+    import sys
+    import time
+
+    from drscaling.serving.server import free_port
+
+    repo = tmp_path / "repo"
+    build_model_repository(tiny_onnx, repo, MODEL)
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "drscaling", "serve", "--repo", str(repo), "--http-port", ports[0],
+                             "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    while (line := proc.stdout.readline()) and "Press Ctrl-C" not in line:
+        lines.append(line)
+    [log] = [Path(line.split()[-1]) for line in lines if line.strip().startswith("log ")]
+    workdir = log.parent
+    assert workdir.name.startswith("drscaling-triton-") and (workdir / "backends").is_dir()
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 90  # Triton drains for up to its exit timeout first
+    while workdir.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not workdir.exists(), f"{workdir} left behind by the killed serve"
+    with pytest.raises(DrscalingError, match="not reachable"):
+        encode_texts(f"127.0.0.1:{ports[0]}", MODEL, ["hello"])

@@ -43,6 +43,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# A small process per server that removes its temp folder once the process that made it is gone, by
+# whatever end (SIGKILL included, which no handler sees): it reads the pids of the tritonserver
+# processes it is told about until its stdin closes (the parent exited), waits for the last one to
+# exit (PR_SET_PDEATHSIG stops it, and Triton drains for up to its exit timeout), then removes the folder.
+_REAPER = """
+import os, shutil, sys, time
+pid = None
+for line in sys.stdin:
+    pid = int(line)
+deadline = time.monotonic() + float(sys.argv[2])
+while pid and time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.2)
+shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: if the parent (thread) dies, the kernel sends
     # SIGTERM, so a crashed test run or CLI never leaves an orphan server holding ports.
@@ -84,6 +104,7 @@ class TritonServer:
         self.proc: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self._stub_env: Path | None = None
+        self._reaper: subprocess.Popen | None = None  # removes _workdir if this process is killed
         self.log_path: Path | None = None
         self.last_log = ""
         self.http_port = self.grpc_port = self.metrics_port = 0
@@ -129,6 +150,10 @@ class TritonServer:
         # their stubs would never start and the server would time out.
         self._stub_env = check_stub_env() if uses_stub_env(cfg.repo_dir) else None
         self._workdir = Path(tempfile.mkdtemp(prefix="drscaling-triton-"))
+        self._reaper = subprocess.Popen(  # start_new_session: a terminal's Ctrl-C does not stop it first
+            [sys.executable, "-c", _REAPER, str(self._workdir), str(cfg.exit_timeout_s + 30)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
         backends = self._prepare_backends(self._workdir)
         self.log_path = cfg.log_path or self._workdir / "tritonserver.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +238,9 @@ class TritonServer:
             raise DrscalingError(f"cannot start tritonserver: {exc}") from exc
         finally:
             log.close()
+        if self._reaper is not None:
+            self._reaper.stdin.write(f"{self.proc.pid}\n".encode())
+            self._reaper.stdin.flush()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
@@ -282,6 +310,10 @@ class TritonServer:
             self.last_log = self.log_tail(200)
         shutil.rmtree(self._workdir, ignore_errors=True)
         self._workdir = None
+        if self._reaper is not None:  # the folder is gone: let the reaper end
+            self._reaper.stdin.close()
+            self._reaper.wait()
+            self._reaper = None
 
 
 def serve(
