@@ -554,3 +554,19 @@ def test_property_chosen_point_never_costs_more_than_the_budget(params, costs, b
         assert "buys none of the shapes" in str(exc)
         return
     assert best["cost"]["total"] <= budget * (1 + 1e-12) and best["d"] >= 1.0
+
+
+def test_non_finite_law_parameters_are_a_clear_error(tmp_path: Path) -> None:
+    """A laws file with a NaN parameter (a hand edit, another tool) is refused naming the file, the law
+    and the parameter, before any figure: matplotlib raised 'Axis limits cannot be NaN or Inf'."""
+    path = _laws_file(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["laws"]["ND"]["params"]["alpha"] = float("nan")
+    path.write_text(json.dumps(doc))  # Python's json writes NaN
+    with pytest.raises(DrscalingError, match=r"laws.json: law 'ND': .*non-finite parameter\(s\) alpha \(nan\)"):
+        run_budget(path, 2e4, out_dir=tmp_path / "b")
+    run = _cli(["--laws", str(path), "--budget", "20000", "--costs", "paper", "--no-mlflow", "--out",
+                str(tmp_path / "c")], tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "non-finite parameter(s) alpha (nan)" in run.stderr
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

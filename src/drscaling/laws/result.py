@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,14 @@ class FitResult:
             if missing:
                 raise DrscalingError(f"law of kind {form.kind} lacks parameter(s) {missing}")
             dof = d.get("dof")
+            params = {k: float(v) for k, v in d["params"].items()}
+            bad = [f"{k} ({v})" for k, v in params.items() if not math.isfinite(v)]
+            if bad:  # a NaN or infinite parameter predicts nothing (and crashes the figures)
+                raise DrscalingError(f"law of kind {form.kind} has non-finite parameter(s) {', '.join(bad)};"
+                                     " refit it (`drscaling fit`)")
             return cls(
                 kind=form.kind,
-                params={k: float(v) for k, v in d["params"].items()},
+                params=params,
                 r2=float(d.get("r2", float("nan"))),
                 residuals=[float(x) for x in d.get("residuals", [])],
                 ci95={k: [float(v[0]), float(v[1])] for k, v in d.get("ci95", {}).items()},
@@ -174,7 +180,13 @@ def load_laws(path: str | Path) -> dict[str, FitResult]:
     doc = read_json(path, what="fitted laws")
     if not isinstance(doc, dict) or not isinstance(doc.get("laws"), dict):
         raise DrscalingError(f"{path}: not a laws file (no 'laws' object); re-run `drscaling fit`")
-    return {name: FitResult.from_dict(d) for name, d in doc["laws"].items()}
+    fits = {}
+    for name, d in doc["laws"].items():
+        try:
+            fits[name] = FitResult.from_dict(d)
+        except DrscalingError as exc:
+            raise DrscalingError(f"{path}: law '{name}': {exc}") from None
+    return fits
 
 
 def load_laws_meta(path: str | Path) -> dict[str, Any]:
