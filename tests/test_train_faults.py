@@ -307,3 +307,21 @@ def test_a_sweep_point_checkpointed_on_other_data_gives_advice_a_sweep_can_follo
     [row] = read_jsonl(run_sweep(load_preset(str(preset)), paths, {}, out, "data"))
     assert read_json(ckpt.parent / "metrics.json")["data_key"] == T.run_data_key(paths, cfg(steps=10))
     assert row["ce_test_min"] == read_json(ckpt.parent / "metrics.json")["ce_test_min"]
+
+
+def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
+    """Checkpoints load with weights_only: a pickle that would run code when loaded is refused with a
+    message of ours (torch's own text advises weights_only=False), and its code never runs."""
+    import torch
+
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {ran}",))
+
+    (tmp_path / "checkpoint").mkdir()
+    torch.save({"state": Payload(), "model": {}}, tmp_path / "checkpoint" / "checkpoint.pt")
+    with pytest.raises(DrscalingError, match=r"holds objects other than tensors.*not loaded.*delete .*checkpoint") as info:
+        T.read_checkpoint(tmp_path / "checkpoint", cfg())
+    assert "weights_only" not in str(info.value) and not ran.exists()

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import statistics
@@ -264,7 +265,10 @@ def read_checkpoint(path: Path, cfg: TrainConfig, data_key: str = "") -> dict | 
     try:
         ck = torch.load(file, weights_only=True)
         state = ck["state"]
-    except Exception as exc:  # noqa: BLE001 - truncated zip, foreign pickle, missing keys: all unusable
+    except pickle.UnpicklingError as exc:  # torch's own text advises weights_only=False: never here
+        raise DrscalingError(f"checkpoint {file} holds objects other than tensors and plain containers, which are"
+                             f" not loaded (unpickling them could run code); {discard}") from exc
+    except Exception as exc:  # noqa: BLE001 - truncated zip, missing keys: all unusable
         raise DrscalingError(f"checkpoint {file} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); {discard}") from exc
     if state.get("shape") != cfg.shape:
         raise DrscalingError(
