@@ -333,3 +333,16 @@ def test_passages_whose_requests_failed_are_retried_by_the_next_run(prepared, tm
     assert [r["pid"] for r in rows] == list(target_passages(prepared, 6, 0)["pid"])
     assert cost["pairs"] == 6 and cost["passages_failed"] == 0 and cost["passages_resumed"] == len(ok_first)
     assert not partial_path(out).exists()
+
+
+def test_the_default_wait_on_a_hung_endpoint_is_bounded_to_two_minutes():
+    """Without --timeout / --attempts, a hung endpoint fails within 2 minutes (it took ~8 before). The
+    bound's formula is the one the hung-server test above measures against a real server."""
+    from drscaling.annotation.bounds import REQUEST_ATTEMPTS, REQUEST_TIMEOUT_S, request_bound_s
+
+    cfg = GenerationConfig()
+    assert (cfg.request_timeout_s, cfg.request_attempts) == (REQUEST_TIMEOUT_S, REQUEST_ATTEMPTS)
+    assert request_bound_s(cfg.request_timeout_s, cfg.request_attempts) <= 120
+    parser = cli.build_parser()
+    args = parser.parse_args(["annotate", "--source", "llm"])
+    assert (args.timeout, args.attempts) in ((None, None), (REQUEST_TIMEOUT_S, REQUEST_ATTEMPTS))
