@@ -325,3 +325,33 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(DrscalingError, match=r"holds objects other than tensors.*not loaded.*delete .*checkpoint") as info:
         T.read_checkpoint(tmp_path / "checkpoint", cfg())
     assert "weights_only" not in str(info.value) and not ran.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_second_real_process_on_a_busy_output_is_refused(prepared, annotations, tokenizer_dir, tmp_path, command):
+    """Two real `drscaling train` (or `drscaling sweep`) processes on one --out: the second is refused
+    at once with a clear message while the first trains; the first is not disturbed."""
+    if command == "train":
+        out = tmp_path / "run"
+        cmd, env = cli(prepared, annotations, tokenizer_dir, out, "faults-busy-train")
+        started = out / "run.json"
+    else:
+        out = tmp_path / "sweep"
+        cmd, env = sweep_cli(prepared, annotations, tokenizer_dir, tmp_path / "faultsweep.yaml", out, [40])
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        if command == "sweep":
+            deadline = time.time() + 300
+            while not list(out.glob("runs/*/run.json")) and first.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            started = next(iter(out.glob("runs/*/run.json")))
+        wait_for(started, first)
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert first.poll() is None, "the first process ended before the second was refused"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=300)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert f"drscaling: error: {out} is in use by pid {first.pid}" in second.stderr
+    assert first.returncode == 130 and "SIGTERM at step" in err  # the first trained on, undisturbed
