@@ -346,3 +346,50 @@ def test_the_default_wait_on_a_hung_endpoint_is_bounded_to_two_minutes():
     parser = cli.build_parser()
     args = parser.parse_args(["annotate", "--source", "llm"])
     assert (args.timeout, args.attempts) in ((None, None), (REQUEST_TIMEOUT_S, REQUEST_ATTEMPTS))
+
+
+def test_sigkilled_annotate_process_resumes_without_asking_twice(tmp_path):
+    """SIGKILL a real `drscaling annotate --endpoint` after its first batch is saved: the rerun asks
+    only the passages not saved, the published set has each passage once, nothing is left RUNNING."""
+    import signal
+
+    import mlflow
+
+    names = [f"pkg{i}" for i in range(40)]
+    texts = {n: f"{n} is a package that provides tool number {n[3:]} for managing many different files" for n in names}
+    split = Split(corpus=pd.DataFrame({"pid": [f"p:{n}" for n in names], "text": [texts[n] for n in names]}),
+                  queries=pd.DataFrame({"qid": [f"q:{n}" for n in names], "text": [f"what is {n}" for n in names]}),
+                  qrels=pd.DataFrame({"qid": [f"q:{n}" for n in names], "pid": [f"p:{n}" for n in names]}))
+    prepared = tmp_path / "prepared"
+    save_dataset({"train": split, "dev": _split(["rsync", "vim"]), "test": _split(["curl", "jq"])}, prepared)
+    asked: list[str] = []
+
+    def slow(h, body):
+        asked.append(_word(body))
+        time.sleep(1.5)  # a batch takes >= 1.5 s: time to kill the process between two batches
+        _send(h, 200, _chat_answer(_word(body)))
+
+    out, uri = tmp_path / "llm.jsonl", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k not in (*API_KEY_ENV, "MLFLOW_RUN_ID")}
+    env |= {"MLFLOW_TRACKING_URI": uri, "DRSCALING_ANNOTATE_EXPERIMENT": "annotate-kill", "PYTHONUNBUFFERED": "1"}
+    with http_server(slow) as (base, _):
+        cmd = [sys.executable, "-m", "drscaling", "annotate", "--source", "llm", "--regenerate", "--endpoint",
+               f"{base}/v1", "--model", "m", "--limit", "40", "--prepared", str(prepared), "--out", str(out)]
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        part, deadline = partial_path(out), time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not (part.exists() and part.read_text().count("\n")):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # also when the wait failed: no process outlives the test
+        proc.wait()
+        saved = {r["pid"].split(":")[1] for r in read_jsonl(part)}
+        assert saved and len(saved) < 40 and not out.exists()
+        time.sleep(2)  # requests the killed process sent are all read (and recorded) before the rerun starts
+        first = len(asked)
+        again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(asked[first:]) == sorted(set(names) - saved)  # only what was not saved, each once
+    rows = read_jsonl(out)
+    assert sorted(r["pid"] for r in rows) == sorted(f"p:{n}" for n in names) and len({r["qid"] for r in rows}) == 40
+    assert not part.exists()
+    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("annotate-kill").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
