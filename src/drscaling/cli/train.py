@@ -82,11 +82,12 @@ def cmd_sweep(args) -> None:
 
 def cmd_study(args) -> None:
     """Thin: parse, hand off to drscaling.study."""
+    from drscaling.cli import run_in_process
     from drscaling.study import StudyConfig, run_study
 
     run_study(StudyConfig(data=args.data, format=args.format, preset=args.preset, out=args.out, name=args.name,
                           sources=tuple(args.sources), dvc=args.dvc, new_data_version=args.new_data_version,
-                          n_bootstrap=args.n_bootstrap, costs_path=args.costs_path))
+                          n_bootstrap=args.n_bootstrap, costs_path=args.costs_path), run_stage=run_in_process)
 
 
 # ---------------------------------------------------------------------------------------------
