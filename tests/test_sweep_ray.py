@@ -22,7 +22,8 @@ from drscaling.checkpoints import resolve_start
 from drscaling.executors import RayConfig, finished_point
 from drscaling.files import read_json, read_jsonl
 from drscaling.sweep import Preset, run_sweep
-from drscaling.train import Paths, data_key
+from drscaling.train.config import Paths
+from drscaling.train.data import data_key
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -297,7 +298,7 @@ def _init_checkpoint(tokenizer_dir: Path, folder: Path, seed: int) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from drscaling.model import load_tokenizer
+    from drscaling.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     config = BertConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,

@@ -10,7 +10,7 @@ from drscaling.cli.common import A, Register, current_params, params_flag, prepa
 from drscaling.errors import DrscalingError
 
 def _train_paths(args, out: str | Path):
-    from drscaling.train import Paths
+    from drscaling.train.config import Paths
 
     return Paths(
         prepared=Path(prepared(args)),
@@ -22,7 +22,8 @@ def _train_paths(args, out: str | Path):
 
 def cmd_train(args) -> None:
     from drscaling.checkpoints import init_for
-    from drscaling.train import TrainConfig, train
+    from drscaling.train.config import TrainConfig
+    from drscaling.train.run import train
 
     base = params.section("train")
     if args.section:  # e.g. towers_teacher: overrides of the train section, eval merged key by key
@@ -98,7 +99,7 @@ def cmd_study(args) -> None:
 def _train_sweep_parsers(cmd: Register) -> None:
     from drscaling.executors import EXECUTORS
     from drscaling.sweep import SWEEPS
-    from drscaling.train import TrainConfig
+    from drscaling.train.config import TrainConfig
 
     for name, func, help in (("train", cmd_train, "train one encoder (one MLflow run)"),
                              ("sweep", cmd_sweep, "run a preset's model/data/source/joint sweeps")):
