@@ -187,6 +187,7 @@ def test_bad_parameters_fail_before_compute(prepared, annotations, tokenizer_dir
 
 def test_checkpoint_from_another_shape_is_refused_before_any_compute(prepared, annotations, tokenizer_dir, tmp_path,
                                                                      monkeypatch):
+    import drscaling.train.run as R
     import drscaling.train.step as T
 
     out = tmp_path / "run"
@@ -209,10 +210,10 @@ def test_checkpoint_from_another_shape_is_refused_before_any_compute(prepared, a
     # What the refused run computed: neither a model nor an evaluation set may be built for it.
     built: list[str] = []
     for name in ("build_model", "cached_evalset"):
-        def record(*a, _name=name, _real=getattr(T, name), **k):
+        def record(*a, _name=name, _real=getattr(R, name), **k):
             built.append(_name)
             return _real(*a, **k)
-        monkeypatch.setattr(T, name, record)
+        monkeypatch.setattr(R, name, record)
     other = small_cfg(shape="bert-L4-H128")
     with pytest.raises(DrscalingError, match=r"made for shape bert-L2-H128, not bert-L4-H128.*--discard-checkpoint"):
         train(other, paths(prepared, annotations, tokenizer_dir, out))

@@ -7,7 +7,6 @@ import dataclasses
 import shutil
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,9 +21,6 @@ from drscaling.train.config import TrainConfig
 from drscaling.train.evaluation import CONVERGENCE_TOLERANCE, convergence
 from drscaling.train.resume import CHECKPOINT_DIR
 from drscaling.train.step import default_device
-
-if TYPE_CHECKING:
-    from drscaling.train.run import Run
 
 RUN_FILE = "run.json"  # the MLflow run of the training in this folder, written as soon as it starts
 
@@ -80,8 +76,9 @@ def _unfinished_run(out: Path, cfg: TrainConfig) -> str | None:
     return None if run.info.status == "FINISHED" else run.info.run_id
 
 
-def record_result(cfg, paths, state, run: Run, d, mlflow, best_test: dict, versions: dict[str, str]) -> dict:
-    meta, device = run.meta, run.device
+def record_result(cfg, paths, state, meta: ModelMeta, start: Start, device: str, d, mlflow, best_test: dict,
+                  versions: dict[str, str]) -> dict:
+    """The finished run's result: ranking metrics of the best-dev model, metrics.json, its MLflow record."""
     # A resumed run may not hold the best model's test embeddings: then the ranking encodes them.
     best = load_retriever(paths.out / "model").to(device)
     test = load_split(paths.prepared, "test", relevance=True)
@@ -99,7 +96,7 @@ def record_result(cfg, paths, state, run: Run, d, mlflow, best_test: dict, versi
     }
     result = {"shape": cfg.shape, "n": meta.n_non_embedding, "d": d, "source": cfg.annotation_source,
               "steps": cfg.steps, "config_key": cfg.key(), "data_key": state["data_key"], "run_id": state["run_id"],
-              **run.start.record(),
+              **start.record(),
               "history": state["history"], **metrics}
     if mlflow:
         mlflow.log_metrics(tracking.metric_names(metrics))

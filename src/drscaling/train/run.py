@@ -142,8 +142,8 @@ def _train(cfg: TrainConfig, paths: Paths, data: TrainingData, run: Run, tags, t
                 save_checkpoint(ckpt_dir, run.towers, run.opt, run.sched, state)
             if term["term"]:
                 raise Terminated(f"SIGTERM at step {step + 1} of {cfg.steps}; checkpointed, a rerun resumes here")
-        metrics = (record_result(cfg, paths, state, run, len(data.queries), mlflow, best_test, data.versions)
-                   if rank == 0 else {})
+        metrics = (record_result(cfg, paths, state, run.meta, run.start, run.device, len(data.queries), mlflow,
+                                 best_test, data.versions) if rank == 0 else {})
     except BaseException as exc:
         if mlflow and rank == 0:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
