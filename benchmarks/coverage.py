@@ -42,7 +42,7 @@ from drscaling.laws import FitConfig, fit_law, get_form, predict
 
 PAPER_N = {"A": 3.22e4, "alpha": 0.53, "delta": 0.04}  # Table 1, MS MARCO
 PAPER_D = {"B": 3.49e3, "beta": 1.05, "delta": 0.05}  # Table 2, MS MARCO
-# drscaling.model.non_embedding_params of minilm-L1 .. minilm-L6 (768-dim head), for machines
+# drscaling.model.encoder.non_embedding_params of minilm-L1 .. minilm-L6 (768-dim head), for machines
 # without the packaged checkpoint: 1,774,464 per layer + 296,448 (head and embedding LayerNorm).
 MINILM_N = (2070912, 3845376, 5619840, 7394304, 9168768, 10943232)
 D_VALUES = (100, 200, 400, 800, 1600, 3200)
@@ -55,7 +55,8 @@ def minilm_n(layers: int = 6) -> tuple[list[float], str]:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
-    from drscaling.model import _build_series, series_shape
+    from drscaling.model.build import _build_series
+    from drscaling.model.shapes import series_shape
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

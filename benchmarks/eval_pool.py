@@ -58,7 +58,10 @@ def generate(dest: Path, passages: int, queries: int, vocab_from: Path, seed: in
 
 
 def make_model(dest: Path, tokenizer: Path, dim: int) -> None:
-    from drscaling.model import Retriever, Tower, build_model, load_tokenizer, save_retriever
+    from drscaling.model.build import build_model
+    from drscaling.model.retriever import Retriever, Tower
+    from drscaling.model.saved import save_retriever
+    from drscaling.model.tokenizer import load_tokenizer
 
     if (dest / "drscaling.json").exists():
         return

@@ -20,7 +20,9 @@ import torch
 
 from drscaling.data import load_split
 from drscaling.evaluate import EvalConfig, build_evalset, contrastive_entropy
-from drscaling.model import Retriever, Tower, build_model, encode, load_tokenizer
+from drscaling.model.build import build_model
+from drscaling.model.retriever import Retriever, Tower, encode
+from drscaling.model.tokenizer import load_tokenizer
 
 
 def naive_ce(encoder, tok, es, cfg: EvalConfig, queries: int) -> float:

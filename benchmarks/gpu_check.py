@@ -2,7 +2,7 @@
 
 Sized to run in about 4 minutes (hard internal budget: sections still to come are skipped once 420 s
 have passed) on a machine that has torch and transformers but no MLflow, Triton or internet. It
-imports only what it measures (drscaling.model, drscaling.train's step, drscaling.export's ONNX
+imports only what it measures (drscaling.model, drscaling.train.step, drscaling.export's ONNX
 exporter when onnxruntime has a CUDA provider) and builds every model from config with random
 weights, so nothing outside src/ and benchmarks/ is needed:
 
@@ -15,11 +15,11 @@ A dry run shrinks every size (bert-L2-H128, batch 4, a 2-layer Llama) and, on a 
 Sections, each in its own try/except, written to --out after every section, table printed last:
   matmul_peak         8192^3 bf16 matmul, median of 10 after warm-up (CUDA events): the peak MFU
                       is measured against, on the same GPU in the same run (again at the end: drift)
-  train_eager         drscaling.train.train_step at bert-L12-H768 (vocab 30522), bf16 autocast,
+  train_eager         drscaling.train.step.train_step at bert-L12-H768 (vocab 30522), bf16 autocast,
                       batch 128, query 25 / passage 180 tokens, 256 shared negatives, fused AdamW,
                       clipping at 1.0; median step wall time; MFU (target >= 40%)
   train_compiled      the same with torch.compile of the Towers module
-  evaluation          drscaling.model.encode under bf16 autocast, batch 512 x 180 tokens: end to end
+  evaluation          drscaling.model.retriever.encode under bf16 autocast, batch 512 x 180 tokens: end to end
                       (tokenise, copy, forward, copy back) and forward only on device tensors
   inference_torch     encoder with bf16 weights: batch 32 throughput and batch 1 p50/p99 latency
   inference_onnx      the exported graph at fp16 in onnxruntime's CUDA provider (skipped, with the
@@ -325,7 +325,7 @@ def use_sdpa(model: Any) -> None:
 
 def build_encoder(ctx: Ctx) -> tuple[Any, Any]:
     """The project's (Encoder, ModelMeta): bert-L{L}-H{H} from config with random weights, SDPA."""
-    from drscaling.model import build_model
+    from drscaling.model.build import build_model
 
     encoder, meta = build_model(ctx.sizes.shape, VocabSized(ctx.tokenizer, ctx.sizes.vocab), dim=768, seed=0)
     use_sdpa(encoder.backbone)
@@ -355,12 +355,12 @@ def step_flops(n: int, layers: int, hidden: int, s: Sizes) -> tuple[int, float, 
 
 def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf16_weights: bool = False,
           mask: bool = True, compile_mode: str | None = None) -> dict:
-    """Median wall time of drscaling.train.train_step, eager or with the Towers module compiled.
+    """Median wall time of drscaling.train.step.train_step, eager or with the Towers module compiled.
     The keyword options are the ablation's: dropout off, no gradient clipping, bf16 parameters."""
     import torch
 
-    from drscaling.model import Towers
-    from drscaling.train import optimizer, train_step
+    from drscaling.model.encoder import Towers
+    from drscaling.train.step import optimizer, train_step
 
     s, device = ctx.sizes, ctx.device
     reset_memory(device)
@@ -433,8 +433,8 @@ def profile(ctx: Ctx) -> dict:
     import torch
     from torch.profiler import ProfilerActivity
 
-    from drscaling.model import Towers
-    from drscaling.train import optimizer, train_step
+    from drscaling.model.encoder import Towers
+    from drscaling.train.step import optimizer, train_step
 
     s, device = ctx.sizes, ctx.device
     encoder, _ = build_encoder(ctx)
@@ -468,11 +468,12 @@ def synthetic_texts(n: int, words: int, seed: int = 0) -> list[str]:
 
 
 def evaluation(ctx: Ctx) -> dict:
-    """Passages/s of drscaling.model.encode (the evaluator's path) under bf16 autocast, end to end,
+    """Passages/s of drscaling.model.retriever.encode (the evaluator's path) under bf16 autocast, end to end,
     and of the bare forward on device-resident token tensors of the same shape."""
     import torch
 
-    from drscaling.model import encode, tokenize
+    from drscaling.model.retriever import encode
+    from drscaling.model.tokenizer import tokenize
 
     s, device = ctx.sizes, ctx.device
     reset_memory(device)
@@ -500,7 +501,7 @@ def evaluation(ctx: Ctx) -> dict:
     return {
         "shape": s.shape, "precision": f"{ctx.dtype_name} autocast" if ctx.bf16 else "fp32",
         "batch": s.eval_batch, "tokens_per_passage": seq, "passages": len(texts),
-        "encode_timed": "drscaling.model.encode on texts: tokenise + copy + forward + copy back",
+        "encode_timed": "drscaling.model.retriever.encode on texts: tokenise + copy + forward + copy back",
         "encode": stats(e2e), "passages_per_s_encode": len(texts) / statistics.median(e2e),
         "forward_timed": "Encoder forward on device token tensors (batch x tokens_per_passage)",
         "forward": stats(fwd), "passages_per_s_forward": s.eval_batch / statistics.median(fwd),
@@ -638,7 +639,7 @@ def generation(ctx: Ctx) -> dict:
 
 def small_tokenizer(dest: Path) -> Any:
     """A WordPiece vocabulary over synthetic words w0..w3999, as benchmarks/train_step.py makes."""
-    from drscaling.model import train_tokenizer
+    from drscaling.model.tokenizer import train_tokenizer
 
     words = [f"w{i}" for i in range(4000)]
     return train_tokenizer([" ".join(words[i : i + 50]) for i in range(0, 4000, 10)], 8000, dest)

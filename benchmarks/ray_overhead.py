@@ -22,7 +22,7 @@ from pathlib import Path
 
 from drscaling.executors import RayConfig
 from drscaling.sweep import Preset, run_sweep
-from drscaling.train import Paths
+from drscaling.train.config import Paths
 
 TINY = {"steps": 8, "batch_size": 8, "negatives": 16, "max_query_len": 16, "max_passage_len": 24, "lr": 0.001,
         "warmup_steps": 2, "eval_every": 8, "checkpoint_every": 8, "dim": 32,

@@ -35,7 +35,9 @@ from tqdm import tqdm  # noqa: E402
 from drscaling.export import export_onnx, ort_session  # noqa: E402
 from drscaling.files import write_json  # noqa: E402
 from drscaling.loadgen import LoadConfig, run_load  # noqa: E402
-from drscaling.model import build_model, load_model, save_model, train_tokenizer  # noqa: E402
+from drscaling.model.build import build_model  # noqa: E402
+from drscaling.model.saved import load_model, save_model  # noqa: E402
+from drscaling.model.tokenizer import train_tokenizer  # noqa: E402
 from drscaling.serving import Client, TritonServer, build_model_repository  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

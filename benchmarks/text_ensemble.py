@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from drscaling.files import write_json  # noqa: E402
-from drscaling.model import load_tokenizer  # noqa: E402
+from drscaling.model.tokenizer import load_tokenizer  # noqa: E402
 from drscaling.serving import Client, TritonServer, build_model_repository  # noqa: E402
 from serving import rate  # noqa: E402  (benchmarks/serving.py: the same rows/s loop)
 

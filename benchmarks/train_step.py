@@ -17,8 +17,10 @@ import time
 
 import torch
 
-from drscaling.model import Towers, build_model, train_tokenizer
-from drscaling.train import train_step
+from drscaling.model.build import build_model
+from drscaling.model.encoder import Towers
+from drscaling.model.tokenizer import train_tokenizer
+from drscaling.train.step import train_step
 
 
 def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 7) -> float:

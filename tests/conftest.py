@@ -161,7 +161,7 @@ def annotations(prepared, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(prepared, tmp_path_factory) -> Path:
     from drscaling.data import load_split
-    from drscaling.model import train_tokenizer
+    from drscaling.model.tokenizer import train_tokenizer
 
     train = load_split(prepared, "train")
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
@@ -188,7 +188,9 @@ _CACHE: dict[str, Path] = {}
 def make_tiny_model(root: Path) -> Path:
     """One tiny random-weight encoder (bert-L2-H128, dim 32) per test session."""
     if "model" not in _CACHE:
-        from drscaling.model import build_model, save_model, train_tokenizer
+        from drscaling.model.build import build_model
+        from drscaling.model.saved import save_model
+        from drscaling.model.tokenizer import train_tokenizer
 
         tok = train_tokenizer(CORPUS, 200, root / "tok")
         encoder, meta = build_model("bert-L2-H128", tok, dim=32, max_positions=128)
@@ -199,7 +201,9 @@ def make_tiny_model(root: Path) -> Path:
 
 def random_retriever(tokenizer_dir: Path, seed: int):
     """A random-weight bert-L2-H128 (dim 32) single-tower retriever on the fixture data's tokenizer."""
-    from drscaling.model import Retriever, Tower, build_model, load_tokenizer
+    from drscaling.model.build import build_model
+    from drscaling.model.retriever import Retriever, Tower
+    from drscaling.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     encoder, meta = build_model("bert-L2-H128", tok, dim=32, seed=seed)

@@ -17,9 +17,12 @@ import yaml
 from drscaling.checkpoints import fill, init_for, resolve_start
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, evaluate_model
-from drscaling.model import HUB_TEMPLATES, LLMS, build_model, load_tokenizer, parse_shape
+from drscaling.model.build import build_model
+from drscaling.model.shapes import HUB_TEMPLATES, LLMS, parse_shape
+from drscaling.model.tokenizer import load_tokenizer
 from drscaling.sweep import load_preset, run_sweep
-from drscaling.train import Paths, TrainConfig, train
+from drscaling.train.config import Paths, TrainConfig
+from drscaling.train.run import train
 
 EVAL = EvalConfig(negatives=64, draws=2, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=0)
 TEMPLATE = "bert_uncased_L-{L}_H-{H}_A-{A}"

@@ -108,7 +108,7 @@ def _hf_encoder(folder: Path) -> Path:
     transformers reports the pooler's weights as unexpected (its LOAD REPORT table)."""
     from transformers import BertConfig, BertModel
 
-    from drscaling.model import train_tokenizer
+    from drscaling.model.tokenizer import train_tokenizer
 
     cfg = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)

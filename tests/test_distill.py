@@ -14,10 +14,12 @@ from drscaling.data import load_split
 from drscaling.distill import DistillConfig, distill, distill_loss
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, build_evalset, contrastive_entropy
-from drscaling.model import (
-    Retriever, Tower, build_model, load_retriever, load_tokenizer, save_retriever, shape_tokenizer,
-)
-from drscaling.train import Paths, TrainConfig, train
+from drscaling.model.build import build_model
+from drscaling.model.retriever import Retriever, Tower
+from drscaling.model.saved import load_retriever, save_retriever
+from drscaling.model.tokenizer import load_tokenizer, shape_tokenizer
+from drscaling.train.config import Paths, TrainConfig
+from drscaling.train.run import train
 
 EVAL = EvalConfig(negatives=64, draws=2, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=400)
 

@@ -12,7 +12,8 @@ from drscaling.errors import DrscalingError
 from drscaling.export import (
     PARITY_TEXTS, _check_variant, export_onnx, ort_encode_fn, ort_session, quality_delta,
 )
-from drscaling.model import encode, load_model
+from drscaling.model.retriever import encode
+from drscaling.model.saved import load_model
 from conftest import CORPUS  # noqa: E402  (shared tiny model and export fixtures live in conftest)
 
 def test_export_parity_and_layout(tiny_model, tiny_onnx):
@@ -43,7 +44,7 @@ def test_opt_graph_is_fused(tiny_onnx):
 
 
 def test_parity_gate_refuses_a_mismatch(tiny_onnx):
-    from drscaling.model import load_tokenizer
+    from drscaling.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_onnx / "tokenizer")
     good = ort_encode_fn(ort_session(tiny_onnx / "model.onnx"), tok)(PARITY_TEXTS, 64)

@@ -16,9 +16,10 @@ from drscaling.evaluate import (
     EvalConfig, build_evalset, contrastive_entropy_from_scores, embed_evalset, encode_fns, pair_losses, rank_pool,
     evaluate_model, rank_split,
 )
-from drscaling.model import Retriever, save_retriever
+from drscaling.model.retriever import Retriever
+from drscaling.model.saved import save_retriever
 from conftest import random_retriever
-from drscaling.train import TrainConfig
+from drscaling.train.config import TrainConfig
 
 EVAL = EvalConfig(negatives=32, draws=3, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=0)
 

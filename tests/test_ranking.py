@@ -14,7 +14,7 @@ from drscaling.errors import DrscalingError
 from drscaling.evaluate import (
     Embedded, EvalConfig, EvalSet, encode_fns, rank_pool, rank_split, ranked_metrics, ranking_metrics, top_k,
 )
-from drscaling.model import Retriever
+from drscaling.model.retriever import Retriever
 from drscaling.vector_index import knn_ip
 
 CFG = EvalConfig(negatives=16, draws=1, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=600)

@@ -13,8 +13,9 @@ import pytest
 from drscaling import registry, tracking
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, evaluate_model
-from drscaling.model import load_retriever
-from drscaling.train import Paths, TrainConfig, train
+from drscaling.model.saved import load_retriever
+from drscaling.train.config import Paths, TrainConfig
+from drscaling.train.run import train
 
 EVAL = EvalConfig(negatives=32, draws=2, max_query_len=16, max_passage_len=24, batch_size=64, rank_pool=300)
 SHAPE = "bert-L2-H128"

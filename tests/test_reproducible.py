@@ -6,7 +6,7 @@ from __future__ import annotations
 import string
 
 from drscaling.data import load_split
-from drscaling.model import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from drscaling.model.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from drscaling.validate import validate_dataset
 
 

@@ -11,7 +11,7 @@ from conftest import CORPUS, make_tiny_export
 
 from drscaling.errors import DrscalingError
 from drscaling.export import ort_encode_fn, ort_session
-from drscaling.model import load_tokenizer
+from drscaling.model.tokenizer import load_tokenizer
 from drscaling.serving import (
     TritonServer, build_index, build_model_repository, encode_texts, infer_ids, search,
 )

@@ -29,7 +29,8 @@ from drscaling.files import read_json, read_jsonl
 from drscaling.serving import build_index, search
 from drscaling.serving.index_ray import RayIndexConfig, build_index_ray
 from drscaling.sweep import Preset, run_sweep
-from drscaling.train import Paths, data_key
+from drscaling.train.config import Paths
+from drscaling.train.data import data_key
 from drscaling.vector_index import config_from
 
 pytestmark = pytest.mark.slow
@@ -306,7 +307,7 @@ def _init_checkpoint(tokenizer_dir: Path, folder: Path, seed: int) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from drscaling.model import load_tokenizer
+    from drscaling.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     config = BertConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,

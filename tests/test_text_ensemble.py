@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from drscaling.errors import DrscalingError
 from drscaling.export import ort_encode_fn, ort_session
-from drscaling.model import load_tokenizer
+from drscaling.model.tokenizer import load_tokenizer
 from drscaling.serving import (
     Client, build_index, build_model_repository, encode_texts, infer_ids, search,
 )

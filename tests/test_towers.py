@@ -20,7 +20,9 @@ from drscaling.budget import (
 from drscaling.costs import combine, measure
 from drscaling.errors import DrscalingError
 from drscaling.export import export_onnx, ort_encode_fn, ort_session, quality_delta
-from drscaling.model import Retriever, Tower, encode, load_retriever, load_tokenizer
+from drscaling.model.retriever import Retriever, Tower, encode
+from drscaling.model.saved import load_retriever
+from drscaling.model.tokenizer import load_tokenizer
 from drscaling.serving import (
     TritonServer, build_index, build_model_repository, build_tower_repository, encode_texts,
     resolve_tower, search, Client,
@@ -32,7 +34,9 @@ SHORT = {"duration_s": 0.4, "warmup_s": 0.1, "query_seq_len": 8, "query_concurre
 
 
 def make_towers(dest: Path, query_dim: int = DIM, passage_dim: int = DIM) -> Path:
-    from drscaling.model import build_model, save_retriever, train_tokenizer
+    from drscaling.model.build import build_model
+    from drscaling.model.saved import save_retriever
+    from drscaling.model.tokenizer import train_tokenizer
 
     tok = train_tokenizer(CORPUS, 200, dest.parent / f"tok-{dest.name}")
     q, q_meta = build_model(QUERY_SHAPE, tok, dim=query_dim, max_positions=64, seed=1)

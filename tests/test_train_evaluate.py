@@ -22,8 +22,13 @@ from drscaling.evaluate import (
     EvalConfig, build_evalset, contrastive_entropy, contrastive_entropy_from_scores, evaluate_model,
     ranking_metrics,
 )
-from drscaling.model import Retriever, Tower, build_model, load_model, load_retriever, load_tokenizer, parse_shape, tokenize
-from drscaling.train import Paths, TrainConfig, train
+from drscaling.model.build import build_model
+from drscaling.model.retriever import Retriever, Tower
+from drscaling.model.saved import load_model, load_retriever
+from drscaling.model.shapes import parse_shape
+from drscaling.model.tokenizer import load_tokenizer, tokenize
+from drscaling.train.config import Paths, TrainConfig
+from drscaling.train.run import train
 
 EVAL = EvalConfig(negatives=64, draws=3, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=500)
 
@@ -74,7 +79,7 @@ def test_too_few_passages_for_negatives(prepared):
 def test_non_embedding_parameter_count():
     from transformers import BertConfig, BertModel
 
-    from drscaling.model import Encoder, non_embedding_params
+    from drscaling.model.encoder import Encoder, non_embedding_params
 
     s = parse_shape("bert-L4-H256")
     backbone = BertModel(BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -182,7 +187,8 @@ def test_bad_parameters_fail_before_compute(prepared, annotations, tokenizer_dir
 
 def test_checkpoint_from_another_shape_is_refused_before_any_compute(prepared, annotations, tokenizer_dir, tmp_path,
                                                                      monkeypatch):
-    import drscaling.train as T
+    import drscaling.train.run as R
+    import drscaling.train.step as T
 
     out = tmp_path / "run"
     crash_at = {"n": 0}
@@ -204,10 +210,10 @@ def test_checkpoint_from_another_shape_is_refused_before_any_compute(prepared, a
     # What the refused run computed: neither a model nor an evaluation set may be built for it.
     built: list[str] = []
     for name in ("build_model", "cached_evalset"):
-        def record(*a, _name=name, _real=getattr(T, name), **k):
+        def record(*a, _name=name, _real=getattr(R, name), **k):
             built.append(_name)
             return _real(*a, **k)
-        monkeypatch.setattr(T, name, record)
+        monkeypatch.setattr(R, name, record)
     other = small_cfg(shape="bert-L4-H128")
     with pytest.raises(DrscalingError, match=r"made for shape bert-L2-H128, not bert-L4-H128.*--discard-checkpoint"):
         train(other, paths(prepared, annotations, tokenizer_dir, out))
@@ -236,8 +242,9 @@ def test_evaluate_zero_shot_pretrained_baseline(prepared):
 def test_pretrained_series_truncates_layers():
     """minilm-L{k}: the packaged all-MiniLM-L6-v2 cut to k pretrained layers (its first k - 1 and its
     last, the one retrieval tuning aligned with pooling), with its own tokenizer."""
-    from drscaling.model import check_shape, load_tokenizer, tokenizer_source
-    from drscaling.train import TrainConfig
+    from drscaling.model.shapes import check_shape
+    from drscaling.model.tokenizer import load_tokenizer, tokenizer_source
+    from drscaling.train.config import TrainConfig
 
     tok = load_tokenizer(tokenizer_source("minilm-L2", "", "unused"))
     enc, meta = build_model("minilm-L2", tok, dim=768)

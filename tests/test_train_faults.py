@@ -17,12 +17,14 @@ import mlflow
 import pytest
 import yaml
 
-import drscaling.train as T
+import drscaling.train.step as T
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig
 from drscaling.files import folder_lock, read_json, read_jsonl
 from drscaling.sweep import load_preset, run_sweep
-from drscaling.train import Paths, TrainConfig, train
+from drscaling.train.config import Paths, TrainConfig
+from drscaling.train.data import data_key
+from drscaling.train.run import train
 
 EVAL = EvalConfig(negatives=32, draws=2, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=0)
 FLAGS = ["--shape", "bert-L2-H128", "--steps", "30", "--batch-size", "8", "--warmup-steps", "5", "--negatives", "16",
@@ -241,7 +243,7 @@ def test_a_new_shared_tokenizer_is_new_data_for_scratch_shapes_only(prepared, an
     is not reused. Shapes on their checkpoint's own tokenizer (minilm) keep their key when it changes."""
     from drscaling.checkpoints import resolve_start
     from drscaling.data import load_split
-    from drscaling.model import train_tokenizer
+    from drscaling.model.tokenizer import train_tokenizer
 
     tok = tmp_path / "tokenizer"
     shutil.copytree(tokenizer_dir, tok)
@@ -249,10 +251,10 @@ def test_a_new_shared_tokenizer_is_new_data_for_scratch_shapes_only(prepared, an
     quick = cfg(steps=10, eval_every=5)
     first = train(quick, p)
     assert train(quick, p)["cached"]
-    minilm = T.data_key(p, "human", resolve_start("minilm-L1", ""))
+    minilm = data_key(p, "human", resolve_start("minilm-L1", ""))
     train_split = load_split(prepared, "train")
     train_tokenizer(list(train_split.corpus["text"]) + list(train_split.queries["text"]), 1500, tok)
-    assert T.data_key(p, "human", resolve_start("minilm-L1", "")) == minilm
+    assert data_key(p, "human", resolve_start("minilm-L1", "")) == minilm
     again = train(quick, p)
     assert not again.get("cached") and again["data_key"] != first["data_key"]
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drscaling.errors import DrscalingError
-from drscaling.model import LLMS, PACKAGED, SERIES, SERIES_RE, check_shape, parse_shape, resolve
+from drscaling.model.shapes import LLMS, PACKAGED, SERIES, SERIES_RE, check_shape, parse_shape, resolve
 
 SCRATCH = "scratch"
 FAMILIES = ("bert", "minilm", "smollm2")
@@ -133,7 +133,7 @@ def _default(shape: str, fam: str) -> Start:
     if fam == "minilm":
         checkpoint = SERIES[fam][0]
         return Start(shape, "", checkpoint, None, weights_digest(Path(resolve(checkpoint)), f"shape {shape}"))
-    from drscaling.model import llm_folder
+    from drscaling.model.shapes import llm_folder
     from drscaling.weights import gguf_file
 
     packaged = LLMS[shape].packaged

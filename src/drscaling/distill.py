@@ -35,10 +35,15 @@ from drscaling.data import load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, Embedded, cached_evalset, embed_evalset, encode_fns, rank_split
 from drscaling.files import atomic_path, write_json
-from drscaling.model import (
-    Retriever, Tower, build_model, check_lengths, check_shape, load_retriever, save_retriever, shape_tokenizer, tokenize,
-)
-from drscaling.train import Paths, optimizer, training_pairs
+from drscaling.model.build import build_model
+from drscaling.model.encoder import check_lengths
+from drscaling.model.retriever import Retriever, Tower
+from drscaling.model.saved import load_retriever, save_retriever
+from drscaling.model.shapes import check_shape
+from drscaling.model.tokenizer import shape_tokenizer, tokenize
+from drscaling.train.config import Paths
+from drscaling.train.data import training_pairs
+from drscaling.train.step import optimizer
 
 
 @dataclass

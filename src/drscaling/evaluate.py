@@ -33,7 +33,7 @@ import torch
 
 from drscaling.data import SPLITS, Split, as_corpus, load_split
 from drscaling.errors import DrscalingError
-from drscaling.model import Retriever
+from drscaling.model.retriever import Retriever
 from drscaling.vector_index import knn_ip, top_k
 
 EncodeFn = Callable[[list[str], int], np.ndarray]  # (texts, max_len) -> float32 [n, dim]
@@ -398,7 +398,8 @@ def _reuse(ids: list[str], texts: list[str], known: dict[str, np.ndarray] | None
 
 def evaluate_model(model_dir: str | Path, prepared: str | Path, split: str, cfg: EvalConfig) -> dict:
     """Any saved model (shared or dual towers), plain HF encoder folder or MLflow model URI on any canonical split."""
-    from drscaling.model import check_lengths, load_retriever
+    from drscaling.model.encoder import check_lengths
+    from drscaling.model.saved import load_retriever
     from drscaling.registry import local_model
 
     with local_model(model_dir) as folder:  # a folder, runs:/..., a run id or models:/name@alias

@@ -29,8 +29,10 @@ from drscaling import tracking
 from drscaling.checkpoints import Start, resolve_start
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_json
-from drscaling.model import uses_shared_tokenizer
-from drscaling.train import Paths, TrainConfig, data_key, data_versions, run_data_key, train
+from drscaling.model.tokenizer import uses_shared_tokenizer
+from drscaling.train.config import Paths, TrainConfig
+from drscaling.train.data import data_key, data_versions, run_data_key
+from drscaling.train.run import train
 
 EXECUTORS = ("local", "ray")
 Points = list[tuple[str, TrainConfig]]  # (config key, config), in the order they are submitted

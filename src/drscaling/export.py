@@ -10,7 +10,7 @@ Output folder (what `serving.build_model_repository` reads):
     drscaling.json      the model's ModelMeta (shape, N, max lengths)
     export.json         opset, variants and their measured parity against PyTorch
 
-A dual-tower model (ScalingNote: `query/` + `passage/` + `towers.json`, see model.py) exports to
+A dual-tower model (ScalingNote: `query/` + `passage/` + `towers.json`, see drscaling.model) exports to
 the same layout one level down, each tower with its own parity check:
     query/              an export folder as above, of the query tower
     passage/            an export folder as above, of the passage tower
@@ -43,7 +43,7 @@ from torch import nn
 
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path, read_json, write_json
-from drscaling.model import TOWERS_FILE  # a dual export folder carries the dual model's marker
+from drscaling.model.saved import TOWERS_FILE  # a dual export folder carries the dual model's marker
 
 VARIANTS = ("fp32", "opt", "fp16", "int8")
 VARIANT_FILES = {
@@ -141,7 +141,7 @@ def ort_encode_fn(session, tokenizer, batch_size: int = 128) -> Callable[[list[s
 
 
 def torch_encode_fn(encoder: nn.Module, tokenizer, batch_size: int = 128):
-    from drscaling.model import encode
+    from drscaling.model.retriever import encode
 
     def fn(texts: list[str], max_len: int) -> np.ndarray:
         return encode(encoder, tokenizer, texts, max_len, batch_size=batch_size)
@@ -193,7 +193,7 @@ def export_onnx(
     if not 14 <= cfg.opset <= 20:
         # 14 is the lowest opset with the ops BERT needs in one piece; ORT 1.31 supports up to 20+.
         raise DrscalingError(f"opset must be between 14 and 20 (got {cfg.opset})")
-    from drscaling.model import is_dual
+    from drscaling.model.saved import is_dual
 
     with resolve_model_dir(model_dir) as src:
         if is_dual(src):
@@ -236,7 +236,7 @@ def _export_towers(src: Path, out_dir: Path, cfg: ExportConfig, source: str) -> 
 
 def _export_tower(src: Path, out_dir: Path, cfg: ExportConfig, source: str) -> dict:
     """One encoder (a shared model or one tower) -> out_dir, with every variant's parity."""
-    from drscaling.model import load_model
+    from drscaling.model.saved import load_model
 
     encoder, tokenizer, meta = load_model(src)
     max_len = min(cfg.parity_max_len, meta.max_positions)
@@ -432,7 +432,8 @@ def quality_delta(
     fp32 ONNX. The result is merged into export.json (towers.json) under "quality" and logged to
     the active MLflow run, if any.
     """
-    from drscaling.model import is_dual, load_retriever, load_tokenizer
+    from drscaling.model.saved import is_dual, load_retriever
+    from drscaling.model.tokenizer import load_tokenizer
 
     onnx_dir = Path(onnx_dir)
     dual = is_dual(onnx_dir)

@@ -37,7 +37,7 @@ def export_one(model: str | Path, out: Path, variants: list[str], prepared, eval
         record = export.export_onnx(model, out, variants=tuple(variants))
         scored = export.quality_delta(out, ce_metric(prepared, eval_cfg), model_dir=model) if quality else None
     if repo is not None:
-        from drscaling.model import is_dual
+        from drscaling.model.saved import is_dual
 
         # Dual towers become two models, <name>-query and <name>-passage.
         build = serving.build_tower_repository if is_dual(out) else serving.build_model_repository

@@ -38,7 +38,7 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from drscaling.model import load_retriever
+        from drscaling.model.saved import load_retriever
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.retriever = load_retriever(context.artifacts[ARTIFACT]).to(self.device)

@@ -1,7 +1,7 @@
 """Trained encoders as MLflow Models in the Model Registry.
 
 Every trained encoder is logged once, by its training run, as an MLflow Model (python_function
-flavour): `EncoderModel` wraps the project's saved model folder (model.py: backbone/, tokenizer/,
+flavour): `EncoderModel` wraps the project's saved model folder (drscaling.model: backbone/, tokenizer/,
 projection.pt, drscaling.json; or dual towers), with a signature of text in, float32 embeddings
 [n, dim] out, so that
 
@@ -386,7 +386,7 @@ def local_model(model: str | Path) -> Iterator[Path]:
     if Path(text).exists():
         yield Path(text)
         return
-    from drscaling.model import PACKAGED, resolve
+    from drscaling.model.shapes import PACKAGED, resolve
 
     if text in PACKAGED:  # a pretrained encoder shipped in a wheel, e.g. all-MiniLM-L6-v2 (a zero-shot baseline)
         yield Path(resolve(text))

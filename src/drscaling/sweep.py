@@ -25,8 +25,8 @@ from drscaling.checkpoints import Start, init_for, resolve_start
 from drscaling.errors import DrscalingError
 from drscaling.executors import EXECUTORS, RayConfig, run_local, run_ray, tracking_problem
 from drscaling.files import folder_lock, read_json, write_json, write_jsonl
-from drscaling.model import check_shape, shape_cost
-from drscaling.train import Paths, TrainConfig
+from drscaling.model.shapes import check_shape, shape_cost
+from drscaling.train.config import Paths, TrainConfig
 
 PRESETS = tracking.REPO / "pipelines"
 RESULT_KEYS = ("ce_test_min", "ce_test_at_best_dev", "ce_dev_best", "mrr@10", "ndcg@10", "recall@100", "recall@1000",

@@ -1,6 +1,6 @@
 """Local model weights: the packaged SmolLM2 GGUF and the plain HF folders made from it.
 
-Both the retriever (decoder-LLM towers, drscaling.model.llm_folder) and the annotation generators
+Both the retriever (decoder-LLM towers, drscaling.model.shapes.llm_folder) and the annotation generators
 (drscaling.annotation) open models through `ensure_local_model`, so a GGUF is parsed and
 dequantised once per machine and every later load is a fast from_pretrained on a folder.
 Nothing here reaches a model hub: a hub name is returned unchanged for the caller to load.

@@ -18,7 +18,7 @@ import warnings
 from drscaling.cli.common import VERBOSE_HELP, verbose_flag
 from drscaling.errors import DrscalingError
 
-__all__ = ["build_parser", "main", "quiet_libraries"]
+__all__ = ["build_parser", "main", "quiet_libraries", "run_in_process"]
 
 # Loggers of libraries that report at INFO what a user did not ask about (MLflow's run links and store
 # migrations, Ray's start-up, the Hugging Face hub).
@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     for group in (data, train, laws, deploy):  # the order of `drscaling --help`: the pipeline's order
         group.register(cmd)
     return ap
+
+
+def run_in_process(argv: list[str]) -> None:
+    """`drscaling ARGV`'s cmd_* function called in this process (errors propagate): how `drscaling study`
+    runs its stages."""
+    args = build_parser().parse_args(argv)
+    args.func(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,7 @@ def cmd_validate(args) -> None:
 
 def cmd_tokenizer(args) -> None:
     from drscaling.data import load_split
-    from drscaling.model import train_tokenizer
+    from drscaling.model.tokenizer import train_tokenizer
 
     train = load_split(prepared(args), "train")
     vocab = args.vocab_size or params.section("tokenizer").get("vocab_size", 16384)

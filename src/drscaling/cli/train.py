@@ -10,7 +10,7 @@ from drscaling.cli.common import A, Register, current_params, params_flag, prepa
 from drscaling.errors import DrscalingError
 
 def _train_paths(args, out: str | Path):
-    from drscaling.train import Paths
+    from drscaling.train.config import Paths
 
     return Paths(
         prepared=Path(prepared(args)),
@@ -22,7 +22,8 @@ def _train_paths(args, out: str | Path):
 
 def cmd_train(args) -> None:
     from drscaling.checkpoints import init_for
-    from drscaling.train import TrainConfig, train
+    from drscaling.train.config import TrainConfig
+    from drscaling.train.run import train
 
     base = params.section("train")
     if args.section:  # e.g. towers_teacher: overrides of the train section, eval merged key by key
@@ -82,11 +83,12 @@ def cmd_sweep(args) -> None:
 
 def cmd_study(args) -> None:
     """Thin: parse, hand off to drscaling.study."""
+    from drscaling.cli import run_in_process
     from drscaling.study import StudyConfig, run_study
 
     run_study(StudyConfig(data=args.data, format=args.format, preset=args.preset, out=args.out, name=args.name,
                           sources=tuple(args.sources), dvc=args.dvc, new_data_version=args.new_data_version,
-                          n_bootstrap=args.n_bootstrap, costs_path=args.costs_path))
+                          n_bootstrap=args.n_bootstrap, costs_path=args.costs_path), run_stage=run_in_process)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +99,7 @@ def cmd_study(args) -> None:
 def _train_sweep_parsers(cmd: Register) -> None:
     from drscaling.executors import EXECUTORS
     from drscaling.sweep import SWEEPS
-    from drscaling.train import TrainConfig
+    from drscaling.train.config import TrainConfig
 
     for name, func, help in (("train", cmd_train, "train one encoder (one MLflow run)"),
                              ("sweep", cmd_sweep, "run a preset's model/data/source/joint sweeps")):

@@ -18,7 +18,7 @@ CI_RATIO_FLAG = 100.0  # a 95% interval whose hi/lo exceeds this spans orders of
 CI_COLLAPSED = 1e-3  # a 95% interval narrower than this, relative to its estimate, is collapsed
 HELDOUT_FLAG = 0.10  # |predicted - observed| / observed above this fails the held-out check
 TRUST_EXTRA_POINTS = 3  # a law is trusted from p + 3 points on
-CONVERGENCE_TOLERANCE = 0.02  # train.py's: best test CE still improving > 2% late = not converged
+CONVERGENCE_TOLERANCE = 0.02  # drscaling.train.evaluation's: best test CE still improving > 2% late = not converged
 
 # Where a sweep preset sets the points of each law (pipelines/<preset>.yaml).
 DEFAULT_SETTINGS = {

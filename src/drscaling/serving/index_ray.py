@@ -83,7 +83,7 @@ class RepositoryModels:
 
 def model_files(repo: Path, info: ModelInfo, tokenizer: str | Path | None = None) -> dict[str, bytes]:
     """{path: bytes} of the graph Triton serves (model.onnx) and the tokenizer beside it (or `tokenizer`)."""
-    from drscaling.model import load_tokenizer
+    from drscaling.model.tokenizer import load_tokenizer
 
     graph = repo / info.name / VERSION / info.params.get("onnx_file", "model.onnx")
     tok = Path(tokenizer) if tokenizer is not None else repo / info.name / VERSION / "tokenizer"
@@ -102,7 +102,7 @@ class Encoder:
         import ray
 
         from drscaling.export import ort_encode_fn, ort_session
-        from drscaling.model import load_tokenizer
+        from drscaling.model.tokenizer import load_tokenizer
 
         self._dir = tempfile.TemporaryDirectory(prefix="drscaling-index-")  # removed with the actor
         root = Path(self._dir.name)

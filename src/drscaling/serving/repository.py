@@ -85,7 +85,8 @@ def build_model_repository(
     atomically as a whole, and every config is rendered before any folder is written.
     `tower` / `retriever` label one tower of a dual pair (build_tower_repository sets them).
     """
-    from drscaling.model import is_dual, load_tokenizer
+    from drscaling.model.saved import is_dual
+    from drscaling.model.tokenizer import load_tokenizer
 
     cfg = RepositoryConfig(flavour, max_batch_size, dynamic_batching, max_queue_delay_us,
                            instances, kind, variant, intra_op_threads, text_ensemble)
@@ -207,7 +208,7 @@ def build_tower_repository(onnx_dir: str | Path, repo_dir: str | Path, name: str
     pair leaves the repository as it was. Returns {"query": path, "passage": path}.
     """
     from drscaling.export import SIDES, tower_dim
-    from drscaling.model import is_dual
+    from drscaling.model.saved import is_dual
 
     onnx_dir = Path(onnx_dir)
     if not is_dual(onnx_dir):

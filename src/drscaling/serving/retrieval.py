@@ -21,7 +21,7 @@ from drscaling.vector_index import IndexConfig
 def _tokenizer_for(client: Client, model: str, tokenizer: str | Path | None, repo: str | Path | None = None):
     """The tokenizer shipped beside the model: explicit path, else from the model repository (a
     TritonServer's own, or `repo`: the folder the server was started on)."""
-    from drscaling.model import load_tokenizer
+    from drscaling.model.tokenizer import load_tokenizer
 
     if tokenizer is not None:
         return load_tokenizer(tokenizer)

@@ -1,6 +1,7 @@
 """A study's stages, defined once: run in-process by `drscaling study`, or written as the study folder's
 dvc.yaml and run by `dvc repro` there. Each stage is an existing `drscaling` command (a cmd_* of drscaling/cli/),
-run with the study folder as working directory; nothing here re-implements a stage.
+run with the study folder as working directory; nothing here re-implements a stage, and nothing here
+imports the command line: `drscaling study` hands run_study its in-process runner.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,12 +84,16 @@ def law_stages(preset: str, sweeps: list[str], sources: list[str], budget: bool)
     return stages
 
 
-def run_in_process(stage: Stage) -> None:
-    """The stage's cmd_* function, exactly as `drscaling ...` would call it (errors propagate)."""
-    from drscaling.cli import build_parser
+# Runs one stage's `drscaling` arguments. The command line passes its own in-process runner (the stage's
+# cmd_* function, errors propagating); the library alone runs the `drscaling` command, as dvc.yaml does.
+StageRunner = Callable[[list[str]], None]
 
-    args = build_parser().parse_args(stage.argv)
-    args.func(args)
+
+def run_command(argv: list[str]) -> None:
+    """`drscaling ARGV` in a subprocess of this interpreter, in the working directory; its output streams."""
+    proc = subprocess.run([sys.executable, "-m", "drscaling", *argv], env=_env())
+    if proc.returncode != 0:
+        raise DrscalingError(f"`drscaling {shlex.join(argv)}` failed in {Path.cwd()} (exit {proc.returncode})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,14 +122,18 @@ def dvc_yaml(stages: list[Stage]) -> str:
 
 def dvc(root: Path, *args: str, check: bool = True, stream: bool = False) -> subprocess.CompletedProcess:
     """Run `dvc ARGS` in the study folder, with this interpreter's `drscaling` first on PATH."""
-    bin_dir = str(Path(sys.executable).parent)
-    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
     cmd = [sys.executable, "-m", "dvc", *args]
-    proc = subprocess.run(cmd, cwd=root, env=env, text=True, capture_output=not stream)
+    proc = subprocess.run(cmd, cwd=root, env=_env(), text=True, capture_output=not stream)
     if check and proc.returncode != 0:
         detail = "" if stream else f":\n{(proc.stdout or '')[-2000:]}{(proc.stderr or '')[-3000:]}"
         raise DrscalingError(f"`dvc {' '.join(args)}` failed in {root} (exit {proc.returncode}){detail}")
     return proc
+
+
+def _env() -> dict[str, str]:
+    """This interpreter's `drscaling` first on PATH (what dvc.yaml's commands call), DVC analytics off."""
+    bin_dir = str(Path(sys.executable).parent)
+    return os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
 
 
 def init_dvc(root: Path, tracked: str | None) -> None:

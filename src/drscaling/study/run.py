@@ -100,9 +100,9 @@ def _too_small(cfg: StudyConfig, preset: Preset, exc: TooSmall, n_train: int) ->
         f"{exc}. It would need {wanted}, or a preset with fewer negatives and smaller data sizes (--preset)")
 
 
-def _stage(cfg: StudyConfig, stage: P.Stage, i: int, total: int) -> None:
+def _stage(cfg: StudyConfig, run_stage: P.StageRunner, stage: P.Stage, i: int, total: int) -> None:
     _say(cfg, f"[{i}/{total}] {stage.name}: {stage.command()}")
-    P.run_in_process(stage)
+    run_stage(stage.argv)
 
 
 def _plan(cfg: StudyConfig, root: Path, preset: Preset, name: str, sources: list[str], k: int) -> Plan:
@@ -119,8 +119,9 @@ def _plan(cfg: StudyConfig, root: Path, preset: Preset, name: str, sources: list
     return plan
 
 
-def run_study(cfg: StudyConfig) -> Path:
-    """Run (or resume) the study; returns the study folder."""
+def run_study(cfg: StudyConfig, run_stage: P.StageRunner = P.run_command) -> Path:
+    """Run (or resume) the study; returns the study folder. `run_stage` runs each stage's `drscaling`
+    arguments (default: the command, in a subprocess; `drscaling study` runs them in its own process)."""
     if "human" not in cfg.sources:
         raise DrscalingError("--sources must include human: the sweeps train on the dataset's own pairs")
     name = F.study_name(cfg.data, cfg.name)
@@ -147,10 +148,10 @@ def run_study(cfg: StudyConfig) -> Path:
                   "257): the importer's defaults would leave dev or test under the 257 passages that 256 negatives need")
     data_stages = P.data_stages(cfg.format, rel, sizes, list(cfg.sources))
     with F.inside(root):
-        _stage(cfg, data_stages[0], 1, len(data_stages) + 1)
+        _stage(cfg, run_stage, data_stages[0], 1, len(data_stages) + 1)
         k, k_notes = _eval_settings(cfg, root, preset)
         for i, stage in enumerate(data_stages[1:], start=2):
-            _stage(cfg, stage, i, len(data_stages) + 1)
+            _stage(cfg, run_stage, stage, i, len(data_stages) + 1)
         plan = _plan(cfg, root, preset, name, list(cfg.sources), k)
         write_text(root / "pipelines" / f"{name}.yaml", yaml.safe_dump(dataclasses.asdict(plan.preset), sort_keys=False))
         _say(cfg, f"[{len(data_stages) + 1}/{len(data_stages) + 1}] plan: pipelines/{name}.yaml, preset {preset.name} "
@@ -163,7 +164,7 @@ def run_study(cfg: StudyConfig) -> Path:
             _run_dvc(cfg, root, data_stages, laws, rel)
         else:
             for i, stage in enumerate(laws, start=1):
-                _stage(cfg, stage, i, len(laws))
+                _stage(cfg, run_stage, stage, i, len(laws))
     _finish(cfg, root, study)
     return root
 
