@@ -23,7 +23,8 @@ from drscaling.evaluate import EvalConfig
 from drscaling.files import folder_lock, read_json, read_jsonl
 from drscaling.sweep import load_preset, run_sweep
 from drscaling.train.config import Paths, TrainConfig
-from drscaling.train.data import data_key
+from drscaling.train.data import data_key, run_data_key
+from drscaling.train.resume import read_checkpoint
 from drscaling.train.run import train
 
 EVAL = EvalConfig(negatives=32, draws=2, max_query_len=16, max_passage_len=32, batch_size=64, rank_pool=0)
@@ -307,7 +308,7 @@ def test_a_sweep_point_checkpointed_on_other_data_gives_advice_a_sweep_can_follo
     assert "--discard-checkpoint" not in message or "`drscaling train`" in message  # a flag only train has
     shutil.rmtree(ckpt)
     [row] = read_jsonl(run_sweep(load_preset(str(preset)), paths, {}, out, "data"))
-    assert read_json(ckpt.parent / "metrics.json")["data_key"] == T.run_data_key(paths, cfg(steps=10))
+    assert read_json(ckpt.parent / "metrics.json")["data_key"] == run_data_key(paths, cfg(steps=10))
     assert row["ce_test_min"] == read_json(ckpt.parent / "metrics.json")["ce_test_min"]
 
 
@@ -325,7 +326,7 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
     (tmp_path / "checkpoint").mkdir()
     torch.save({"state": Payload(), "model": {}}, tmp_path / "checkpoint" / "checkpoint.pt")
     with pytest.raises(DrscalingError, match=r"holds objects other than tensors.*not loaded.*delete .*checkpoint") as info:
-        T.read_checkpoint(tmp_path / "checkpoint", cfg())
+        read_checkpoint(tmp_path / "checkpoint", cfg())
     assert "weights_only" not in str(info.value) and not ran.exists()
 
 
