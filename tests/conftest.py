@@ -141,7 +141,7 @@ def raw_pairs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(raw_pairs, tmp_path_factory) -> Path:
-    from drscaling.data import prepare_debian
+    from drscaling.dataset.snapshot import prepare_debian
 
     out = tmp_path_factory.mktemp("data") / "prepared"
     prepare_debian(raw_pairs, out, dev_size=300, test_size=300, seed=13)

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import write_lines
 
-from drscaling.data import SPLITS, import_msmarco, import_pairs, load_split, prepare_debian
+from drscaling.data import SPLITS, load_split
+from drscaling.dataset.msmarco import import_msmarco
+from drscaling.dataset.pairs import import_pairs
+from drscaling.dataset.snapshot import prepare_debian
 from drscaling.errors import DrscalingError
 from drscaling.files import read_jsonl
 from drscaling.validate import Bounds, validate_dataset

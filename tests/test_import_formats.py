@@ -19,10 +19,12 @@ from conftest import REPO, write_lines
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from drscaling.data import SPLITS, import_msmarco, import_pairs, load_split, stable_id
+from drscaling.data import SPLITS, load_split
 from drscaling.dataset import build as build_mod
 from drscaling.dataset.beir import import_beir
 from drscaling.dataset.irds import PIN, import_ir_datasets
+from drscaling.dataset.msmarco import import_msmarco
+from drscaling.dataset.pairs import import_pairs, stable_id
 from drscaling.errors import DrscalingError
 from drscaling.files import read_jsonl
 

@@ -234,7 +234,7 @@ def test_a_study_folder_from_other_data_is_refused(study, raw_pairs, tmp_path):
 
 def test_annotations_from_another_dataset_name_both_files(annotations, raw_pairs, tmp_path):
     """The embedded data's annotations against a user's dataset: an error naming both files, before training."""
-    from drscaling.data import import_pairs
+    from drscaling.dataset.pairs import import_pairs
     from drscaling.train.config import Paths
     from drscaling.train.data import training_pairs
 

@@ -1,4 +1,4 @@
-"""The canonical dataset: corpus, queries and qrels per split, and the importers that produce it.
+"""The canonical dataset: corpus, queries and qrels per split, as every importer writes and every stage reads it.
 
 On disk a dataset is a folder with one sub-folder per split (train, dev, test), each holding
     corpus.jsonl   {"pid": str, "text": str}
@@ -7,7 +7,8 @@ On disk a dataset is a folder with one sub-folder per split (train, dev, test), 
 Each split's corpus holds the passages its queries may be scored against; the test corpus is also
 the pool contrastive-entropy negatives are drawn from. Every qrels row is a relevant pair; importers of
 graded judgements (BEIR, ir_datasets) keep the grade (> 0) in the optional `relevance` field and drop
-judged-non-relevant rows. The importers of outside formats live in drscaling.dataset.
+judged-non-relevant rows. The importers (the Debian snapshot, MS MARCO, pairs, BEIR, ir_datasets) live in
+drscaling.dataset, above this module.
 
 A corpus of millions of passages is read lean (`load_split(..., lean=True)`, `Corpus`): its pids in
 an Arrow array, each passage's place in corpus.jsonl, and texts read from the file only when asked for.
@@ -16,7 +17,6 @@ an Arrow array, each passage's place in corpus.jsonl, and texts read from the fi
 from __future__ import annotations
 
 import array
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -203,183 +203,3 @@ def save_dataset(splits: dict[str, Split], dest: str | Path) -> None:
                 out_cols = [*cols, *(c for c in OPTIONAL.get(fname, ()) if c in frame.columns)]
                 write_jsonl(target, frame[out_cols].to_dict("records"))
                 written[id(frame)] = target
-
-
-def stable_id(prefix: str, text: str) -> str:
-    return prefix + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# Splitting grouped pairs (Debian snapshot, plain pairs)
-# ---------------------------------------------------------------------------------------------
-
-
-def split_pairs(
-    pairs: pd.DataFrame, dev_size: int, test_size: int, seed: int, group: str
-) -> dict[str, Split]:
-    """Split (qid, query, pid, passage, <group>) rows so that no group lands in two splits.
-
-    Groups are shuffled with `seed`; dev and test take whole groups until they hold at least the
-    requested number of pairs, the rest is train.
-    """
-    if dev_size < 1 or test_size < 1:
-        raise DrscalingError(f"dev_size and test_size must be >= 1 (got {dev_size}, {test_size})")
-    groups = np.array(sorted(pairs[group].unique()))
-    if len(pairs) < dev_size + test_size + 1:
-        raise DrscalingError(
-            f"only {len(pairs)} pairs: too few for dev_size={dev_size} + test_size={test_size} + train"
-        )
-    rng = np.random.default_rng(seed)
-    rng.shuffle(groups)
-    sizes = pairs.groupby(group).size()
-    assignment: dict[str, str] = {}
-    counts = {"test": 0, "dev": 0}
-    for g in groups:
-        if counts["test"] < test_size:
-            assignment[g] = "test"
-            counts["test"] += int(sizes[g])
-        elif counts["dev"] < dev_size:
-            assignment[g] = "dev"
-            counts["dev"] += int(sizes[g])
-        else:
-            assignment[g] = "train"
-    which = pairs[group].map(assignment)
-    out: dict[str, Split] = {}
-    for name in SPLITS:
-        part = pairs[which == name]
-        out[name] = Split(
-            corpus=part[["pid", "passage"]].drop_duplicates("pid").rename(columns={"passage": "text"}),
-            queries=part[["qid", "query"]].drop_duplicates("qid").rename(columns={"query": "text"}),
-            qrels=part[["qid", "pid"]].drop_duplicates(),
-        )
-    return out
-
-
-def prepare_debian(raw: str | Path, dest: str | Path, dev_size: int, test_size: int, seed: int) -> dict:
-    """Turn the Debian snapshot (one JSON line per package) into canonical train/dev/test splits."""
-    rows = read_jsonl(raw, ("package", "source", "query", "passage"))
-    pairs = pd.DataFrame(rows).astype(str)
-    pairs["qid"] = "q:" + pairs["package"]
-    pairs["pid"] = "p:" + pairs["package"]
-    splits = split_pairs(pairs, dev_size, test_size, seed, group="source")
-    save_dataset(splits, dest)
-    return {name: len(s.qrels) for name, s in splits.items()}
-
-
-def import_pairs(src: str | Path, dest: str | Path, dev_size: int | None, test_size: int | None, seed: int,
-                 defaults: dict[str, int] | None = None):
-    """Import JSON lines of {"query": ..., "passage": ...}; ids are content hashes, so re-imports agree.
-
-    See drscaling.dataset.pairs (de-duplication, sizes that fit small data) and .build (leak-free carving).
-    Returns the pairs per split (a dict with the report's notes and message()).
-    """
-    from drscaling.dataset.pairs import import_pairs as _import
-
-    return _import(src, dest, dev_size, test_size, seed, defaults)
-
-
-# ---------------------------------------------------------------------------------------------
-# MS MARCO passage files
-# ---------------------------------------------------------------------------------------------
-
-
-def _tsv_entries(path: Path, names: tuple[str, str]) -> Iterator[tuple[str, str, str]]:
-    """(id, text, where) of each line of a header-less two-column TSV, read strictly: every line must
-    have at least two tab-separated fields and hold valid text."""
-    from drscaling.dataset.reading import check_text
-    from drscaling.dataset.reading import iter_lines as strict_lines
-
-    n = 0
-    for lineno, line in strict_lines(path, "TSV file"):
-        if not line:
-            continue
-        # A plain split: MS MARCO's TSVs have no quoting, and a csv reader fails on a bare \r in a text.
-        fields = line.split("\t")
-        where = f"{path}: line {lineno}"
-        if len(fields) < 2:
-            raise DrscalingError(f"{where} has {len(fields)} tab-separated field(s), expected 2 ({', '.join(names)})")
-        n += 1
-        yield check_text(fields[0], where, names[0]), check_text(fields[1], where, names[1], allow_blank=True), where
-    if not n:
-        raise DrscalingError(f"{path}: file is empty")
-
-
-def _find(src: Path, stem: str) -> Path | None:
-    for candidate in (src / f"{stem}.tsv", src / f"{stem}.tsv.gz"):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def import_msmarco(src: str | Path, dest: str | Path) -> dict:
-    """Import MS MARCO passage files: collection.tsv, queries.{split}.tsv, qrels.{split}.tsv.
-
-    MS MARCO's split names map as train->train, dev->dev, eval/test->test; TREC-style qrels
-    (qid 0 pid rel) and two-column qrels are both accepted. Every split shares the collection
-    (hard-linked, not copied). As for every importer (drscaling.dataset.build): a repeated id with
-    the same text, a blank text, a judgement with relevance <= 0 or naming an unknown query or
-    passage are dropped and counted in the report; an id repeated with another text is an error.
-    The dataset appears at `dest` complete or not at all.
-    """
-    from drscaling.dataset.build import ImportReport, check_destination, id_text_table, link, positives, write_dataset
-    from drscaling.dataset.reading import format_hint
-
-    src = Path(src)
-    check_destination(dest)
-    if not src.is_dir():
-        raise DrscalingError(
-            f"{src}: {'is a file' if src.exists() else 'not found'}; --format msmarco reads a folder of"
-            " collection.tsv, queries.{train,dev,eval}.tsv and qrels.{train,dev,eval}.tsv" + format_hint(src, "msmarco")
-        )
-    collection = _find(src, "collection")
-    if collection is None:
-        raise DrscalingError(f"{src}: no collection.tsv(.gz) found" + format_hint(src, "msmarco"))
-    corpus, notes = id_text_table(_tsv_entries(collection, ("pid", "text")), "pid", str(collection))
-    splits: dict[str, Split] = {}
-    for split, names in {"train": ("train",), "dev": ("dev",), "test": ("test", "eval")}.items():
-        qfile = next((f for n in names if (f := _find(src, f"queries.{n}"))), None)
-        rfile = next((f for n in names if (f := _find(src, f"qrels.{n}"))), None)
-        if qfile is None or rfile is None:
-            raise DrscalingError(f"{src}: missing queries.{names[0]}.tsv or qrels.{names[0]}.tsv")
-        queries, n = id_text_table(_tsv_entries(qfile, ("qid", "text")), "qid", str(qfile))
-        judged, m = positives(_qrels_rows(rfile), str(rfile))
-        linked, k = link(corpus, {split: queries}, {split: judged}, {split: str(rfile)})
-        notes += n + m + k
-        qrels = linked[split].qrels[["qid", "pid"]]
-        if qrels.empty:
-            raise DrscalingError(
-                f"{rfile}: no usable judgement for the {split} split (each must name a query of {qfile.name}"
-                f" and a passage of {collection.name}, both with text, with relevance > 0)"
-                + (f"; {'; '.join(notes)}" if notes else "")
-            )
-        splits[split] = Split(corpus=corpus, queries=linked[split].queries, qrels=qrels)
-    write_dataset(splits, dest)
-    return ImportReport({name: len(s.qrels) for name, s in splits.items()}, Path(dest),
-                        {name: len(s.corpus) for name, s in splits.items()}, notes)
-
-
-def _qrels_rows(path: Path) -> Iterator[tuple[str, str, int]]:
-    """(qid, pid, relevance) of each line of a TREC (qid iter pid rel) or two-column (qid pid) qrels file."""
-    from drscaling.dataset.reading import check_text
-    from drscaling.dataset.reading import iter_lines as strict_lines
-
-    n = 0
-    for lineno, line in strict_lines(path, "qrels file"):
-        if not line:
-            continue
-        fields = line.split()
-        where = f"{path}: line {lineno}"
-        if len(fields) == 4:  # TREC: qid iter pid rel
-            try:
-                rel = int(fields[3])
-            except ValueError:
-                raise DrscalingError(f"{where}: relevance {fields[3]!r} is not an integer") from None
-            qid, pid = fields[0], fields[2]
-        elif len(fields) == 2:
-            (qid, pid), rel = fields, 1
-        else:
-            raise DrscalingError(f"{where} is neither 'qid pid' nor 'qid 0 pid rel'")
-        n += 1
-        yield check_text(qid, where, "qid"), check_text(pid, where, "pid"), rel
-    if not n:
-        raise DrscalingError(f"{path}: no relevance judgements")

@@ -16,7 +16,10 @@ from typing import Any
 import yaml
 
 from drscaling.errors import DrscalingError
-from drscaling.tracking import REPO
+
+# The project's root: params.yaml, mlflow.db, pipelines/, costs/ and serving/ live there.
+REPO = Path(__file__).resolve().parents[2]
+
 
 def default_path() -> Path:
     """The working directory's params.yaml (DVC runs stages at the repo root), else the project's."""

@@ -10,8 +10,6 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 
-from drscaling.registry import ARTIFACT
-
 SIDES = ("query", "passage")
 
 
@@ -32,6 +30,14 @@ def _texts(model_input: Any) -> list[str]:
     return values
 
 
+def _model_folder(artifacts: dict[str, str]) -> str:
+    """The saved model folder: the one artifact the model was logged with (registry.log_encoder
+    names it; the name is the logger's business, the loader needs only the folder)."""
+    if len(artifacts) != 1:
+        raise ValueError(f"a drscaling encoder holds one artifact, its model folder (got {sorted(artifacts)})")
+    return next(iter(artifacts.values()))
+
+
 class EncoderModel(mlflow.pyfunc.PythonModel):
     """Texts -> float32 embeddings [n, dim] with a saved drscaling retriever (shared or dual towers)."""
 
@@ -41,7 +47,7 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
         from drscaling.model.saved import load_retriever
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.retriever = load_retriever(context.artifacts[ARTIFACT]).to(self.device)
+        self.retriever = load_retriever(_model_folder(context.artifacts)).to(self.device)
 
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:  # noqa: ARG002
         params = params or {}

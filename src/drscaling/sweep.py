@@ -28,7 +28,7 @@ from drscaling.files import folder_lock, read_json, write_json, write_jsonl
 from drscaling.model.shapes import check_shape, shape_cost
 from drscaling.train.config import Paths, TrainConfig
 
-PRESETS = tracking.REPO / "pipelines"
+PRESETS = params.REPO / "pipelines"
 RESULT_KEYS = ("ce_test_min", "ce_test_at_best_dev", "ce_dev_best", "mrr@10", "ndcg@10", "recall@100", "recall@1000",
                "ce_test_zero_shot", "convergence", "converged", "best_step")
 

@@ -8,7 +8,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from drscaling import params
+from drscaling.params import REPO
 
 
 def configure() -> str:
@@ -91,8 +92,6 @@ def experiment(default: str) -> str:
     name = os.environ.get("DRSCALING_EXPERIMENT")
     if name:
         return name
-    from drscaling import params  # lazy: params imports this module
-
     return str(params.section("study").get("experiment") or default)
 
 
@@ -102,8 +101,6 @@ def study_name() -> str | None:
     name = os.environ.get("DRSCALING_STUDY")
     if name:
         return name
-    from drscaling import params  # lazy: params imports this module
-
     return params.section("study").get("name") or None
 
 

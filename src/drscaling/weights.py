@@ -39,7 +39,7 @@ def smollm2_gguf() -> Path:
 
 
 def default_cache_dir() -> Path:
-    from drscaling.tracking import REPO
+    from drscaling.params import REPO
 
     return Path(os.environ.get("DRSCALING_GENERATOR_CACHE", REPO / "artifacts" / "generators" / "base"))
 

@@ -20,7 +20,6 @@ def cmd_extract_debian(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from drscaling import data
     from drscaling.dataset.build import parse_mapping
 
     d = params.section("data")
@@ -33,9 +32,13 @@ def cmd_import(args) -> None:
     if args.format == "msmarco" and (args.dev_size or args.test_size):
         raise DrscalingError("--dev-size/--test-size do not apply to --format msmarco: its files name the splits")
     if args.format == "msmarco":
-        report = data.import_msmarco(args.src, args.dest)
+        from drscaling.dataset.msmarco import import_msmarco
+
+        report = import_msmarco(args.src, args.dest)
     elif args.format == "pairs":
-        report = data.import_pairs(args.src, args.dest, sizes["dev_size"], sizes["test_size"], sizes["seed"],
+        from drscaling.dataset.pairs import import_pairs
+
+        report = import_pairs(args.src, args.dest, sizes["dev_size"], sizes["test_size"], sizes["seed"],
                                    sizes["defaults"])
     elif args.format == "beir":
         from drscaling.dataset.beir import import_beir
@@ -49,7 +52,7 @@ def cmd_import(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from drscaling.data import prepare_debian
+    from drscaling.dataset.snapshot import prepare_debian
 
     d = params.section("data")
     counts = prepare_debian(param(args, "raw", "data", "data/debian/pairs.jsonl"), prepared(args),

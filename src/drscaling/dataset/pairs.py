@@ -8,14 +8,19 @@ corpus is the passages of its own pairs.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
 
-from drscaling.data import stable_id
 from drscaling.dataset.build import Collection, ImportReport, Source, build, check_destination
 from drscaling.dataset.reading import check_text, format_hint, iter_jsonl
 from drscaling.errors import DrscalingError
+
+
+def stable_id(prefix: str, text: str) -> str:
+    """A 64-bit content hash of `text` behind `prefix`: the same text gets the same id in every import."""
+    return prefix + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def read_pairs(src: str | Path) -> Collection:

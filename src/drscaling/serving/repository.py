@@ -26,7 +26,7 @@ from pathlib import Path
 
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path
-from drscaling.tracking import REPO
+from drscaling.params import REPO
 
 TEMPLATES = REPO / "serving" / "templates"
 FLAVOURS = ("python", "onnxruntime")

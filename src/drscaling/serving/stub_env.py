@@ -35,7 +35,7 @@ import venv
 from pathlib import Path
 
 from drscaling.errors import DrscalingError
-from drscaling.tracking import REPO
+from drscaling.params import REPO
 
 ENV_VAR = "DRSCALING_TRITON_STUB_ENV"
 REQUIREMENTS = REPO / "requirements-triton-stub.txt"

@@ -31,7 +31,7 @@ from drscaling.files import write_text
 
 PARAMS = "params.yaml"
 # Measured costs the project keeps under git; without them the budget prices with the paper's cost model.
-MEASURED_COSTS = tracking.REPO / "costs" / "costs.json"
+MEASURED_COSTS = params.REPO / "costs" / "costs.json"
 
 
 @dataclass
@@ -113,7 +113,7 @@ def write_params(root: Path, study: dict, overrides: dict) -> None:
     """The project's params.yaml with the study's values over it: `overrides` merged section by section."""
     from drscaling.sweep import merged
 
-    base = params.load(tracking.REPO / PARAMS)
+    base = params.load(params.REPO / PARAMS)
     values = merged(base, overrides, {"study": study})
     header = ("# A drscaling study: the project's params.yaml with values sized to this study's data.\n"
               "# Written by `drscaling study`; every stage run in this folder reads it.\n")
