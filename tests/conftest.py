@@ -150,7 +150,8 @@ def prepared(raw_pairs, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def annotations(prepared, tmp_path_factory) -> Path:
-    from drscaling.annotate import annotate_human, annotate_ict
+    from drscaling.annotation.human import annotate_human
+    from drscaling.annotation.ict import annotate_ict
 
     folder = tmp_path_factory.mktemp("annotations")
     annotate_human(prepared, folder / "human.jsonl")

@@ -24,9 +24,9 @@ import pandas as pd
 import pytest
 
 from drscaling import cli
-from drscaling.annotate import cost_path
 from drscaling.annotation import endpoint
 from drscaling.annotation.config import API_KEY_ENV, GenerationConfig
+from drscaling.annotation.format import cost_path
 from drscaling.annotation.generated import annotate_generated
 from drscaling.annotation.resumable import partial_path, target_passages
 from drscaling.data import Split, save_dataset

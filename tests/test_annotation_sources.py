@@ -15,9 +15,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from drscaling import annotate, cli
-from drscaling.annotate import Annotations, cost_path, publish, rejected_path
-from drscaling.annotation import sources
+from drscaling import cli
+from drscaling.annotation import checks, sources
+from drscaling.annotation.checks import publish
+from drscaling.annotation.format import Annotations, cost_path, rejected_path
+from drscaling.annotation.human import positives
 from drscaling.data import Split, save_dataset
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, read_jsonl
@@ -60,7 +62,6 @@ def _cost(name: str, rows: list) -> dict:
 
 def test_the_four_sources_are_registered_and_the_cli_offers_exactly_them():
     assert sources.names() == ("human", "ict", "supervised", "llm")
-    assert annotate.SOURCES == sources.names()
     for source in sources.REGISTRY.values():
         assert source.summary and source.pricing
     parser = cli.build_parser()
@@ -98,7 +99,7 @@ def test_a_new_source_is_one_class_and_one_registration(registry, prepared, tmp_
         pricing = "free"
 
         def annotate(self, request):
-            pairs = annotate.positives(request.prepared)
+            pairs = positives(request.prepared)
             rows = [{"qid": f"title:{p}", "pid": p, "query": f"the {p.split(':')[1]} package"} for p in pairs["pid"]]
             return Annotations(rows, _cost(self.name, rows))
 
@@ -148,13 +149,13 @@ def test_publish_writes_only_after_the_checks_and_then_clears_a_rejected_set(pre
     out, report = tmp_path / "x.jsonl", tmp_path / "x.validation.json"
     good = [{"qid": f"x:{n}", "pid": f"p:{n}", "query": f"about {n}"} for n in NAMES]
     seen_during_checks = []
-    real = annotate.validate_annotations
+    real = checks.validate_annotations
 
     def spy(path, *args, **kwargs):
         seen_during_checks.append((out.exists(), cost_path(out).exists(), Path(path).name))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(annotate, "validate_annotations", spy)
+    monkeypatch.setattr(checks, "validate_annotations", spy)
     finished = []
     with pytest.raises(DrscalingError, match="validation failed"):
         publish(out, Annotations([{**good[0], "query": "  "}], _cost("x", good), lambda: finished.append(1)), prepared, report)

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from drscaling import generate as gen
 from drscaling.annotation import local
-from drscaling.annotate import AnnotationLimits, cost_path
+from drscaling.annotation.bounds import AnnotationLimits
+from drscaling.annotation.format import cost_path
 from drscaling.data import Split, save_dataset
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, read_jsonl, write_json, write_jsonl

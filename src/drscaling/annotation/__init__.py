@@ -1,7 +1,11 @@
 """Annotation: where training pairs come from (paper section 4.3), by concept.
 
-bounds      how long an endpoint request may take
+bounds      how long a query may be (AnnotationLimits), how long an endpoint request may take
 sources     the registry of annotation sources (human, ict, supervised, llm): one class + @register
+format      <source>.jsonl and its cost file: Annotations, the companion paths, loading
+checks      the GX checks, and `publish`: nothing reaches <source>.jsonl unless it passed them
+human       the dataset's own pairs (and `positives`: the passages every source annotates)
+ict         the Inverse Cloze Task: a sentence of the passage is its pseudo-query
 config      GenerationConfig / FinetuneConfig, Completion and the Generator interface
 prompts     the Appendix A, few-shot and fine-tuning prompts; which one a source and model get
 parsing     model output -> queries: parse, clean, filter copies and outliers, pick one
@@ -11,7 +15,7 @@ resumable   target passages and the partial file that makes generation resumable
 pricing     what generated pairs cost
 finetune    the `supervised` generator, fine-tuned on human pairs
 generated   the generated sources' entry points (generate, or take the shipped file)
-The format and the checks of <source>.jsonl are drscaling.annotate's; model weights (the SmolLM2
+The annotate stage (drscaling.annotate) runs one registered source; model weights (the SmolLM2
 GGUF) are drscaling.weights', shared with the retriever's decoder towers.
 
 llm
@@ -33,7 +37,7 @@ supervised
     `castorini/doc2query-t5-base-msmarco` (the real docT5query) can be named as the generator
     model: the seq2seq path (AutoModelForSeq2SeqLM, passage in, query out) is supported.
 
-Both write the format of drscaling.annotate: <source>.jsonl rows {"qid", "pid", "query"} plus
+Both write the format of `format`: <source>.jsonl rows {"qid", "pid", "query"} plus
 <source>.cost.json, published only after the GX checks pass. Generation is batched and resumable:
 every finished batch is appended to <source>.partial.jsonl (flushed and fsynced), the run's
 settings to <source>.partial.json; a run started again with the same settings skips the passages

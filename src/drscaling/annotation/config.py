@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from drscaling.annotate import AnnotationLimits
-from drscaling.annotation.bounds import REQUEST_ATTEMPTS, REQUEST_TIMEOUT_S
+from drscaling.annotation.bounds import REQUEST_ATTEMPTS, REQUEST_TIMEOUT_S, AnnotationLimits
 from drscaling.errors import DrscalingError
 from drscaling.weights import DEFAULT_MODEL
 

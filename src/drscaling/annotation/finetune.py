@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from drscaling.annotate import positives
 from drscaling.annotation.config import FinetuneConfig, digest
+from drscaling.annotation.human import positives
 from drscaling.annotation.local import device_name, load_model, truncate_tokens
 from drscaling.annotation.prompts import PASSAGE_PROMPT, PASSAGE_QUERY_PROMPT
 from drscaling.errors import DrscalingError

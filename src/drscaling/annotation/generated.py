@@ -1,5 +1,5 @@
 """The generated sources' entry points: generate (resumable, priced, tracked) or take the shipped
-pre-generated file. Both hand back drscaling.annotate.Annotations for publishing."""
+pre-generated file. Both hand back Annotations for publishing."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from drscaling.annotate import Annotations, companion, cost_path, publish
+from drscaling.annotation.checks import publish
 from drscaling.annotation.config import FinetuneConfig, GenerationConfig, Generator, digest
 from drscaling.annotation.endpoint import EndpointGenerator, redact_url
 from drscaling.annotation.finetune import finetune_generator
+from drscaling.annotation.format import Annotations, companion, cost_path
 from drscaling.annotation.local import LocalGenerator
 from drscaling.annotation.pricing import carried_over, price
 from drscaling.annotation.prompts import DEFAULT_MAX_NEW_TOKENS, PROMPTS, resolve_prompt

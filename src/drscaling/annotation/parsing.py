@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from drscaling.annotate import AnnotationLimits
+from drscaling.annotation.bounds import AnnotationLimits
 from drscaling.annotation.prompts import CHAT_PROMPTS
 from drscaling.errors import DrscalingError
 

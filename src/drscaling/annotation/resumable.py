@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from drscaling.annotate import companion, positives
 from drscaling.annotation.config import GenerationConfig, Generator, PartialBatchError, digest
+from drscaling.annotation.format import companion
+from drscaling.annotation.human import positives
 from drscaling.annotation.parsing import parse_output, pick_query, valid_queries
 from drscaling.annotation.prompts import PROMPTS
 from drscaling.errors import DrscalingError

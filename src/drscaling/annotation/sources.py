@@ -3,7 +3,7 @@
 A source has a name (the `--source` choice, the <name>.jsonl file, the dvc.yaml `annotate` item),
 a way to annotate (its `annotate` returns the pairs and their cost, unwritten) and a way it is
 priced (`pricing`, in words; the cost JSON it returns holds usd_per_pair, usd_total, priced_by).
-`run` publishes what `annotate` returns through drscaling.annotate.publish, so every source's
+`run` publishes what `annotate` returns through drscaling.annotation.checks.publish, so every source's
 <name>.jsonl and cost file appear only after the GX checks pass. Its settings are
 params.yaml annotate.<name> (human reads annotate.human_usd_per_pair, as before).
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from drscaling.errors import DrscalingError
 
 if TYPE_CHECKING:
-    from drscaling.annotate import Annotations
+    from drscaling.annotation.format import Annotations
 
 
 @dataclass
@@ -52,7 +52,7 @@ class AnnotationSource(ABC):
 
     def run(self, request: Request) -> dict:
         """Annotate, then publish (checked, then renamed into place); the cost dict."""
-        from drscaling.annotate import publish
+        from drscaling.annotation.checks import publish
 
         annotations = self.annotate(request)
         publish(request.out, annotations, request.prepared, request.report)
@@ -93,7 +93,7 @@ class Human(AnnotationSource):
     pricing = "a configured $ per pair (annotate.human_usd_per_pair; the paper's 0.6)"
 
     def annotate(self, request: Request) -> Annotations:
-        from drscaling.annotate import human_annotations
+        from drscaling.annotation.human import human_annotations
 
         return human_annotations(request.prepared, request.settings.get("human_usd_per_pair", 0.6))
 
@@ -105,7 +105,7 @@ class InverseCloze(AnnotationSource):
     pricing = "free (no model)"
 
     def annotate(self, request: Request) -> Annotations:
-        from drscaling.annotate import ict_annotations
+        from drscaling.annotation.ict import ict_annotations
 
         ict = request.section("ict")
         return ict_annotations(request.prepared, ict.get("seed", 0), ict.get("remove_prob", 0.9))

@@ -79,20 +79,15 @@ def cmd_tokenizer(args) -> None:
 
 
 def cmd_annotate(args) -> None:
-    from drscaling.annotate import companion
-    from drscaling.annotation import sources
+    from drscaling.annotate import annotate
 
-    source = sources.get(args.source)
     out = Path(args.out or f"{A}/annotations/{args.source}.jsonl")
     # an --out elsewhere keeps its GX report beside it: the pipeline's own report is a DVC output
-    report = (Path(f"{A}/validation/annotations-{args.source}.json") if args.out is None
-              else companion(out, ".validation.json"))
+    report = Path(f"{A}/validation/annotations-{args.source}.json") if args.out is None else None
     generation = {"limit": args.limit, "endpoint": args.endpoint, "model": args.model,
                   "request_timeout_s": args.timeout, "request_attempts": args.attempts,
                   "restart": True if args.restart else None}
-    request = sources.Request(prepared=Path(prepared(args)), out=out, report=report,
-                              settings=params.section("annotate"), regenerate=args.regenerate, generation=generation)
-    cost = source.run(request)
+    cost = annotate(args.source, prepared(args), out, report, args.regenerate, generation)
     print(f"{args.source}: {cost['pairs']} pairs in {out} (validated; ${cost['usd_per_pair']:.3g}/pair)")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from drscaling import tracking
-from drscaling.annotate import load_annotations
+from drscaling.annotation.format import load_annotations
 from drscaling.checkpoints import Start, resolve_start
 from drscaling.data import Corpus, load_split
 from drscaling.errors import DrscalingError
