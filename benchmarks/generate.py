@@ -23,18 +23,23 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from drscaling import generate as gen  # noqa: E402
+from drscaling.annotation import local as local_generation  # noqa: E402
+from drscaling.annotation.config import FinetuneConfig, GenerationConfig  # noqa: E402
+from drscaling.annotation.finetune import finetune_generator  # noqa: E402
+from drscaling.annotation.local import LocalGenerator  # noqa: E402
+from drscaling.annotation.resumable import _batches, by_length, generate_batch, target_passages  # noqa: E402
 from drscaling.files import write_json  # noqa: E402
+from drscaling.weights import DEFAULT_MODEL  # noqa: E402
 
 
-def timed_generation(generator, passages, kind: str, cfg: gen.GenerationConfig) -> dict:
+def timed_generation(generator, passages, kind: str, cfg: GenerationConfig) -> dict:
     """Generate for every passage in batches of cfg.batch_size; queries kept per second."""
     generator.prompt_kind = kind
     generator.max_new_tokens = cfg.max_new_tokens
     kept = tokens_out = 0
     start = time.perf_counter()
-    for batch in gen._batches(gen.by_length(passages), cfg.batch_size):  # as run_generation batches
-        rows = gen.generate_batch(generator, batch, kind, cfg, "bench")
+    for batch in _batches(by_length(passages), cfg.batch_size):  # as run_generation batches
+        rows = generate_batch(generator, batch, kind, cfg, "bench")
         kept += sum(1 for r in rows if not r.get("failed"))
         tokens_out += sum(r["tokens_out"] for r in rows)
     seconds = time.perf_counter() - start
@@ -47,12 +52,12 @@ def timed_generation(generator, passages, kind: str, cfg: gen.GenerationConfig) 
 def finetune_step_seconds(prepared: str, steps: int, exclude: list[str]) -> dict:
     import tempfile
 
-    cfg = gen.FinetuneConfig(steps=steps)
+    cfg = FinetuneConfig(steps=steps)
     with tempfile.TemporaryDirectory() as tmp:
-        info = gen.finetune_generator(prepared, os.path.join(tmp, "g"), cfg, exclude)
+        info = finetune_generator(prepared, os.path.join(tmp, "g"), cfg, exclude)
     return {"steps": steps, "batch_size": cfg.batch_size, "max_passage_tokens": cfg.max_passage_tokens,
             "seconds": info["seconds"], "seconds_per_step": info["seconds"] / max(steps, 1),
-            "default_steps": gen.FinetuneConfig().steps}
+            "default_steps": FinetuneConfig().steps}
 
 
 def main() -> None:
@@ -73,23 +78,23 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
-    passages = gen.target_passages(args.prepared, args.passages, seed=0)
+    passages = target_passages(args.prepared, args.passages, seed=0)
     t0 = time.perf_counter()
-    local = gen.LocalGenerator.load(gen.DEFAULT_MODEL, "llm", gen.GenerationConfig())
+    local = LocalGenerator.load(DEFAULT_MODEL, "llm", GenerationConfig())
     load_s = time.perf_counter() - t0
-    batched_cfg = gen.GenerationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_retries=0)
-    single_cfg = gen.GenerationConfig(batch_size=1, max_new_tokens=args.max_new_tokens, max_retries=0)
-    gen.generate_batch(local, passages.iloc[:1], "few_shot", single_cfg, "warmup")  # first call pays one-off costs
+    batched_cfg = GenerationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_retries=0)
+    single_cfg = GenerationConfig(batch_size=1, max_new_tokens=args.max_new_tokens, max_retries=0)
+    generate_batch(local, passages.iloc[:1], "few_shot", single_cfg, "warmup")  # first call pays one-off costs
 
     results: dict = {"device": local.device, "python": platform.python_version(), "model": local.name,
                      "load_seconds": load_s, "cpu_count": os.cpu_count(),
                      "loadavg_start": os.getloadavg()}
     results["llm_batched"] = timed_generation(local, passages, "few_shot", batched_cfg)
     if args.compare_prefix_cache:
-        cache_min = gen.PREFIX_CACHE_MIN_TOKENS
-        gen.PREFIX_CACHE_MIN_TOKENS = 10**9
+        cache_min = local_generation.PREFIX_CACHE_MIN_TOKENS
+        local_generation.PREFIX_CACHE_MIN_TOKENS = 10**9
         results["llm_batched_no_prefix_cache"] = timed_generation(local, passages, "few_shot", batched_cfg)
-        gen.PREFIX_CACHE_MIN_TOKENS = cache_min
+        local_generation.PREFIX_CACHE_MIN_TOKENS = cache_min
         results["prefix_cache_speedup"] = (results["llm_batched"]["queries_per_s"]
                                            / results["llm_batched_no_prefix_cache"]["queries_per_s"])
     if not args.no_single:
@@ -98,8 +103,8 @@ def main() -> None:
     n = args.estimate_passages
     results["estimate"] = {"passages": n, "llm_hours": n / results["llm_batched"]["passages_per_s"] / 3600}
     if args.supervised_model:
-        tuned = gen.LocalGenerator.load(args.supervised_model, "supervised", gen.GenerationConfig())
-        gen.generate_batch(tuned, passages.iloc[:1], "passage_query", single_cfg, "warmup")
+        tuned = LocalGenerator.load(args.supervised_model, "supervised", GenerationConfig())
+        generate_batch(tuned, passages.iloc[:1], "passage_query", single_cfg, "warmup")
         results["supervised_batched"] = timed_generation(tuned, passages, "passage_query", batched_cfg)
         if not args.no_single:
             results["supervised_single"] = timed_generation(tuned, passages, "passage_query", single_cfg)

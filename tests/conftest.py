@@ -235,6 +235,28 @@ def tiny_onnx(tiny_root) -> Path:
     return make_tiny_export(tiny_root)
 
 
+MODEL = "tiny"  # the tiny export's name in the served model repository
+_SERVER: dict = {}
+
+
+def shared_server(root: Path):
+    """One Triton server on the tiny export per test session, shared by every test module that serves."""
+    if "server" not in _SERVER:
+        from drscaling.serving import TritonServer, build_model_repository
+
+        repo = root / "repo"
+        build_model_repository(make_tiny_export(root), repo, MODEL, max_batch_size=16)
+        _SERVER["server"] = TritonServer(repo).start()
+    return _SERVER["server"]
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_root):
+    server = shared_server(tiny_root)
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def mlflow_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

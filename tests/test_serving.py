@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CORPUS, make_tiny_export
+from conftest import CORPUS, MODEL
 
 from drscaling.errors import DrscalingError
 from drscaling.export import ort_encode_fn, ort_session
@@ -16,26 +16,6 @@ from drscaling.serving import (
     TritonServer, build_index, build_model_repository, encode_texts, infer_ids, search,
 )
 from drscaling.vector_index import config_from
-
-MODEL = "tiny"
-_SERVER: dict[str, TritonServer] = {}
-
-
-def shared_server(root: Path) -> TritonServer:
-    """One server per test session, shared by test_serving and test_costs."""
-    if "server" not in _SERVER:
-        repo = root / "repo"
-        build_model_repository(make_tiny_export(root), repo, MODEL, max_batch_size=16)
-        _SERVER["server"] = TritonServer(repo).start()
-    return _SERVER["server"]
-
-
-@pytest.fixture(scope="session")
-def triton(tiny_root):  # noqa: F811
-    server = shared_server(tiny_root)
-    yield server
-    server.stop()
-
 
 TEXTS = [
     "rsync copies files",

@@ -20,7 +20,7 @@ import mlflow
 import numpy as np
 import pytest
 from conftest import CORPUS
-from test_serving import MODEL, triton  # noqa: F401 - the session's Triton server on the tiny model
+from conftest import MODEL
 
 from drscaling.errors import DrscalingError
 from drscaling.checkpoints import resolve_start

@@ -14,7 +14,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import CORPUS
-from test_serving import MODEL, TEXTS, triton  # noqa: F401
+from conftest import MODEL
+from test_serving import TEXTS
 from tritonclient.utils import InferenceServerException
 
 from drscaling.errors import DrscalingError

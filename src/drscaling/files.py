@@ -141,26 +141,35 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
         ) from exc
 
 
-def iter_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
-    """Stream a JSON-lines file row by row (blank lines skipped); every line must be an object holding
-    the `required` keys, and the file must hold one at least."""
-    empty = True
-    for lineno, line in iter_lines(path):
+def json_rows(path: str | Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSON-lines file, given as (line number, text);
+    every line must be a JSON object, and the file must hold one at least."""
+    n = 0
+    for lineno, line in lines:
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DrscalingError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from exc
+            raise DrscalingError(f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        except RecursionError:
+            raise DrscalingError(f"{path}: line {lineno} is not valid JSON (nested too deeply)") from None
         if not isinstance(row, dict):
-            raise DrscalingError(f"{path}: line {lineno} is not a JSON object")
+            raise DrscalingError(f"{path}: line {lineno} is not a JSON object (got {type(row).__name__})")
+        n += 1
+        yield lineno, row
+    if not n:
+        raise DrscalingError(f"{path}: file is empty (no JSON lines)")
+
+
+def iter_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Stream a JSON-lines file row by row (blank lines skipped); every line must be an object holding
+    the `required` keys, and the file must hold one at least."""
+    for lineno, row in json_rows(path, iter_lines(path)):
         missing = [k for k in required if k not in row]
         if missing:
             raise DrscalingError(f"{path}: line {lineno} lacks the field(s) {', '.join(missing)}")
-        empty = False
         yield row
-    if empty:
-        raise DrscalingError(f"{path}: file is empty")
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:

@@ -151,6 +151,15 @@ def _brief(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _entries(items: Iterator, dataset_id: str, what: str, id_field: str) -> Iterator[tuple[str, str, str]]:
+    """(id, text, where) of each document or query, its id and text checked; `where` names it in messages."""
+    for i, item in enumerate(items):
+        where = f"ir_datasets {dataset_id!r} {what} #{i + 1}"
+        xid = check_id(getattr(item, id_field), where, id_field)
+        where += f" ({xid})"
+        yield xid, check_text(_text(item, where), where, "text", allow_blank=True).strip(), where
+
+
 def _docs(ds, dataset_id: str) -> Iterator[tuple[str, str, str]]:
     total = None
     try:
@@ -159,19 +168,11 @@ def _docs(ds, dataset_id: str) -> Iterator[tuple[str, str, str]]:
         total = None
     bar = tqdm(_guard(dataset_id, "documents", ds.docs_iter()), total=total, desc=f"{dataset_id} docs",
                unit="doc", disable=None)
-    for i, doc in enumerate(bar):
-        where = f"ir_datasets {dataset_id!r} document #{i + 1}"
-        did = check_id(doc.doc_id, where, "doc_id")
-        where += f" ({did})"
-        yield did, check_text(_text(doc, where), where, "text", allow_blank=True).strip(), where
+    yield from _entries(bar, dataset_id, "document", "doc_id")
 
 
 def _queries(ds, dataset_id: str) -> Iterator[tuple[str, str, str]]:
-    for i, q in enumerate(_guard(dataset_id, "queries", ds.queries_iter())):
-        where = f"ir_datasets {dataset_id!r} query #{i + 1}"
-        qid = check_id(q.query_id, where, "query_id")
-        where += f" ({qid})"
-        yield qid, check_text(_text(q, where), where, "text", allow_blank=True).strip(), where
+    yield from _entries(_guard(dataset_id, "queries", ds.queries_iter()), dataset_id, "query", "query_id")
 
 
 def _qrels(ds, dataset_id: str) -> Iterator[tuple[str, str, int]]:

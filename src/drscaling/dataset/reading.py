@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from drscaling.errors import DrscalingError
+from drscaling.files import json_rows
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -97,22 +98,7 @@ def check_id(value: Any, where: str, field: str) -> str:
 
 def iter_jsonl(path: str | Path, what: str = "JSON-lines file") -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for every non-blank line; each must be a JSON object."""
-    n = 0
-    for lineno, line in iter_lines(path, what):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DrscalingError(f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})") from exc
-        except RecursionError:
-            raise DrscalingError(f"{path}: line {lineno} is not valid JSON (nested too deeply)") from None
-        if not isinstance(row, dict):
-            raise DrscalingError(f"{path}: line {lineno} is not a JSON object (got {type(row).__name__})")
-        n += 1
-        yield lineno, row
-    if not n:
-        raise DrscalingError(f"{path}: file is empty (no JSON lines)")
+    return json_rows(path, iter_lines(path, what))
 
 
 def sniff(path: str | Path) -> str | None:
