@@ -3,6 +3,7 @@ its result: metrics.json (whose presence marks the run finished) and the registe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 import statistics
@@ -14,7 +15,7 @@ from drscaling import registry, tracking
 from drscaling.checkpoints import Start
 from drscaling.data import load_split
 from drscaling.evaluate import rank_split
-from drscaling.files import read_json, to_json, write_json
+from drscaling.files import finite_or_null, read_json, to_json, write_json
 from drscaling.model.encoder import ModelMeta
 from drscaling.model.saved import load_retriever
 from drscaling.train.config import TrainConfig
@@ -56,6 +57,13 @@ def open_mlflow_run(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags
     logged = mlflow.get_run(run.info.run_id).data.params if run_id else {}
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})  # params are write-once in MLflow
     return mlflow
+
+
+def end_run_with_cause(mlflow, exc: BaseException) -> None:
+    """End the active MLflow run for `exc`: KILLED for Ctrl-C and SIGTERM (a KeyboardInterrupt), FAILED
+    otherwise, with the cause as its `error` tag, so no run is left RUNNING or failed without a reason."""
+    mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+    mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
 
 
 def _unfinished_run(out: Path, cfg: TrainConfig, data_key: str) -> str | None:
@@ -105,15 +113,17 @@ def record_result(cfg, paths, state, meta: ModelMeta, start: Start, device: str,
         "train_step_seconds": statistics.median(secs) if secs else float("nan"),
         "train_tokens_per_step": float(np.mean(state["tokens"])) if state["tokens"] else 0.0,
     }
-    result = {"shape": cfg.shape, "n": meta.n_non_embedding, "d": d, "source": cfg.annotation_source,
-              "steps": cfg.steps, "config_key": cfg.key(), "data_key": state["data_key"], "run_id": state["run_id"],
-              **start.record(),
-              "history": state["history"], **metrics}
+    # Strict JSON: a CE that never became finite (a diverged run: the best-so-far sentinels stay inf, the
+    # evaluations NaN) is null, "no finite value"; the checkpoint keeps inf, which torch.save stores.
+    result = finite_or_null(copy.deepcopy({
+        "shape": cfg.shape, "n": meta.n_non_embedding, "d": d, "source": cfg.annotation_source, "steps": cfg.steps,
+        "config_key": cfg.key(), "data_key": state["data_key"], "run_id": state["run_id"], **start.record(),
+        "history": state["history"], **metrics}))
     if mlflow:
         mlflow.log_metrics(tracking.metric_names(metrics))
         # once, as an MLflow Model registered under its shape, with its model card (registry.py)
         registry.log_trained(paths.out / "model", result, meta, cfg.towers, versions, best_test.get("embedded"))
-        mlflow.log_dict(state["history"], "history.json")
+        mlflow.log_text(to_json(result["history"]), "history.json")
         mlflow.log_text(to_json(result), "metrics.json")  # the run's result as metrics.json holds it, for other machines
     write_json(paths.out / "metrics.json", result)  # last: its presence marks the run finished
     shutil.rmtree(paths.out / CHECKPOINT_DIR, ignore_errors=True)  # finished: metrics.json is the record
