@@ -135,31 +135,50 @@ def write_phase(tmp: Path, out: Path) -> str:
     return "checkpoint written, not yet renamed into place"
 
 
+def freeze_in_a_checkpoint_write(proc: subprocess.Popen, out: Path, skip: int = 1,
+                                 inside_tries: int = 20) -> tuple[str | None, int]:
+    """Freeze (SIGSTOP) a training that checkpoints every step while it writes a checkpoint, preferably
+    inside torch.save. The first `skip` writes are let through (so a good checkpoint is there before);
+    then: watch for the write's temporary folder, freeze, and step the process on a millisecond at a
+    time until the file is part-written; a write that completes between two looks is let go and the
+    next one tried. After `inside_tries` writes, any moment before the rename will do.
+    Returns (where it froze, writes tried); (None, tries) if the training ended first."""
+    tries, seen, deadline = 0, set(), time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        tmp = next(out.glob(".checkpoint.*.tmp"), None) if out.exists() else None
+        if tmp is None or (len(seen | {tmp}) <= skip):
+            seen |= {tmp} - {None}
+            time.sleep(0.0002)
+            continue
+        os.killpg(proc.pid, signal.SIGSTOP)
+        tries += 1
+        phase = write_phase(tmp, out) if tmp.exists() else None
+        while phase is not None and tries <= inside_tries and not phase.startswith("inside"):
+            os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(0.001)
+            os.killpg(proc.pid, signal.SIGSTOP)
+            phase = write_phase(tmp, out) if tmp.exists() else None
+        if phase is not None:
+            return phase, tries
+        os.killpg(proc.pid, signal.SIGCONT)  # renamed into place before a look: the next checkpoint
+    return None, tries
+
+
 def test_sigkill_during_a_checkpoint_write_resumes_to_identical_metrics(prepared, annotations, tokenizer_dir, tmp_path,
                                                                        reference, record_property):
-    """SIGKILL a real `drscaling train` while it writes a checkpoint: the test watches for the write's
-    temporary folder, freezes the process (SIGSTOP) and, if the folder is still there (the write not yet
-    renamed into place), kills it; otherwise it lets it go on to the next checkpoint (one per step). The
-    rerun resumes from the previous checkpoint (or starts afresh if it was the first) to the metrics of an
-    uninterrupted run, in the same MLflow run, FINISHED, with the half-written folder removed."""
+    """SIGKILL a real `drscaling train` while it writes a checkpoint (frozen there first, preferably inside
+    torch.save; the phase it hit is printed and recorded as the test's `kill_phase` property), after one
+    checkpoint was written whole. The rerun resumes from that one (or starts afresh if the kill came
+    between removing it and renaming the new one into place) to the metrics of an uninterrupted run, in
+    the same MLflow run, FINISHED, with the half-written folder removed."""
     out = tmp_path / "run"
     cmd, env = cli(prepared, annotations, tokenizer_dir, out, "faults-checkpoint-write")
     cmd[cmd.index("--checkpoint-every") + 1] = "1"  # a checkpoint after every step: 30 writes to catch one in
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    phase, tries, deadline = None, 0, time.time() + 600
     try:
-        while phase is None and proc.poll() is None and time.time() < deadline:
-            tmp = next(out.glob(".checkpoint.*.tmp"), None) if out.exists() else None
-            if tmp is None:
-                time.sleep(0.0002)
-                continue
-            os.killpg(proc.pid, signal.SIGSTOP)  # frozen wherever it is; then look
-            tries += 1
-            if tmp.exists():
-                phase = write_phase(tmp, out)
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:  # renamed into place before the freeze: the next checkpoint
-                os.killpg(proc.pid, signal.SIGCONT)
+        phase, tries = freeze_in_a_checkpoint_write(proc, out)
+        if phase is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
@@ -167,13 +186,15 @@ def test_sigkill_during_a_checkpoint_write_resumes_to_identical_metrics(prepared
     print(f"killed during a checkpoint write: {phase} (after {tries} tries)")
     assert phase is not None, f"no checkpoint write caught in {tries} tries"
     [stale] = out.glob(".checkpoint.*.tmp")  # what the kill left
-    previous = read_checkpoint(out / "checkpoint", cfg(checkpoint_every=1))  # the last good one, whole, or none
+    previous = read_checkpoint(out / "checkpoint", cfg(checkpoint_every=1))  # the last good one, whole
+    assert previous is not None or "previous one removed" in phase
     assert previous is None or 1 <= previous["state"]["step"] < 30
     [stuck] = runs_of("faults-checkpoint-write")
     assert stuck.info.status == "RUNNING"
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout[again.stdout.index("{"):])["resumed"] == (previous is not None)
     done = json.loads((out / "metrics.json").read_text())
     for key in ("ce_test_min", "ce_dev_best", "ce_test_at_best_dev", "ce_test_zero_shot"):
         assert done[key] == pytest.approx(reference[key], abs=1e-6), key
