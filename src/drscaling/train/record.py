@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 from drscaling import registry, tracking
 from drscaling.checkpoints import Start
 from drscaling.data import load_split
+from drscaling.errors import DrscalingError
 from drscaling.evaluate import rank_split
 from drscaling.files import finite_or_null, read_json, to_json, write_json
 from drscaling.model.encoder import ModelMeta
@@ -98,6 +100,10 @@ def _unfinished_run(out: Path, cfg: TrainConfig, data_key: str) -> str | None:
 def record_result(cfg, paths, state, meta: ModelMeta, start: Start, device: str, d, mlflow, best_test: dict,
                   versions: dict[str, str]) -> dict:
     """The finished run's result: ranking metrics of the best-dev model, metrics.json, its MLflow record."""
+    if not math.isfinite(state["best_dev"]):  # no best model was ever saved: nothing to rank or record
+        raise DrscalingError(
+            f"training {cfg.shape} diverged: none of its {len(state['history'])} evaluation(s) gave a finite dev"
+            f" contrastive entropy (the loss became NaN or infinite); lower the learning rate (--lr {cfg.lr:g})")
     # A resumed run may not hold the best model's test embeddings: then the ranking encodes them.
     best = load_retriever(paths.out / "model").to(device)
     test = load_split(paths.prepared, "test", relevance=True)
