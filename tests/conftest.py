@@ -276,3 +276,58 @@ def write_lines(path: Path, lines: list[str | dict]) -> Path:
         for line in lines:
             fh.write((json.dumps(line) if isinstance(line, dict) else line) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict JSON: every JSON / JSON-lines file a stage writes parses without NaN or Infinity
+# ---------------------------------------------------------------------------------------------
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_load(text: str):
+    """json.loads that refuses NaN, Infinity and -Infinity (Python's own parser accepts them)."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+def json_problems(root: Path, skip: tuple[str, ...] = (".git", ".dvc")) -> tuple[int, list[str]]:
+    """(files checked, 'path: problem' for each *.json / *.jsonl under root that is not strict JSON)."""
+    checked, problems = 0, []
+    for path in sorted(root.rglob("*")):
+        if path.suffix not in (".json", ".jsonl") or not path.is_file() or set(path.relative_to(root).parts) & set(skip):
+            continue
+        checked += 1
+        text = path.read_text(encoding="utf-8")
+        docs = [line for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else [text]
+        for i, doc in enumerate(docs, start=1):
+            try:
+                strict_load(doc)
+            except ValueError as exc:
+                problems.append(f"{path}{f' line {i}' if path.suffix == '.jsonl' else ''}: {exc}")
+                break
+    return checked, problems
+
+
+def assert_strict_json(*roots: Path, at_least: int = 1) -> int:
+    """Every JSON / JSON-lines file under the roots is strict JSON; returns how many were checked."""
+    results = [json_problems(r) for r in roots]
+    checked, problems = sum(n for n, _ in results), [p for _, ps in results for p in ps]
+    assert not problems, "not strict JSON:\n" + "\n".join(problems[:20])
+    assert checked >= at_least, f"only {checked} JSON file(s) under {', '.join(map(str, roots))}"
+    return checked
+
+
+def mlflow_artifact_folders(*experiments: str) -> list[Path]:
+    """The local artifact folders of every run of these MLflow experiments (all of the store's when none
+    is named); a local store, as in the tests."""
+    from urllib.parse import urlparse
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    found = [client.get_experiment_by_name(e) for e in experiments] if experiments else client.search_experiments()
+    assert all(found), f"no MLflow experiment among {experiments}"
+    uris = [r.info.artifact_uri for r in mlflow.search_runs([e.experiment_id for e in found], output_format="list")]
+    return [Path(urlparse(u).path if u.startswith("file:") else u) for u in uris]

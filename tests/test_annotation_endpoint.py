@@ -393,3 +393,60 @@ def test_sigkilled_annotate_process_resumes_without_asking_twice(tmp_path):
     assert not part.exists()
     runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("annotate-kill").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+def test_sigtermed_annotate_process_saves_its_batch_and_resumes_without_asking_twice(tmp_path):
+    """SIGTERM a real `drscaling annotate --endpoint` while a batch is in flight: it waits for that
+    batch, saves it, exits 130 with one line and publishes nothing; the rerun asks only the passages
+    never asked, so over both runs every passage is asked exactly once."""
+    import signal
+
+    import mlflow
+
+    names = [f"pkg{i}" for i in range(40)]
+    texts = {n: f"{n} is a package that provides tool number {n[3:]} for managing many different files" for n in names}
+    split = Split(corpus=pd.DataFrame({"pid": [f"p:{n}" for n in names], "text": [texts[n] for n in names]}),
+                  queries=pd.DataFrame({"qid": [f"q:{n}" for n in names], "text": [f"what is {n}" for n in names]}),
+                  qrels=pd.DataFrame({"qid": [f"q:{n}" for n in names], "pid": [f"p:{n}" for n in names]}))
+    prepared = tmp_path / "prepared"
+    save_dataset({"train": split, "dev": _split(["rsync", "vim"]), "test": _split(["curl", "jq"])}, prepared)
+    asked: list[str] = []
+    in_flight = threading.Event()
+
+    def slow(h, body):
+        asked.append(_word(body))
+        in_flight.set()
+        time.sleep(1.0)  # a batch takes >= 1 s: the signal lands while one is in flight
+        _send(h, 200, _chat_answer(_word(body)))
+
+    out, uri = tmp_path / "llm.jsonl", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k not in (*API_KEY_ENV, "MLFLOW_RUN_ID")}
+    env |= {"MLFLOW_TRACKING_URI": uri, "DRSCALING_ANNOTATE_EXPERIMENT": "annotate-term", "PYTHONUNBUFFERED": "1"}
+    with http_server(slow) as (base, _):
+        cmd = [sys.executable, "-m", "drscaling", "annotate", "--source", "llm", "--regenerate", "--endpoint",
+               f"{base}/v1", "--model", "m", "--limit", "40", "--prepared", str(prepared), "--out", str(out)]
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        part, deadline = partial_path(out), time.monotonic() + 300
+        try:
+            while proc.poll() is None and time.monotonic() < deadline and not (part.exists() and part.read_text().count("\n")):
+                time.sleep(0.05)
+            in_flight.clear()  # the first batch is saved: wait for the second's requests, then stop the process
+            assert in_flight.wait(60) and proc.poll() is None, "no second batch in flight"
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+        assert "drscaling: stopped: SIGTERM: " in err and "running the same command again resumes there" in err
+        saved = [r["pid"].split(":")[1] for r in read_jsonl(part)]
+        assert sorted(saved) == sorted(asked) and len(saved) < 40  # the batch in flight was waited for and saved
+        assert not out.exists() and not cost_path(out).exists()  # nothing published
+        assert mlflow.MlflowClient(uri).get_experiment_by_name("annotate-term") is None  # no run opened, none RUNNING
+        again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(asked) == sorted(names)  # over both runs: each passage asked once
+    rows = read_jsonl(out)
+    assert sorted(r["pid"] for r in rows) == sorted(f"p:{n}" for n in names) and len({r["qid"] for r in rows}) == 40
+    assert not part.exists()
+    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("annotate-term").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]

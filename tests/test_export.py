@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_strict_json
 
 from drscaling.errors import DrscalingError
 from drscaling.export import (
@@ -25,6 +26,7 @@ def test_export_parity_and_layout(tiny_model, tiny_onnx):
     assert record["variants"]["fp32"]["parity"]["max_abs_diff"] <= 1e-4
     assert record["variants"]["opt"]["parity"]["max_abs_diff"] <= 1e-4
     assert record["variants"]["int8"]["parity"]["min_cosine"] > 0.95
+    assert_strict_json(tiny_onnx, tiny_model, at_least=4)  # export.json, drscaling.json, tokenizer, model meta
 
     # Dynamic batch and sequence: other sizes than the export trace, against PyTorch directly.
     encoder, tok, _ = load_model(tiny_model)

@@ -349,16 +349,47 @@ def test_folders_and_gzip_problems_are_not_confused(tmp_path):
     assert nothing_left(tmp_path, tmp_path / "out")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads and writes anything")
+def _without_root_file_access() -> None:
+    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set.
+    A root process executed without them obeys file modes as any user does (its permitted set is
+    bounded by this set at exec), so a mode-0 file is unreadable to it. A no-op for other users."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH (linux/capability.h)
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
 def test_unreadable_file_and_unwritable_folder(tmp_path):
+    """A real `import_pairs` in a process that file modes bind, also when the tests run as root (CI):
+    a root child without the capabilities that bypass file modes."""
     src = write_lines(tmp_path / "p.jsonl", [{"query": "a b", "passage": "c d e"}])
-    src.chmod(0)
-    with pytest.raises(DrscalingError, match=r"cannot be read \(permission denied\)"):
-        import_pairs(src, tmp_path / "out", 1, 1, seed=1)
-    src.chmod(0o644)
+    hidden = write_lines(tmp_path / "hidden.jsonl", [{"query": "a b", "passage": "c d e"}])
+    hidden.chmod(0)
     (tmp_path / "ro").mkdir(mode=0o555)
-    with pytest.raises(DrscalingError, match=r"cannot write to .*ro/out: .*ro is not writable"):
-        import_pairs(src, tmp_path / "ro" / "out", 1, 1, seed=1)
+    script = (
+        "import sys\nfrom drscaling.data import import_pairs\nfrom drscaling.errors import DrscalingError\n"
+        "for src, dest in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        "    try:\n        import_pairs(src, dest, 1, 1, seed=1)\n        print('imported')\n"
+        "    except DrscalingError as exc:\n        print(exc)\n")
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    args = [str(hidden), str(tmp_path / "out"), str(src), str(tmp_path / "ro" / "out")]
+    try:
+        r = subprocess.run([sys.executable, "-c", script, *args],
+                           env=env, capture_output=True, text=True, preexec_fn=_without_root_file_access, timeout=300)
+    except subprocess.SubprocessError as exc:
+        if "preexec_fn" not in str(exc):
+            raise
+        # prctl refused (a root without CAP_SETPCAP): no real way to make a file unreadable to it here
+        pytest.skip(f"cannot start a root process without CAP_DAC_OVERRIDE here ({exc})")
+    assert r.returncode == 0, r.stderr[-2000:]
+    unreadable, unwritable = r.stdout.splitlines()
+    assert re.search(r"hidden.jsonl: cannot be read \(permission denied\)", unreadable), unreadable
+    assert re.search(r"cannot write to .*ro/out: .*ro is not writable", unwritable), unwritable
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ro" / "out").exists()
 
 
 def _pairs(tmp_path: Path, n: int = 60) -> Path:

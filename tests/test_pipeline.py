@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from conftest import assert_strict_json, mlflow_artifact_folders
 
 from drscaling.cli import build_parser
 
@@ -266,6 +267,8 @@ def test_sweep_fit_budget_report(prepared, annotations, tokenizer_dir, tmp_path)
     for parent in parents:
         children = mlflow.search_runs(experiment_names=["sweeps"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list")
         assert children, parent.data.tags["sweep"]
+    # strict JSON (no NaN / Infinity) in every file the stages wrote and every JSON artifact their runs logged
+    assert_strict_json(tmp_path / "artifacts", *mlflow_artifact_folders(), at_least=50)
 
 
 def test_sweep_overrides_beat_the_preset_and_the_workspace_preset_wins(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CORPUS, MODEL
+from conftest import CORPUS, MODEL, assert_strict_json
 
 from drscaling.errors import DrscalingError
 from drscaling.export import ort_encode_fn, ort_session
@@ -116,6 +116,7 @@ def test_index_and_search(triton, tmp_path):
                               for i, t in enumerate(passages)))
     meta = build_index(triton, MODEL, corpus, tmp_path / "index", protocol="grpc")
     assert meta["n"] == len(passages) and meta["dim"] == 32
+    assert_strict_json(tmp_path / "index", at_least=2)  # index.json, pids.json, passages.jsonl
     emb = np.load(tmp_path / "index" / "embeddings.npy")
     assert emb.shape == (len(passages), 32)
     hits = search(triton, MODEL, tmp_path / "index", passages[2], k=3)

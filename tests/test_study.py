@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from conftest import assert_strict_json, mlflow_artifact_folders
 
 from drscaling.errors import DrscalingError
 from drscaling.study import StudyConfig, run_study
@@ -208,6 +209,15 @@ def test_study_end_to_end(study):
     stages = {r.data.tags.get("drscaling.stage") for r in runs}
     assert {"train", "sweep", "fit", "budget", "report"} <= stages
     assert sum(r.data.tags.get("drscaling.stage") == "train" for r in runs) == 9
+
+
+def test_every_json_file_a_study_writes_is_strict_json(study):
+    """Every stage's JSON / JSON-lines output (import, annotate, validate, the sweeps' runs and results,
+    laws, budget, report) and every JSON artifact its MLflow runs logged parse with NaN and Infinity
+    refused: what any other language's JSON parser reads."""
+    root, _ = study
+    checked = assert_strict_json(root / "s", *mlflow_artifact_folders("study-mydata"), at_least=30)
+    assert (root / "s" / "artifacts" / "laws" / "laws.json").exists() and checked >= 30
 
 
 def test_study_is_a_dvc_pipeline_that_reruns_what_data_changes_affect(study):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -122,43 +123,150 @@ def test_sigkill_before_the_first_checkpoint_leaves_no_running_run(prepared, ann
     assert run.data.params["config_key"] == done["config_key"]
 
 
+def write_phase(tmp: Path, out: Path) -> str:
+    """Where a process frozen with its temporary checkpoint folder `tmp` still present was in the write."""
+    file = tmp / "checkpoint" / "checkpoint.pt"
+    if not file.exists():
+        return "temporary folder made, checkpoint file not yet opened"
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip: its directory comes last
+        return f"inside torch.save ({file.stat().st_size} bytes written)"
+    if not (out / "checkpoint").exists():
+        return "checkpoint written, the previous one removed, not yet renamed into place"
+    return "checkpoint written, not yet renamed into place"
+
+
+def freeze_in_a_checkpoint_write(proc: subprocess.Popen, out: Path, skip: int = 1,
+                                 inside_tries: int = 20) -> tuple[str | None, int]:
+    """Freeze (SIGSTOP) a training that checkpoints every step while it writes a checkpoint, preferably
+    inside torch.save. The first `skip` writes are let through (so a good checkpoint is there before);
+    then: watch for the write's temporary folder, freeze, and step the process on a millisecond at a
+    time until the file is part-written; a write that completes between two looks is let go and the
+    next one tried. After `inside_tries` writes, any moment before the rename will do.
+    Returns (where it froze, writes tried); (None, tries) if the training ended first."""
+    tries, seen, deadline = 0, set(), time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        tmp = next(out.glob(".checkpoint.*.tmp"), None) if out.exists() else None
+        if tmp is None or (len(seen | {tmp}) <= skip):
+            seen |= {tmp} - {None}
+            time.sleep(0.0002)
+            continue
+        os.killpg(proc.pid, signal.SIGSTOP)
+        tries += 1
+        phase = write_phase(tmp, out) if tmp.exists() else None
+        while phase is not None and tries <= inside_tries and not phase.startswith("inside"):
+            os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(0.001)
+            os.killpg(proc.pid, signal.SIGSTOP)
+            phase = write_phase(tmp, out) if tmp.exists() else None
+        if phase is not None:
+            return phase, tries
+        os.killpg(proc.pid, signal.SIGCONT)  # renamed into place before a look: the next checkpoint
+    return None, tries
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_to_identical_metrics(prepared, annotations, tokenizer_dir, tmp_path,
+                                                                       reference, record_property):
+    """SIGKILL a real `drscaling train` while it writes a checkpoint (frozen there first, preferably inside
+    torch.save; the phase it hit is printed and recorded as the test's `kill_phase` property), after one
+    checkpoint was written whole. The rerun resumes from that one (or starts afresh if the kill came
+    between removing it and renaming the new one into place) to the metrics of an uninterrupted run, in
+    the same MLflow run, FINISHED, with the half-written folder removed."""
+    out = tmp_path / "run"
+    cmd, env = cli(prepared, annotations, tokenizer_dir, out, "faults-checkpoint-write")
+    cmd[cmd.index("--checkpoint-every") + 1] = "1"  # a checkpoint after every step: 30 writes to catch one in
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        phase, tries = freeze_in_a_checkpoint_write(proc, out)
+        if phase is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    record_property("kill_phase", f"{phase} (after {tries} tries)")
+    print(f"killed during a checkpoint write: {phase} (after {tries} tries)")
+    assert phase is not None, f"no checkpoint write caught in {tries} tries"
+    [stale] = out.glob(".checkpoint.*.tmp")  # what the kill left
+    previous = read_checkpoint(out / "checkpoint", cfg(checkpoint_every=1))  # the last good one, whole
+    assert previous is not None or "previous one removed" in phase
+    assert previous is None or 1 <= previous["state"]["step"] < 30
+    [stuck] = runs_of("faults-checkpoint-write")
+    assert stuck.info.status == "RUNNING"
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout[again.stdout.index("{"):])["resumed"] == (previous is not None)
+    done = json.loads((out / "metrics.json").read_text())
+    for key in ("ce_test_min", "ce_dev_best", "ce_test_at_best_dev", "ce_test_zero_shot"):
+        assert done[key] == pytest.approx(reference[key], abs=1e-6), key
+    [run] = runs_of("faults-checkpoint-write")
+    assert run.info.run_id == stuck.info.run_id == done["run_id"] and run.info.status == "FINISHED"
+    assert not stale.exists() and not list(out.glob(".*.tmp")) and not (out / "checkpoint").exists()
+
+
 SWEEP_TRAIN = {"steps": 30, "batch_size": 8, "warmup_steps": 5, "negatives": 16, "max_query_len": 16,
                "max_passage_len": 32, "lr": 0.001, "eval_every": 10, "checkpoint_every": 1000, "dim": 64,
                "eval": {"negatives": 32, "draws": 2, "max_query_len": 16, "max_passage_len": 32, "batch_size": 64,
                         "rank_pool": 0}}
 
 
-def sweep_cli(prepared, annotations, tokenizer_dir, preset: Path, out: Path, pairs: list[int]) -> tuple[list[str], dict]:
+def sweep_cli(prepared, annotations, tokenizer_dir, preset: Path, out: Path, pairs: list[int],
+              experiment: str = "faults-sweep") -> tuple[list[str], dict]:
     """`drscaling sweep` over a data sweep of bert-L2-H128 at `pairs` (the preset file is rewritten)."""
     preset.write_text(yaml.safe_dump({"name": "faultsweep", "train": SWEEP_TRAIN,
                                       "data": {"shape": "bert-L2-H128", "train_pairs": pairs}}))
     cmd = [sys.executable, "-m", "drscaling", "sweep", "--preset", str(preset), "--only", "data", "--out", str(out),
            "--prepared", str(prepared), "--annotations", str(annotations), "--tokenizer", str(tokenizer_dir)]
-    return cmd, os.environ | {"PYTHONUNBUFFERED": "1", "DRSCALING_EXPERIMENT": "faults-sweep"}
+    return cmd, os.environ | {"PYTHONUNBUFFERED": "1", "DRSCALING_EXPERIMENT": experiment}
 
 
-def children(out: Path) -> list:
+def children(out: Path, experiment: str = "faults-sweep") -> list:
     parent = read_json(out / "parent-faultsweep-data.json")["run_id"]
-    return mlflow.search_runs(experiment_names=["faults-sweep"], output_format="list",
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list",
                               filter_string=f"tags.mlflow.parentRunId = '{parent}'")
 
 
+@pytest.fixture(scope="module")
+def sweep_reference(prepared, annotations, tokenizer_dir, tmp_path_factory) -> list[dict]:
+    """The rows of an uninterrupted data sweep at 40 and 60 pairs, what every interrupted one must match."""
+    root = tmp_path_factory.mktemp("sweep-reference")
+    sweep_cli(prepared, annotations, tokenizer_dir, root / "faultsweep.yaml", root, [40, 60])  # writes the preset
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DRSCALING_EXPERIMENT", "faults-sweep-reference")
+        path = run_sweep(load_preset(str(root / "faultsweep.yaml")),
+                         Paths(prepared, annotations, tokenizer_dir, Path("unused")), {}, root / "sweep", "data")
+    return read_jsonl(path)
+
+
+def assert_same_results(rows: list[dict], reference: list[dict]) -> None:
+    for row, ref in zip(rows, reference, strict=True):
+        for key in ("ce_test_min", "ce_dev_best", "ce_test_at_best_dev", "ce_test_zero_shot"):
+            assert row[key] == pytest.approx(ref[key], abs=1e-6), key
+
+
+def kill_during_second_point(proc: subprocess.Popen, out: Path, sig: int) -> None:
+    """Send `sig` to the sweep once its first point is finished and its second has started its run."""
+    deadline, mid_second = time.time() + 3600, False  # seconds on an idle machine; a loaded one is slower
+    while not mid_second and time.time() < deadline and proc.poll() is None:
+        done = {p.parent for p in out.glob("runs/*/metrics.json")}
+        mid_second = bool(done) and any(p.parent not in done for p in out.glob("runs/*/run.json"))
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)
+    assert mid_second, "the sweep was not stopped during its second point"
+
+
 def test_sigkilled_sweep_reruns_to_one_finished_child_per_point(prepared, annotations, tokenizer_dir, tmp_path,
-                                                                 monkeypatch):
+                                                                 sweep_reference):
     """SIGKILL a real `drscaling sweep` while its second point trains: a rerun of a preset without that
     point closes its stale RUNNING child; a rerun with it adopts and finishes it. Each point ends with
     exactly one FINISHED child, none RUNNING, and the results of an uninterrupted sweep."""
     out, preset = tmp_path / "sweep", tmp_path / "faultsweep.yaml"
     cmd, env = sweep_cli(prepared, annotations, tokenizer_dir, preset, out, [40, 60])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, mid_second = time.time() + 3600, False  # seconds on an idle machine; a loaded one is slower
-    while not mid_second and time.time() < deadline and proc.poll() is None:
-        done = {p.parent for p in out.glob("runs/*/metrics.json")}
-        mid_second = bool(done) and any(p.parent not in done for p in out.glob("runs/*/run.json"))
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert mid_second, "the sweep was not killed during its second point"
+    try:
+        kill_during_second_point(proc, out, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
     [first] = [read_json(p) for p in out.glob("runs/*/metrics.json")]  # killed during the second point
     stuck = [r for r in children(out) if r.info.status == "RUNNING"]
     assert len(stuck) == 1 and stuck[0].data.tags["config_key"] != first["config_key"]
@@ -178,12 +286,57 @@ def test_sigkilled_sweep_reruns_to_one_finished_child_per_point(prepared, annota
     assert {r.info.status for r in runs} == {"FINISHED"}  # the stale run adopted: no duplicate, none RUNNING
     assert stuck[0].info.run_id in {r.info.run_id for r in runs}
 
-    monkeypatch.setenv("DRSCALING_EXPERIMENT", "faults-sweep-reference")
-    reference = read_jsonl(run_sweep(load_preset(str(preset)), Paths(prepared, annotations, tokenizer_dir, Path("unused")),
-                                     {}, tmp_path / "reference", "data"))
-    for row, ref in zip(rows, reference, strict=True):
-        for key in ("ce_test_min", "ce_dev_best", "ce_test_at_best_dev", "ce_test_zero_shot"):
-            assert row[key] == pytest.approx(ref[key], abs=1e-6), key
+    assert_same_results(rows, sweep_reference)
+
+
+def test_sigtermed_sweep_ends_killed_with_its_cause_then_reruns_to_one_finished_child_per_point(
+        prepared, annotations, tokenizer_dir, tmp_path, sweep_reference):
+    """SIGTERM a real `drscaling sweep` while its second point trains: the point checkpoints and ends
+    KILLED, the sweep's parent run ends KILLED with the cause (as a point does), the process exits 130
+    with one line. A rerun adopts both runs: one FINISHED child per point, none RUNNING, the results of
+    an uninterrupted sweep."""
+    out, preset, experiment = tmp_path / "sweep", tmp_path / "faultsweep.yaml", "faults-sweep-term"
+    cmd, env = sweep_cli(prepared, annotations, tokenizer_dir, preset, out, [40, 60], experiment)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        kill_during_second_point(proc, out, signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "drscaling: stopped: SIGTERM at step" in err
+    parent = mlflow.get_run(read_json(out / "parent-faultsweep-data.json")["run_id"])
+    assert parent.info.status == "KILLED" and parent.data.tags["error"].startswith("Terminated: SIGTERM at step")
+    runs = {r.info.status: r for r in children(out, experiment)}
+    assert sorted(runs) == ["FINISHED", "KILLED"] and "Terminated" in runs["KILLED"].data.tags["error"]
+    [ckpt] = out.glob("runs/*/checkpoint/checkpoint.pt")  # the stopped point saved where it was
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = children(out, experiment)
+    assert {r.info.run_id for r in after} == {r.info.run_id for r in runs.values()}  # adopted, none added
+    assert {r.info.status for r in after} == {"FINISHED"}
+    assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED" and not ckpt.exists()
+    rows = read_jsonl(out / "results-data.jsonl")
+    assert sorted(r.data.tags["config_key"] for r in after) == sorted(r["config_key"] for r in rows)
+    assert_same_results(rows, sweep_reference)
+
+
+def test_a_sigterm_after_the_last_step_stops_the_loop_around_it():
+    """A real SIGTERM that a training run (or annotation) no longer acts on, because it came after its
+    last boundary, reaches the handler outside it: a sweep stops instead of starting its next point."""
+    from drscaling.signals import Terminated, sigterm_at_boundary, sigterm_raises
+
+    with pytest.raises(Terminated), sigterm_raises():
+        with sigterm_at_boundary() as term:
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.time() + 10
+            while not term["term"] and time.time() < deadline:
+                time.sleep(0.01)
+            assert term["term"]  # deferred: nothing raised inside the block
+        pytest.fail("the deferred SIGTERM was dropped when the block ended")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_truncated_checkpoint_is_refused_with_advice_then_discarded(prepared, annotations, tokenizer_dir, tmp_path,

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from drscaling.cost_stats import SPREAD_LIMIT, fit_power, load_flags, machine_state, summarise_repeats
 from drscaling.errors import DrscalingError
-from drscaling.files import write_json
+from drscaling.files import finite_copy, to_json, write_json
 from drscaling.loadgen import LoadConfig, run_load
 from drscaling.serving import Client, TritonServer
 
@@ -219,7 +219,7 @@ def measure(
     if not result["towers"]:
         del result["towers"]
     if out_path is not None:
-        write_json(out_path, result)
+        write_json(out_path, finite_copy(result))  # a degenerate fit's NaN as null: strict JSON
     return result
 
 
@@ -284,7 +284,7 @@ def _log_measure(result: dict) -> None:
         mlflow.log_metrics({"inference_fit_b_low": fit["interval"]["b"][0],
                             "inference_fit_b_high": fit["interval"]["b"][1]})
     mlflow.set_tag("drscaling.flags", "; ".join(result["flags"])[:5000] or "none")
-    mlflow.log_dict(result, "costs/inference_sweep.json")
+    mlflow.log_text(to_json(finite_copy(result)), "costs/inference_sweep.json")
 
 
 def tower_entry(m: ServedModel, cells: list[dict], point: dict) -> dict:
@@ -469,5 +469,5 @@ def measure_costs(
         print(f"note: training costs left out: {exc}")
         training = None
     costs = combine(measured, training)
-    write_json(out_path, costs)
+    write_json(out_path, finite_copy(costs))
     return costs

@@ -34,7 +34,7 @@ from drscaling.checkpoints import resolve_start
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, Embedded, cached_evalset, embed_evalset, encode_fns, rank_split
-from drscaling.files import atomic_path, write_json
+from drscaling.files import atomic_path, finite_copy, to_json, write_json
 from drscaling.model.build import build_model
 from drscaling.model.encoder import check_lengths
 from drscaling.model.retriever import Retriever, Tower
@@ -173,8 +173,8 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
         with atomic_path(paths.out) as tmp:  # the model and the metrics appear together, or not at all
             tmp.mkdir(parents=True)
             save_retriever(small, tmp / "model", extra={"distilled_from": str(teacher_dir)})
-            write_json(tmp / "metrics.json", result)
-        mlflow.log_dict(result, "distill.json")
+            write_json(tmp / "metrics.json", finite_copy(result))  # strict JSON: a diverged CE as null
+        mlflow.log_text(to_json(finite_copy(result)), "distill.json")
         # the deployment (student query tower + teacher passage tower), once, as a registered MLflow Model
         registry.log_encoder(paths.out / "model", registry.distilled_card(result, meta.dim, cfg.annotation_source))
     return result

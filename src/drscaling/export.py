@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from drscaling.errors import DrscalingError
-from drscaling.files import atomic_path, read_json, write_json
+from drscaling.files import atomic_path, dumps, read_json, write_json
 from drscaling.model.saved import TOWERS_FILE  # a dual export folder carries the dual model's marker
 
 VARIANTS = ("fp32", "opt", "fp16", "int8")
@@ -252,7 +252,7 @@ def _export_tower(src: Path, out_dir: Path, cfg: ExportConfig, source: str) -> d
         _export_fp32(encoder, tokenizer, tmp / VARIANT_FILES["fp32"], cfg.opset)
         record["export_seconds"] = round(time.perf_counter() - t0, 2)
         tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / "drscaling.json").write_text(json.dumps(dataclasses.asdict(meta), indent=2))
+        (tmp / "drscaling.json").write_text(dumps(dataclasses.asdict(meta), indent=2))
         for variant in ("fp32", *[v for v in VARIANTS if v in cfg.variants and v != "fp32"]):
             path = tmp / VARIANT_FILES[variant]
             if variant != "fp32":

@@ -8,9 +8,11 @@ file and line number, never silently skipped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import gzip
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -62,6 +64,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary siblings (.<name>.<random>.tmp) that atomic_path leaves in `folder` when its
+    process is killed mid-write; returns them. Call it only while holding the folder's lock
+    (folder_lock), so that none of them belongs to a live writer."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a file for writing that appears at `path` only once it is complete."""
@@ -81,14 +93,73 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def to_json(obj: Any) -> str:
-    """The text write_json writes (numpy scalars and paths as plain JSON)."""
-    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    """The text write_json writes: strict JSON (numpy scalars and arrays, paths as plain JSON)."""
+    return dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """json.dumps for every file the project writes: strict JSON that any parser reads. NaN and
+    Infinity are not JSON; a value that may legitimately be non-finite (a CE before any finite
+    evaluation, an unfitted law's R²) is written as null by its producer (finite_or_null), so meeting
+    one here is a bug, named with where it is."""
+    try:
+        return json.dumps(obj, allow_nan=False, default=_json_default, **kwargs)
+    except ValueError as exc:
+        where = non_finite_paths(obj)
+        if not where:
+            raise
+        raise ValueError(f"non-finite number(s) at {', '.join(where[:10])}: JSON has no NaN or Infinity"
+                         " (write null instead)") from exc
+
+
+def non_finite_paths(obj: Any, where: str = "") -> list[str]:
+    """Where `obj` holds a NaN or infinite number (numpy ones included), as `a.b[2]` paths."""
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in non_finite_paths(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, (list, tuple)) or hasattr(obj, "tolist"):
+        items = obj.tolist() if hasattr(obj, "tolist") else obj
+        if not isinstance(items, list):  # a numpy scalar
+            return non_finite_paths(items, where)
+        return [p for i, v in enumerate(items) for p in non_finite_paths(v, f"{where}[{i}]")]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [where or "(top level)"]
+    return []
+
+
+def finite_or_null(obj: Any, where: str = "", replaced: list[str] | None = None) -> Any:
+    """obj made strict JSON, in place where it is a dict or a list (so shared sub-objects stay shared):
+    non-finite floats become None (their paths are appended to `replaced`), numpy scalars plain
+    numbers, tuples and arrays lists, Paths strings. What a producer calls on numbers that may be
+    non-finite for a reason (readers map null back, e.g. to NaN or "no best yet")."""
+    replaced = replaced if replaced is not None else []
+    if isinstance(obj, dict):
+        for k in list(obj):
+            obj[k] = finite_or_null(obj[k], f"{where}.{k}" if where else str(k), replaced)
+        return obj
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            obj[i] = finite_or_null(v, f"{where}[{i}]", replaced)
+        return obj
+    if isinstance(obj, tuple):
+        return finite_or_null(list(obj), where, replaced)
+    if hasattr(obj, "tolist") and not isinstance(obj, (bool, int, float, str)):  # numpy arrays and scalars
+        return finite_or_null(obj.tolist(), where, replaced)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        replaced.append(where)
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def finite_copy(obj: Any) -> Any:
+    """A deep copy of obj with non-finite numbers as null (finite_or_null): for records (an MLflow
+    artifact, a measurement) whose producer cannot rule them out and must not fail for them."""
+    return finite_or_null(copy.deepcopy(obj))
 
 
 def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):  # numpy scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
@@ -109,7 +180,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     n = 0
     with atomic_open(path) as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from drscaling import tracking
 from drscaling.errors import DrscalingError
+from drscaling.files import finite_copy, to_json
 
 PREFIX = "drscaling-"
 ALIAS = "recommended"
@@ -163,7 +164,7 @@ def log_encoder(model_dir: str | Path, card: dict, register: bool = True):
 
     model_dir = Path(model_dir)
     name = registered_name(card["shape"], card.get("towers", "shared"))
-    mlflow.log_dict(card, "model_card.json")
+    mlflow.log_text(to_json(finite_copy(card)), "model_card.json")
     mlflow.log_text(card_markdown(card), "model_card.md")
     from drscaling.pyfunc import EncoderModel
 
@@ -264,7 +265,7 @@ def add_costs(costs: dict, source: str | Path) -> list[dict]:
                 continue  # already on the card (the budget stage reruns on the same costs file)
             card |= fields
             describe_version(version.name, str(version.version), card)
-            client.log_dict(version.run_id, card, "model_card.json")
+            client.log_text(version.run_id, to_json(finite_copy(card)), "model_card.json")
             client.log_text(version.run_id, card_markdown(card), "model_card.md")
             updated.append({"name": version.name, "version": str(version.version), "shape": shape})
     return updated

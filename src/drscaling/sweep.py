@@ -24,9 +24,10 @@ from drscaling import params, tracking
 from drscaling.checkpoints import Start, init_for, resolve_start
 from drscaling.errors import DrscalingError
 from drscaling.executors import EXECUTORS, RayConfig, run_local, run_ray, tracking_problem
-from drscaling.files import folder_lock, read_json, write_json, write_jsonl
+from drscaling.files import folder_lock, read_json, to_json, write_json, write_jsonl
 from drscaling.model.shapes import check_shape, shape_cost
 from drscaling.train.config import Paths, TrainConfig
+from drscaling.train.record import end_run_with_cause
 
 PRESETS = params.REPO / "pipelines"
 RESULT_KEYS = ("ce_test_min", "ce_test_at_best_dev", "ce_dev_best", "mrr@10", "ndcg@10", "recall@100", "recall@1000",
@@ -146,7 +147,7 @@ def _run_points(preset: Preset, paths: Paths, out: Path, only: str | None, todo,
         try:
             write_json(state_file, {"run_id": parent.info.run_id, "preset": preset.name, "sweep": only or "all"})
             mlflow.set_tags({"drscaling.stage": "sweep", "preset": preset.name, "sweep": only or "all"})
-            mlflow.log_dict(dataclasses.asdict(preset), "preset.json")
+            mlflow.log_text(to_json(dataclasses.asdict(preset)), "preset.json")
             ordered = sorted(unique.items(), key=lambda kv: _cost(kv[1]))
             tags = {"preset": preset.name, "sweep": only or "all"}
             if executor == "ray":
@@ -178,6 +179,12 @@ def _run_points(preset: Preset, paths: Paths, out: Path, only: str | None, todo,
             write_json(out / (f"metrics-{only}.json" if only else "metrics.json"), summary)  # DVC metrics
             mlflow.log_artifact(str(path))
             mlflow.log_metrics(summary)
+        except BaseException as exc:  # SIGTERM, Ctrl-C, a failed point: the parent ends with the cause, as a point does
+            while (active := mlflow.active_run()) is not None:  # a point's run first, if one is still open
+                end_run_with_cause(mlflow, exc)
+                if active.info.run_id == parent.info.run_id:
+                    break
+            raise
         finally:
             _close_stale_children(parent.info.run_id)
     return path

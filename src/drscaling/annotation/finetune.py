@@ -18,7 +18,7 @@ from drscaling.annotation.human import positives
 from drscaling.annotation.local import device_name, load_model, truncate_tokens
 from drscaling.annotation.prompts import PASSAGE_PROMPT, PASSAGE_QUERY_PROMPT
 from drscaling.errors import DrscalingError
-from drscaling.files import atomic_path, read_json, write_json
+from drscaling.files import atomic_path, finite_copy, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -124,5 +124,5 @@ def finetune_generator(
     with atomic_path(dest) as tmp:
         net.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        write_json(tmp / GENERATOR_META, info)
+        write_json(tmp / GENERATOR_META, finite_copy(info))  # strict JSON: a diverged loss as null
     return info

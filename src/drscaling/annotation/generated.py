@@ -20,7 +20,7 @@ from drscaling.annotation.prompts import DEFAULT_MAX_NEW_TOKENS, PROMPTS, resolv
 from drscaling.annotation.resumable import partial_path, remove_partial, run_generation, target_passages
 from drscaling.data import load_split
 from drscaling.errors import DrscalingError
-from drscaling.files import read_json, read_jsonl
+from drscaling.files import finite_or_null, read_json, read_jsonl, to_json
 from drscaling.weights import DEFAULT_MODEL
 
 GENERATED_SOURCES = ("llm", "supervised")
@@ -134,7 +134,7 @@ def _cost(source: str, model: str, generator: Generator, kind: str, cfg: Generat
     if finetune_info:
         cost["finetune"] = {k: v for k, v in finetune_info.items() if k != "losses"} | {
             "final_loss": finetune_info["losses"][-1] if finetune_info["losses"] else None}
-    return cost
+    return finite_or_null(cost)  # strict JSON (a diverged fine-tuning loss as null)
 
 
 def _log_mlflow(source: str, cost: dict, prompt_text: str, extra_params: dict,
@@ -165,7 +165,7 @@ def _log_mlflow(source: str, cost: dict, prompt_text: str, extra_params: dict,
                          f"generate.{source}.prompt_kind": cost["prompt_kind"],
                          f"generate.{source}.model": cost["model"]})
         mlflow.log_text(prompt_text, f"generate/{source}_prompt.txt")
-        mlflow.log_dict(cost, f"generate/{source}.cost.json")
+        mlflow.log_text(to_json(cost), f"generate/{source}.cost.json")
     finally:
         if own:
             mlflow.end_run()

@@ -8,7 +8,6 @@ is recorded (its tokens and time count in the cost) but generated again by the n
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -25,7 +24,8 @@ from drscaling.annotation.human import positives
 from drscaling.annotation.parsing import parse_output, pick_query, valid_queries
 from drscaling.annotation.prompts import PROMPTS
 from drscaling.errors import DrscalingError
-from drscaling.files import read_json, read_jsonl, write_json
+from drscaling.files import dumps, read_json, read_jsonl, write_json
+from drscaling.signals import Terminated, sigterm_at_boundary
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def remove_partial(out: str | Path) -> None:
 
 def _append(part: Path, rows: list[dict]) -> None:
     with open(part, "a", encoding="utf-8", newline="\n") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        fh.write("".join(dumps(r, ensure_ascii=False) + "\n" for r in rows))
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -204,8 +204,14 @@ def run_generation(
     if history:
         log.info("resuming %s: %d of %d passages already done", part, resumed, len(passages))
     session_start = time.perf_counter()
-    with tqdm(total=len(passages), initial=resumed, desc=f"generate {source}", unit="passage") as bar:
+    # SIGTERM waits for the batch in flight (its requests are paid for), saves it, then stops: a rerun asks none again.
+    with tqdm(total=len(passages), initial=resumed, desc=f"generate {source}", unit="passage") as bar, \
+            sigterm_at_boundary() as term:
         for batch in _batches(todo, max(1, cfg.batch_size)):
+            if term["term"]:
+                kept = sum(1 for r in latest.values() if not r.get("failed"))
+                raise Terminated(f"SIGTERM: {kept} of {len(passages)} passages have a query, saved in {part};"
+                                 " running the same command again resumes there")
             try:
                 rows = generate_batch(generator, batch, prompt_kind, cfg, source)
             except BatchStopped as exc:

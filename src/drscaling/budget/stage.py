@@ -24,7 +24,7 @@ from drscaling.budget.solve import (
     compare_sources, law_loss, law_loss_samples, solve, solve_shapes,
 )
 from drscaling.errors import DrscalingError
-from drscaling.files import atomic_path, write_text
+from drscaling.files import atomic_path, finite_or_null, write_json
 from drscaling.laws import FitResult
 
 PAPER_BUDGET = 20_000.0  # the budget of the paper's Section 5 claims
@@ -170,45 +170,17 @@ def draw_budget_figure(
 # --------------------------------------------------------------------------------------------
 
 
-def strict_json(obj: Any, where: str = "", replaced: list[str] | None = None) -> Any:
-    """obj made acceptable to json.dumps(allow_nan=False), in place where it is a dict or a list (so
-    shared sub-objects stay shared): non-finite floats become None (their paths are appended to
-    `replaced`), numpy scalars plain numbers, tuples lists, Paths strings."""
-    replaced = replaced if replaced is not None else []
-    if isinstance(obj, dict):
-        for k in list(obj):
-            obj[k] = strict_json(obj[k], f"{where}.{k}" if where else str(k), replaced)
-        return obj
-    if isinstance(obj, list):
-        for i, v in enumerate(obj):
-            obj[i] = strict_json(v, f"{where}[{i}]", replaced)
-        return obj
-    if isinstance(obj, tuple):
-        return strict_json(list(obj), where, replaced)
-    if isinstance(obj, np.ndarray):
-        return strict_json(obj.tolist(), where, replaced)
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        if math.isfinite(float(obj)):
-            return float(obj)
-        replaced.append(where)
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+strict_json = finite_or_null  # the one implementation (files.py); budget's callers know it by this name
 
 
 def write_strict_json(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     """Make result strict JSON (in place) and write it; a non-finite number becomes null and a flag."""
     replaced: list[str] = []
-    strict_json(result, replaced=replaced)
+    finite_or_null(result, replaced=replaced)
     if replaced:
         result.setdefault("flags", []).append(
             "non-finite number(s) written as null: " + ", ".join(replaced))
-    write_text(path, json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_json(path, result)
     return result
 
 

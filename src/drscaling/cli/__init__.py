@@ -76,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     from drscaling import tracking
 
     tracking.attach_project_run()
+    from drscaling.signals import sigterm_raises
+
     try:
-        args.func(args)
+        with sigterm_raises():  # SIGTERM stops a command as Ctrl-C does: runs closed, temporary files removed
+            args.func(args)
     except DrscalingError as exc:
         print(f"drscaling: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM at a step boundary (train.Terminated)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (signals.Terminated: at once, or at a step/batch boundary)
         print(f"drscaling: stopped: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     return 0

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from drscaling.errors import DrscalingError
-from drscaling.files import read_json, write_json
+from drscaling.files import finite_or_null, read_json, write_json
 from drscaling.laws.forms import LawForm, get_form, predict
 
 LAWS_VERSION = 2
@@ -79,15 +79,15 @@ class FitResult:
             return cls(
                 kind=form.kind,
                 params=params,
-                r2=float(d.get("r2", float("nan"))),
-                residuals=[float(x) for x in d.get("residuals", [])],
-                ci95={k: [float(v[0]), float(v[1])] for k, v in d.get("ci95", {}).items()},
-                bootstrap={k: [float(x) for x in v] for k, v in d.get("bootstrap", {}).items()},
+                r2=_number(d.get("r2")),
+                residuals=[_number(x) for x in d.get("residuals", [])],
+                ci95={k: [_number(v[0]), _number(v[1])] for k, v in d.get("ci95", {}).items()},
+                bootstrap={k: [_number(x) for x in v] for k, v in d.get("bootstrap", {}).items()},
                 n_points=int(d.get("n_points", 0)),
                 flags=list(d.get("flags", [])),
                 heldout=d.get("heldout"),
                 points=dict(d.get("points", {})),
-                objective=float(d.get("objective", float("nan"))),
+                objective=_number(d.get("objective")),
                 dof=None if dof is None else int(dof),
                 bootstrap_method=str(d.get("bootstrap_method", "")),
                 checks=dict(d.get("checks", {})),
@@ -139,6 +139,11 @@ class FitResult:
         return self.form.format(self.params)
 
 
+def _number(value: Any) -> float:
+    """A number of laws.json: null (how a non-finite one is written) reads back as NaN."""
+    return float("nan") if value is None else float(value)
+
+
 def ordered_laws(fits: dict[str, FitResult]) -> list[tuple[str, FitResult]]:
     """Laws in registry order (N, D, D@sources, ND, ND_additive, ...), each form's own law first."""
     from drscaling.laws.forms import KINDS
@@ -166,7 +171,7 @@ def save_laws(
         "laws": {name: fit.to_dict() for name, fit in fits.items()},
         "meta": meta or {},
     }
-    write_json(path, doc)
+    write_json(path, finite_or_null(doc))  # strict JSON: NaN (no R² for a published law, ...) as null
     return Path(path)
 
 

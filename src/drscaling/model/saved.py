@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from drscaling.errors import DrscalingError
-from drscaling.files import atomic_path
+from drscaling.files import atomic_path, dumps
 from drscaling.model.encoder import Encoder, ModelMeta, PlainEncoder, non_embedding_params
 from drscaling.model.retriever import Retriever, Tower
 from drscaling.model.shapes import resolve
@@ -32,7 +32,7 @@ def save_retriever(retriever: Retriever, dest: str | Path, extra: dict | None = 
             t = getattr(retriever, side)
             save_model(t.encoder, t.tokenizer, t.meta, tmp / side)
         info = {side: dataclasses.asdict(getattr(retriever, side).meta) for side in ("query", "passage")}
-        (tmp / TOWERS_FILE).write_text(json.dumps(info | (extra or {}), indent=2))
+        (tmp / TOWERS_FILE).write_text(dumps(info | (extra or {}), indent=2))
 
 
 def is_dual(path: str | Path) -> bool:
@@ -58,7 +58,7 @@ def save_model(encoder: Encoder, tokenizer, meta: ModelMeta, dest: str | Path) -
         encoder.backbone.save_pretrained(tmp / "backbone")
         tokenizer.save_pretrained(tmp / "tokenizer")
         torch.save(encoder.projection.state_dict(), tmp / "projection.pt")
-        (tmp / "drscaling.json").write_text(json.dumps(dataclasses.asdict(meta), indent=2))
+        (tmp / "drscaling.json").write_text(dumps(dataclasses.asdict(meta), indent=2))
 
 
 def load_model(path: str | Path) -> tuple[Encoder, object, ModelMeta]:

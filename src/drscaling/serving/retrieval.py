@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from drscaling import vector_index
 from drscaling.errors import DrscalingError
-from drscaling.files import atomic_path, iter_jsonl, read_jsonl
+from drscaling.files import atomic_path, dumps, iter_jsonl, read_jsonl
 from drscaling.serving.client import Client, ModelInfo, resolve_tower, text_model
 from drscaling.serving.repository import VERSION
 from drscaling.serving.server import TritonServer
@@ -116,9 +116,9 @@ def write_passages(folder: Path, rows: Iterable[tuple[str, str]]) -> list[str]:
     pids = []
     with open(folder / "passages.jsonl", "w", encoding="utf-8") as fh:
         for pid, text in rows:
-            fh.write(json.dumps({"pid": pid, "text": text}, ensure_ascii=False) + "\n")
+            fh.write(dumps({"pid": pid, "text": text}, ensure_ascii=False) + "\n")
             pids.append(pid)
-    (folder / "pids.json").write_text(json.dumps(pids))
+    (folder / "pids.json").write_text(dumps(pids))
     return pids
 
 
@@ -134,7 +134,7 @@ def index_meta(info: ModelInfo, n: int, corpus_path: str | Path, index: IndexCon
 def write_search_index(folder: Path, emb: np.ndarray, index: IndexConfig, meta: dict) -> None:
     """faiss.index over `emb` (embeddings.npy's rows), then index.json: the last files of an index."""
     vector_index.save(vector_index.build(emb, index), folder / vector_index.INDEX_FILE)
-    (folder / "index.json").write_text(json.dumps(meta, indent=2))
+    (folder / "index.json").write_text(dumps(meta, indent=2))
 
 
 def build_index(

@@ -3,7 +3,9 @@ its result: metrics.json (whose presence marks the run finished) and the registe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -13,8 +15,9 @@ import numpy as np
 from drscaling import registry, tracking
 from drscaling.checkpoints import Start
 from drscaling.data import load_split
+from drscaling.errors import DrscalingError
 from drscaling.evaluate import rank_split
-from drscaling.files import read_json, to_json, write_json
+from drscaling.files import finite_or_null, read_json, to_json, write_json
 from drscaling.model.encoder import ModelMeta
 from drscaling.model.saved import load_retriever
 from drscaling.train.config import TrainConfig
@@ -58,6 +61,13 @@ def open_mlflow_run(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags
     return mlflow
 
 
+def end_run_with_cause(mlflow, exc: BaseException) -> None:
+    """End the active MLflow run for `exc`: KILLED for Ctrl-C and SIGTERM (a KeyboardInterrupt), FAILED
+    otherwise, with the cause as its `error` tag, so no run is left RUNNING or failed without a reason."""
+    mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+    mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+
+
 def _unfinished_run(out: Path, cfg: TrainConfig, data_key: str) -> str | None:
     """The MLflow run a killed process left for this folder and config, if it is not FINISHED: a rerun
     takes it over, so a kill before the first checkpoint leaves no run stuck in RUNNING. A run on other
@@ -90,6 +100,10 @@ def _unfinished_run(out: Path, cfg: TrainConfig, data_key: str) -> str | None:
 def record_result(cfg, paths, state, meta: ModelMeta, start: Start, device: str, d, mlflow, best_test: dict,
                   versions: dict[str, str]) -> dict:
     """The finished run's result: ranking metrics of the best-dev model, metrics.json, its MLflow record."""
+    if not math.isfinite(state["best_dev"]):  # no best model was ever saved: nothing to rank or record
+        raise DrscalingError(
+            f"training {cfg.shape} diverged: none of its {len(state['history'])} evaluation(s) gave a finite dev"
+            f" contrastive entropy (the loss became NaN or infinite); lower the learning rate (--lr {cfg.lr:g})")
     # A resumed run may not hold the best model's test embeddings: then the ranking encodes them.
     best = load_retriever(paths.out / "model").to(device)
     test = load_split(paths.prepared, "test", relevance=True)
@@ -105,15 +119,17 @@ def record_result(cfg, paths, state, meta: ModelMeta, start: Start, device: str,
         "train_step_seconds": statistics.median(secs) if secs else float("nan"),
         "train_tokens_per_step": float(np.mean(state["tokens"])) if state["tokens"] else 0.0,
     }
-    result = {"shape": cfg.shape, "n": meta.n_non_embedding, "d": d, "source": cfg.annotation_source,
-              "steps": cfg.steps, "config_key": cfg.key(), "data_key": state["data_key"], "run_id": state["run_id"],
-              **start.record(),
-              "history": state["history"], **metrics}
+    # Strict JSON: a CE that never became finite (a diverged run: the best-so-far sentinels stay inf, the
+    # evaluations NaN) is null, "no finite value"; the checkpoint keeps inf, which torch.save stores.
+    result = finite_or_null(copy.deepcopy({
+        "shape": cfg.shape, "n": meta.n_non_embedding, "d": d, "source": cfg.annotation_source, "steps": cfg.steps,
+        "config_key": cfg.key(), "data_key": state["data_key"], "run_id": state["run_id"], **start.record(),
+        "history": state["history"], **metrics}))
     if mlflow:
         mlflow.log_metrics(tracking.metric_names(metrics))
         # once, as an MLflow Model registered under its shape, with its model card (registry.py)
         registry.log_trained(paths.out / "model", result, meta, cfg.towers, versions, best_test.get("embedded"))
-        mlflow.log_dict(state["history"], "history.json")
+        mlflow.log_text(to_json(result["history"]), "history.json")
         mlflow.log_text(to_json(result), "metrics.json")  # the run's result as metrics.json holds it, for other machines
     write_json(paths.out / "metrics.json", result)  # last: its presence marks the run finished
     shutil.rmtree(paths.out / CHECKPOINT_DIR, ignore_errors=True)  # finished: metrics.json is the record

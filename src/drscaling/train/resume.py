@@ -1,15 +1,12 @@
 """Resuming: the checkpoint of an unfinished run (written whole or not at all, refused before any
-compute when it cannot continue this run), SIGTERM turned into a checkpoint at a step boundary, and the
-metrics of a run already finished with the same parameters on the same data."""
+compute when it cannot continue this run) and the metrics of a run already finished with the same
+parameters on the same data. (SIGTERM becomes a checkpoint at a step boundary: train.run with
+drscaling.signals.sigterm_at_boundary.)"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
-import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -84,29 +81,6 @@ def restore_checkpoint(ck: dict, path: Path, cfg: TrainConfig, towers: Towers, o
     opt.load_state_dict(ck["opt"])
     sched.load_state_dict(ck["sched"])
     return ck["state"]
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what `timeout`, `docker stop` and Kubernetes send), raised at a step boundary."""
-
-
-@contextlib.contextmanager
-def sigterm_at_step_boundary() -> Iterator[dict]:
-    """Turn SIGTERM into a flag the training loop checks after each step, so the run checkpoints a
-    consistent state and ends KILLED instead of dying mid-update with its MLflow run left RUNNING."""
-    flag = {"term": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def on_term(signum, frame):  # noqa: ARG001
-        flag["term"] = True
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def finished(out: Path, cfg: TrainConfig, data_key: str) -> dict | None:

@@ -16,19 +16,17 @@ from tqdm import tqdm
 from drscaling import registry
 from drscaling.checkpoints import Start, resolve_start
 from drscaling.evaluate import cached_evalset
-from drscaling.files import folder_lock
+from drscaling.files import folder_lock, remove_stale_temporaries
 from drscaling.model.build import build_model
 from drscaling.model.encoder import ModelMeta, Towers, check_lengths
 from drscaling.model.retriever import Retriever, Tower
 from drscaling.model.tokenizer import shape_tokenizer, tokenize
+from drscaling.signals import Terminated, sigterm_at_boundary
 from drscaling.train.config import Paths, TrainConfig, check_config
 from drscaling.train.data import TrainingData, training_data
 from drscaling.train.evaluation import evaluate_step, zero_shot
-from drscaling.train.record import open_mlflow_run, record_result
-from drscaling.train.resume import (
-    CHECKPOINT_DIR, Terminated, finished, read_checkpoint, restore_checkpoint, save_checkpoint,
-    sigterm_at_step_boundary,
-)
+from drscaling.train.record import end_run_with_cause, open_mlflow_run, record_result
+from drscaling.train.resume import CHECKPOINT_DIR, finished, read_checkpoint, restore_checkpoint, save_checkpoint
 from drscaling.train.step import default_device, optimizer, sample_step, train_step
 
 def _ddp() -> tuple[int, int]:
@@ -69,7 +67,9 @@ def train(cfg: TrainConfig, paths: Paths, tags: dict[str, str] | None = None, di
         return done | {"resumed": False, "cached": True}
     check_config(cfg, len(data.corpus))
     lock = folder_lock(paths.out, f"training {cfg.shape}") if rank == 0 else contextlib.nullcontext()
-    with lock, sigterm_at_step_boundary() as term:
+    with lock, sigterm_at_boundary() as term:
+        if rank == 0:  # a checkpoint (or result) half-written by a killed process: never read, now removed
+            remove_stale_temporaries(paths.out)
         if discard_checkpoint:
             shutil.rmtree(paths.out / CHECKPOINT_DIR, ignore_errors=True)
         saved = read_checkpoint(paths.out / CHECKPOINT_DIR, cfg, data.key)  # refused here: before any compute
@@ -146,8 +146,7 @@ def _train(cfg: TrainConfig, paths: Paths, data: TrainingData, run: Run, tags, t
                                  best_test, data.versions) if rank == 0 else {})
     except BaseException as exc:
         if mlflow and rank == 0:
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            end_run_with_cause(mlflow, exc)
         raise
     if mlflow and rank == 0:
         mlflow.end_run()
