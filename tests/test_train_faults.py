@@ -100,6 +100,7 @@ def test_sigterm_checkpoints_ends_killed_and_resumes_identically(prepared, annot
         assert done[key] == pytest.approx(reference[key], abs=1e-6), key
     [run] = runs_of("faults-sigterm")  # the same run, resumed: one FINISHED run, none RUNNING
     assert run.info.status == "FINISHED" and run.info.run_id == done["run_id"]
+    assert "error" not in run.data.tags and "Terminated" in run.data.tags["resumed_after"]
 
 
 def test_sigkill_before_the_first_checkpoint_leaves_no_running_run(prepared, annotations, tokenizer_dir, tmp_path):

@@ -46,6 +46,7 @@ def open_mlflow_run(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags
     if run_id:  # resume (or adopt the run of a process killed before its first checkpoint)
         run = mlflow.start_run(run_id=run_id, log_system_metrics=True, nested=nested)
         mlflow.set_tags(run_tags)  # an adopted run may have died before it had them; a retry's node is recorded
+        _keep_cause_as_history(mlflow.MlflowClient(), run_id)
     else:
         run = mlflow.start_run(run_name=f"{cfg.shape}-D{d}-{cfg.annotation_source}", log_system_metrics=True,
                                nested=nested, tags=run_tags)
@@ -66,6 +67,15 @@ def end_run_with_cause(mlflow, exc: BaseException) -> None:
     otherwise, with the cause as its `error` tag, so no run is left RUNNING or failed without a reason."""
     mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
     mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+
+
+def _keep_cause_as_history(client, run_id: str) -> None:
+    """A resumed run is no longer failed: the `error` tag of the kill it recovers from would mark a FINISHED
+    run as broken, so the cause moves to `resumed_after`."""
+    error = client.get_run(run_id).data.tags.get("error")
+    if error is not None:
+        client.set_tag(run_id, "resumed_after", error)
+        client.delete_tag(run_id, "error")
 
 
 def _unfinished_run(out: Path, cfg: TrainConfig, data_key: str) -> str | None:
