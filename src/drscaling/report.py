@@ -10,6 +10,7 @@ from typing import Any
 
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_text
+from drscaling.numbers import money as _money
 from drscaling.laws import (
     FitResult,
     LawForm,
@@ -133,9 +134,6 @@ def _figures(paths: list[Path], base: Path, title: str) -> list[str]:
         lines += [f"![{p.stem}]({rel})", ""]
     return lines
 
-
-def _money(x: float) -> str:
-    return f"${x:,.0f}" if abs(x) >= 100 else f"${x:,.2f}"
 
 
 def _ci_text(ci: list[float] | None, fmt: str | None = None) -> str:

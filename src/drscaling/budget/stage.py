@@ -26,6 +26,7 @@ from drscaling.budget.solve import (
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path, write_text
 from drscaling.laws import FitResult
+from drscaling.numbers import finite_or_none
 
 PAPER_BUDGET = 20_000.0  # the budget of the paper's Section 5 claims
 
@@ -238,13 +239,6 @@ def _law_runs(fit: FitResult) -> list[dict[str, Any]]:
     return rows
 
 
-def _finite_or_none(x: Any) -> float | None:
-    try:
-        return float(x) if x is not None and math.isfinite(float(x)) else None
-    except (TypeError, ValueError):
-        return None
-
-
 def _chance(source: LawSource, negatives: int | None, default_negatives: int | None) -> Chance:
     if negatives is not None:
         return Chance(int(negatives), "given")
@@ -361,7 +355,7 @@ def _budget_figures(pb: _Problem, budgets: list[float], fig_dir: Path) -> list[s
 
 def _law_record(fit: FitResult, law: str) -> dict[str, Any]:
     return {"name": law, "kind": fit.kind, "formula": formula(fit), "params": dict(fit.params),
-            "r2": _finite_or_none(getattr(fit, "r2", None)), "flags": list(fit.flags)}
+            "r2": finite_or_none(getattr(fit, "r2", None)), "flags": list(fit.flags)}
 
 
 def run_budget(

@@ -12,6 +12,7 @@ import numpy as np
 
 from drscaling.errors import DrscalingError
 from drscaling.laws.forms import LawForm
+from drscaling.numbers import finite_or_none
 
 R2_FLAG = 0.9
 CI_RATIO_FLAG = 100.0  # a 95% interval whose hi/lo exceeds this spans orders of magnitude
@@ -138,7 +139,7 @@ def point_checks(form: LawForm, points: dict[str, list[Any]]) -> tuple[dict[str,
             flags.append(f"convergence unknown for {len(unknown)} of {m} points (no measured "
                          "`convergence` in their rows: older results, or too few evaluations)")
     if "ce_test_zero_shot" in points:
-        zs = [_num(v) for v in points["ce_test_zero_shot"]]
+        zs = [finite_or_none(v) for v in points["ce_test_zero_shot"]]
         above = [i for i, z in enumerate(zs) if z is not None and loss[i] >= z]
         unknown = [i for i, z in enumerate(zs) if z is None]
         checks.update(not_below_zero_shot=above, zero_shot_unknown=unknown)
@@ -150,14 +151,6 @@ def point_checks(form: LawForm, points: dict[str, list[Any]]) -> tuple[dict[str,
             flags.append(f"zero-shot CE unknown for {len(unknown)} of {m} points (no "
                          "`ce_test_zero_shot` in their rows)")
     return checks, flags
-
-
-def _num(v: Any) -> float | None:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 # --------------------------------------------------------------------------------------------
