@@ -12,8 +12,6 @@ import numpy as np
 
 from drscaling.registry import ARTIFACT
 
-SIDES = ("query", "passage")
-
 
 def _texts(model_input: Any) -> list[str]:
     """A list of strings from what pyfunc hands over (a one-column DataFrame, a list, an array)."""
@@ -44,6 +42,8 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
         self.retriever = load_retriever(context.artifacts[ARTIFACT]).to(self.device)
 
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:  # noqa: ARG002
+        from drscaling.model.retriever import SIDES  # loaded with the model (load_context)
+
         params = params or {}
         side = params.get("side") or "query"
         if side not in SIDES:

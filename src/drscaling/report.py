@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from drscaling.design import BUDGET_FILE, LAWS_FILE, METRICS_FILE, TOWER_BUDGET_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_text
-from drscaling.numbers import money as _money
 from drscaling.laws import (
     FitResult,
     LawForm,
@@ -19,6 +19,7 @@ from drscaling.laws import (
     ordered_laws,
     registered_forms,
 )
+from drscaling.numbers import money as _money
 
 # The paper's MS MARCO values (Tables 1 and 2, eqs. 9-10), printed beside ours for comparison:
 # declared with each law form in the registry.
@@ -376,18 +377,18 @@ def pipeline_summary(artifacts: str | Path = "artifacts") -> str:
     from drscaling.laws.text import format_fits
 
     root = Path(artifacts)
-    laws_path = root / "laws" / "laws.json"
+    laws_path = root / "laws" / LAWS_FILE
     if not laws_path.exists():
         raise DrscalingError(f"{laws_path} not found: run `dvc repro` (or `drscaling fit`) first")
     parts = [format_fits(load_laws(laws_path))]
-    budget = root / "budget" / "budget.json"
+    budget = root / "budget" / BUDGET_FILE
     if budget.exists():
         parts.append(format_recommendation(read_json(budget)))
-    towers = root / "towers" / "budget" / "towers.json"
+    towers = root / "towers" / "budget" / TOWER_BUDGET_FILE
     if towers.exists():
         from drscaling.distill import format_comparison
 
-        parts += [format_comparison(read_json(root / "towers" / "distilled" / "metrics.json")),
+        parts += [format_comparison(read_json(root / "towers" / "distilled" / METRICS_FILE)),
                   format_tower_comparison(read_json(towers))]
     parts.append("MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)")
     return "\n".join(parts)

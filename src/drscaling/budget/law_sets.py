@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drscaling.design import EVAL_NEGATIVES
 from drscaling.errors import DrscalingError
 from drscaling.laws import FitResult, load_laws, load_laws_meta
 from drscaling.laws.published import MSMARCO_LAWS, T2RANKING_LAWS, PaperLaw
 
-DEFAULT_NEGATIVES = 256  # the paper's contrastive entropy (Section 3.5) and params.yaml train.eval
+DEFAULT_NEGATIVES = EVAL_NEGATIVES  # chance's K unless the laws or params.yaml train.eval say otherwise
 
 
 @dataclass(frozen=True)

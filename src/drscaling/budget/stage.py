@@ -23,6 +23,7 @@ from drscaling.budget.solve import (
     EXTRAPOLATION_FACTOR, N_MAX, N_MIN, Chance, FittedRange, SearchRange, best_measured_run, check_budget,
     compare_sources, law_loss, law_loss_samples, solve, solve_shapes,
 )
+from drscaling.design import BUDGET_FILE, POINTS_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path, write_text
 from drscaling.laws import FitResult
@@ -433,14 +434,14 @@ def run_budget(
         "paper_check": _paper_check(source, costs, without, with_inf, budget),
         "flags": flags,
         "fit_meta": {k: source.meta[k] for k in ("results", "n_bootstrap", "seed") if k in source.meta},
-        "budget_path": str(out_dir / "budget.json"),
+        "budget_path": str(out_dir / BUDGET_FILE),
     }
-    return write_strict_json(out_dir / "budget.json", result)
+    return write_strict_json(out_dir / BUDGET_FILE, result)
 
 def trained_runs(laws_path: str | Path) -> tuple[dict[str, float] | None, list[dict[str, Any]] | None]:
     """(shape -> N, the trained runs) from points.jsonl, which `drscaling fit` writes beside laws.json;
     (None, None) when there is none (run_budget then takes both from the joint law)."""
-    points = Path(laws_path).with_name("points.jsonl")
+    points = Path(laws_path).with_name(POINTS_FILE)
     if not points.exists():
         return None, None
     rows = [json.loads(line) for line in points.read_text().splitlines() if line.strip()]

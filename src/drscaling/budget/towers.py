@@ -16,6 +16,7 @@ from typing import Any
 
 from drscaling.budget.cost_model import COSTS_MODES, HUMAN_USD_PER_PAIR, PaperCosts, _fit_ab
 from drscaling.budget.solve import check_budget
+from drscaling.design import TOWER_BUDGET_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_json
 from drscaling.numbers import money as _money
@@ -229,7 +230,7 @@ def run_tower_budget(
     result = compare_towers(metrics, table, budget, workload or TowerWorkload())
     result["metrics_path"] = str(metrics_path)
     result["costs_path"] = str(costs_path) if costs_mode == "measured" else None
-    write_json(Path(out_dir) / "towers.json", result)
+    write_json(Path(out_dir) / TOWER_BUDGET_FILE, result)
     return result
 
 

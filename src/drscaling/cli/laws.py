@@ -7,6 +7,7 @@ from pathlib import Path
 
 from drscaling import params
 from drscaling.cli.common import A, COSTS, Register, costs_mode, opt_float, opt_str, params_flag, picker
+from drscaling.design import POINTS_FILE
 
 
 def cmd_fit(args) -> None:
@@ -21,7 +22,7 @@ def cmd_fit(args) -> None:
     preset = args.preset or params.section("sweep").get("preset", "quick")
     pick = picker(args, "fit")
     out = Path(args.out or f"{A}/laws")
-    points = out / "points.jsonl"
+    points = out / POINTS_FILE
     sweeps = Path(args.sweeps or f"{A}/sweeps") / preset
     write_jsonl(points, merge_results(sweeps))
     summary = laws.fit_sweep(points, out, n_bootstrap=int(pick("n_bootstrap", 1000)), seed=int(pick("seed", 0)),

@@ -13,13 +13,13 @@ import numpy as np
 from drscaling.errors import DrscalingError
 from drscaling.laws.forms import LawForm
 from drscaling.numbers import finite_or_none
+from drscaling.train.convergence import CONVERGENCE_TOLERANCE  # best test CE still improving > 2% late
 
 R2_FLAG = 0.9
 CI_RATIO_FLAG = 100.0  # a 95% interval whose hi/lo exceeds this spans orders of magnitude
 CI_COLLAPSED = 1e-3  # a 95% interval narrower than this, relative to its estimate, is collapsed
 HELDOUT_FLAG = 0.10  # |predicted - observed| / observed above this fails the held-out check
 TRUST_EXTRA_POINTS = 3  # a law is trusted from p + 3 points on
-CONVERGENCE_TOLERANCE = 0.02  # drscaling.train.evaluation's: best test CE still improving > 2% late = not converged
 
 # Where a sweep preset sets the points of each law (pipelines/<preset>.yaml).
 DEFAULT_SETTINGS = {

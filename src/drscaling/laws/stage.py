@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from drscaling.design import LAWS_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import read_jsonl, write_json
 from drscaling.laws.checks import TooFewPointsError, UnconvergedPointsError
@@ -186,7 +187,7 @@ def fit_sweep(
         "bootstrap_method": bootstrap_method, "interval": "percentile 2.5-97.5 of the refits",
         "holdout_largest": holdout_largest, "huber_delta": cfg.huber_delta, "skipped": skipped,
     }
-    laws_path = save_laws(out_dir / "laws.json", fits, meta=meta)
+    laws_path = save_laws(out_dir / LAWS_FILE, fits, meta=meta)
     return {
         "laws_path": str(laws_path), "metrics_path": str(metrics_path),
         "figures": [str(p) for p in figures], "plots": [str(p) for p in plots],
