@@ -15,6 +15,8 @@ EVAL_NEGATIVES = 256  # K: EvalConfig's default (params.yaml train.eval.negative
 MIN_EVAL_PASSAGES = EVAL_NEGATIVES + 1  # a positive and K negatives
 SWEEPS = ("model", "data", "source", "joint")
 
+PAPER_BUDGET = 20_000  # dollars: the budget of the paper's Section 5 claims, and the budget stage's default
+
 METRICS_FILE = "metrics.json"  # a finished training or distillation run's result, next to its model/
 LAWS_FILE = "laws.json"  # the fit stage's laws (FitResult), beside POINTS_FILE
 POINTS_FILE = "points.jsonl"  # the points the laws were fitted on

@@ -23,13 +23,12 @@ from drscaling.budget.solve import (
     EXTRAPOLATION_FACTOR, N_MAX, N_MIN, Chance, FittedRange, SearchRange, best_measured_run, check_budget,
     compare_sources, law_loss, law_loss_samples, solve, solve_shapes,
 )
-from drscaling.design import BUDGET_FILE, POINTS_FILE
+from drscaling.design import BUDGET_FILE, PAPER_BUDGET, POINTS_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path, write_text
 from drscaling.laws import FitResult
 from drscaling.numbers import finite_or_none
 
-PAPER_BUDGET = 20_000.0  # the budget of the paper's Section 5 claims
 
 
 def formula(fit: FitResult) -> str:
@@ -260,7 +259,7 @@ def _paper_check(source: LawSource, costs: CostModel, without: dict[str, Any],
         "law_set": published.name,
         "dataset": published.dataset,
         "paper_costs": costs.mode == "paper",
-        "paper_budget": PAPER_BUDGET,
+        "paper_budget": float(PAPER_BUDGET),
         "at_paper_budget": math.isclose(budget, PAPER_BUDGET),
         "claims": dict(published.claims),
         "without_inference_n": without.get("n"),

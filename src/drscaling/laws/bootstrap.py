@@ -87,7 +87,7 @@ def refit_chunk(kind: str, reps: Points, grid: np.ndarray, bounds: Bounds, cfg: 
         starts = ranked_starts(form, grid, reps, bounds, cfg, cfg.bootstrap_starts)
         out = np.full((len(reps.logy), form.n_params), np.nan)
         for i in range(len(reps.logy)):
-            best = best_of_starts(starts[i], form, reps.row(i), bounds, cfg)
+            best = best_of_starts(starts[i], form, reps.take(i), bounds, cfg)
             if best is not None and np.all(np.isfinite(best[0])):
                 out[i] = best[0]
     return out
@@ -121,9 +121,7 @@ def bootstrap(form: LawForm, theta: np.ndarray, pts: Points, cfg: FitConfig) -> 
     grid = pts.init_grid(form, cfg)
     bounds = pts.bounds(form, cfg)
     size = max(1, cfg.chunk_size)
-    n = len(reps.logy)
-    tasks = [(form.kind, reps.replace(reps.logy[i : i + size], reps.weights[i : i + size]), grid, bounds, cfg)
-             for i in range(0, n, size)]
+    tasks = [(form.kind, reps.take(slice(i, i + size)), grid, bounds, cfg) for i in range(0, len(reps.logy), size)]
     workers = min(workers_for(cfg), len(tasks))
     parts = None
     if workers > 1 and cfg.n_bootstrap >= cfg.parallel_min:

@@ -104,9 +104,9 @@ class Points:
         """The same sizes with other losses (and weights)."""
         return Points(self.logn, self.logd, logy, weights)
 
-    def row(self, i: int) -> Points:
-        """Data set i of a stack of data sets."""
-        return self.replace(self.logy[i], self.weights[i])
+    def take(self, rows: int | slice) -> Points:
+        """Data set i (or a slice of data sets) of a stack of data sets."""
+        return self.replace(self.logy[rows], self.weights[rows])
 
     def stacked(self) -> Points:
         """One data set as a stack of one: logy and weights (1, m)."""
