@@ -103,6 +103,20 @@ def test_help_without_the_key_shows_the_fallback(tmp_path, monkeypatch):
     assert "default: measured, from params.yaml budget.costs" in text
 
 
+def test_inherited_fields_keep_their_notes(tmp_path, monkeypatch):
+    # train and distill share their schedule fields (train.config.Schedule): each command's --help
+    # still explains them, and distill's own defaults (not training's) show where params.yaml is silent.
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "2000")
+    helps = dict(parsers(build_parser()))
+    for command in ("drscaling train", "drscaling distill"):
+        text = helps[command].format_help()
+        assert "--train-pairs TRAIN_PAIRS D: the first D pairs" in " ".join(text.split()), command
+    distill = " ".join(helps["drscaling distill"].format_help().split())
+    assert "--steps STEPS steps (default: 100)" in distill and "--lr LR lr (default: 0.0001)" in distill
+
+
 def _hf_encoder(folder: Path) -> Path:
     """A plain Hugging Face BERT folder saved with its pooler: drscaling loads it without one, so
     transformers reports the pooler's weights as unexpected (its LOAD REPORT table)."""

@@ -32,6 +32,7 @@ from drscaling.laws import (
 from drscaling.laws import figures as law_figures
 from drscaling.laws import forms as law_forms
 from drscaling.laws.bootstrap import bootstrap
+from drscaling.laws.optimize import Points
 
 # The paper's MS MARCO coefficients (Tables 1 and 2, eqs. 9-10).
 PAPER_N = {"A": 3.22e4, "alpha": 0.53, "delta": 0.04}
@@ -331,8 +332,8 @@ def test_bootstrap_refits_are_not_anchored_to_the_point_estimate() -> None:
     cfg = FitConfig(n_bootstrap=40, seed=3, bootstrap_method="pairs")
     theta = form.to_theta(PAPER_N)
     far = theta + np.array([2.0, 0.4, -1.0])
-    a, _ = bootstrap(form, theta, logn, None, logy, cfg)
-    b, _ = bootstrap(form, far, logn, None, logy, cfg)
+    a, _ = bootstrap(form, theta, Points(logn, None, logy), cfg)
+    b, _ = bootstrap(form, far, Points(logn, None, logy), cfg)
     np.testing.assert_array_equal(a, b)
 
 

@@ -32,31 +32,29 @@ from tqdm import tqdm
 from drscaling import registry, tracking
 from drscaling.checkpoints import resolve_start
 from drscaling.data import load_split
+from drscaling.design import METRICS_FILE
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import EvalConfig, Embedded, cached_evalset, embed_evalset, encode_fns, rank_split
 from drscaling.files import atomic_path, finite_copy, to_json, write_json
 from drscaling.model.build import build_model
 from drscaling.model.encoder import check_lengths
 from drscaling.model.retriever import Retriever, Tower
-from drscaling.model.saved import load_retriever, save_retriever
+from drscaling.model.saved import META_FILE, TOWERS_FILE, load_retriever, save_retriever
 from drscaling.model.shapes import check_shape
 from drscaling.model.tokenizer import shape_tokenizer, tokenize
-from drscaling.train.config import Paths
+from drscaling.train.config import Paths, Schedule
 from drscaling.train.data import training_pairs
 from drscaling.train.step import optimizer
 
 
 @dataclass
-class DistillConfig:
-    student_shape: str = "minilm-L1"
-    student_init: str = ""  # as TrainConfig.init: "" = the shape's own checkpoint or config
-    annotation_source: str = "human"  # whose training queries are distilled
-    train_pairs: int = 0  # D: the first D queries of the same seeded order as training; 0 = all
+class DistillConfig(Schedule):
+    # Schedule's defaults where distillation differs (a redeclared field keeps its place in the order)
     steps: int = 100
-    batch_size: int = 32
     lr: float = 1e-4
     warmup_steps: int = 10
-    weight_decay: float = 0.001
+    student_shape: str = "minilm-L1"
+    student_init: str = ""  # as TrainConfig.init: "" = the shape's own checkpoint or config
     max_query_len: int = 32
     cosine_weight: float = 1.0
     compress: bool = True  # refuse a student that is not smaller than the teacher's query tower
@@ -70,11 +68,11 @@ def trained_folder(path: str | Path, role: str) -> Path:
     """A trained model's folder: a finished training run folder (its model/) or a model folder."""
     given = Path(path)
     path = given
-    if (path / "model").is_dir() and not (path / "drscaling.json").exists() and not (path / "towers.json").exists():
-        if not (path / "metrics.json").exists():
+    if (path / "model").is_dir() and not (path / META_FILE).exists() and not (path / TOWERS_FILE).exists():
+        if not (path / METRICS_FILE).exists():
             raise DrscalingError(f"{role} {path} never finished training (no metrics.json): run `drscaling train` to the end first")
         path = path / "model"
-    if not (path / "towers.json").exists() and not (path / "drscaling.json").exists():
+    if not (path / TOWERS_FILE).exists() and not (path / META_FILE).exists():
         raise DrscalingError(
             f"{role} {given} is not a trained model (no towers.json or drscaling.json):"
             " train it first, e.g. `drscaling train --towers dual --shape smollm2-135m`"
@@ -90,8 +88,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, cosine_weight: fl
 
 
 def check(cfg: DistillConfig, teacher: Retriever, student_n: int) -> None:
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise DrscalingError(f"steps, batch_size and lr must be positive (got {cfg.steps}, {cfg.batch_size}, {cfg.lr})")
+    cfg.check_schedule()
     teacher_n = teacher.query.meta.n_non_embedding
     if cfg.compress and student_n >= teacher_n:
         raise DrscalingError(
@@ -173,7 +170,7 @@ def distill(cfg: DistillConfig, teacher: str | Path, paths: Paths, baseline: str
         with atomic_path(paths.out) as tmp:  # the model and the metrics appear together, or not at all
             tmp.mkdir(parents=True)
             save_retriever(small, tmp / "model", extra={"distilled_from": str(teacher_dir)})
-            write_json(tmp / "metrics.json", finite_copy(result))  # strict JSON: a diverged CE as null
+            write_json(tmp / METRICS_FILE, finite_copy(result))  # strict JSON: a diverged CE as null
         mlflow.log_text(to_json(finite_copy(result)), "distill.json")
         # the deployment (student query tower + teacher passage tower), once, as a registered MLflow Model
         registry.log_encoder(paths.out / "model", registry.distilled_card(result, meta.dim, cfg.annotation_source))
@@ -212,7 +209,7 @@ def compare(teacher: Retriever, distilled: Retriever, baseline: Path | None, pre
 
 def training_record(model_dir: Path) -> dict:
     """What the budget needs of a trained model: its training time and pairs, from its run's metrics.json."""
-    file = Path(model_dir).parent / "metrics.json"
+    file = Path(model_dir).parent / METRICS_FILE
     if not file.exists():
         return {}
     m = json.loads(file.read_text())

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from drscaling.data import SPLITS, Split, as_corpus, load_split
+from drscaling.design import EVAL_NEGATIVES
 from drscaling.errors import DrscalingError
 from drscaling.model.retriever import Retriever
 from drscaling.vector_index import knn_ip, top_k
@@ -41,7 +42,7 @@ EncodeFn = Callable[[list[str], int], np.ndarray]  # (texts, max_len) -> float32
 
 @dataclass
 class EvalConfig:
-    negatives: int = 256
+    negatives: int = EVAL_NEGATIVES
     draws: int = 10
     seed: int = 1234
     max_query_len: int = 32

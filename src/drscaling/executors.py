@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from drscaling import tracking
 from drscaling.checkpoints import Start, resolve_start
+from drscaling.design import METRICS_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_json
 from drscaling.model.tokenizer import uses_shared_tokenizer
@@ -163,7 +164,7 @@ def finished_point(key: str, version: str) -> dict | None:
     for run in runs:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="metrics.json", dst_path=tmp)
+                path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=METRICS_FILE, dst_path=tmp)
             except Exception:  # noqa: BLE001 - a run from before results were logged: not usable
                 continue
             return read_json(path)
@@ -173,7 +174,7 @@ def finished_point(key: str, version: str) -> dict | None:
 def keep_locally(result: dict, folder: Path) -> dict:
     """out/runs/<key>/ as the local executor leaves it (model/ + metrics.json): `fit`, `export
     --from-sweep` and the local cache then see a point that trained on another machine."""
-    done = folder / "metrics.json"
+    done = folder / METRICS_FILE
     if done.exists() and all(read_json(done).get(k) == result.get(k) for k in ("config_key", "data_key")):
         return result
     import mlflow

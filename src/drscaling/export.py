@@ -43,7 +43,8 @@ from torch import nn
 
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path, dumps, read_json, write_json
-from drscaling.model.saved import TOWERS_FILE  # a dual export folder carries the dual model's marker
+from drscaling.model.retriever import SIDES
+from drscaling.model.saved import META_FILE, TOWERS_FILE  # a dual export folder carries the dual model's marker
 
 VARIANTS = ("fp32", "opt", "fp16", "int8")
 VARIANT_FILES = {
@@ -59,7 +60,6 @@ LOSSY_MIN_COSINE = 0.95  # below this a lossy variant is flagged in export.json 
 BROKEN_MIN_COSINE = 0.5  # below this (or non-finite) the graph is broken, not just lossy: refuse it
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embedding"
-SIDES = ("query", "passage")
 
 # A handful of real sentences of different lengths: parity is checked on real token patterns
 # (padding included), not only on random ids.
@@ -209,7 +209,7 @@ def tower_dim(folder: str | Path) -> int:
     folder = Path(folder)
     dims = {}
     for side in SIDES:
-        meta = folder / side / "drscaling.json"
+        meta = folder / side / META_FILE
         if not meta.exists():
             raise DrscalingError(f"{folder} is a dual-tower folder without {side}/drscaling.json")
         dims[side] = int(read_json(meta, what=f"{side} tower metadata")["dim"])
@@ -252,7 +252,7 @@ def _export_tower(src: Path, out_dir: Path, cfg: ExportConfig, source: str) -> d
         _export_fp32(encoder, tokenizer, tmp / VARIANT_FILES["fp32"], cfg.opset)
         record["export_seconds"] = round(time.perf_counter() - t0, 2)
         tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / "drscaling.json").write_text(dumps(dataclasses.asdict(meta), indent=2))
+        (tmp / META_FILE).write_text(dumps(dataclasses.asdict(meta), indent=2))
         for variant in ("fp32", *[v for v in VARIANTS if v in cfg.variants and v != "fp32"]):
             path = tmp / VARIANT_FILES[variant]
             if variant != "fp32":
@@ -342,7 +342,7 @@ def _optimize(path: Path):
 
 def _heads_hidden(path: Path) -> tuple[int, int]:
     """Read hidden size / heads from the backbone config saved next to the graph (0 = let ORT guess)."""
-    meta_file = path.parent / "drscaling.json"
+    meta_file = path.parent / META_FILE
     shape = json.loads(meta_file.read_text()).get("shape", "") if meta_file.exists() else ""
     m = re.match(r"^bert-L(\d+)-H(\d+)$", shape)
     if m:

@@ -166,10 +166,11 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def read_json(path: str | Path, what: str = "file") -> Any:
+def read_json(path: str | Path, what: str = "file", hint: str = "") -> Any:
+    """The parsed file; a missing one is an error naming `what` and, when given, what to run (`hint`)."""
     path = Path(path)
     if not path.exists():
-        raise DrscalingError(f"{what} not found: {path}")
+        raise DrscalingError(f"{what} not found: {path}" + (f"; {hint}" if hint else ""))
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

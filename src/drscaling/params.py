@@ -21,6 +21,10 @@ from drscaling.errors import DrscalingError
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Where the stages write, relative to the repository (or a study folder): params.yaml's default paths.
+ARTIFACTS = "artifacts"
+
+
 def default_path() -> Path:
     """The working directory's params.yaml (DVC runs stages at the repo root), else the project's."""
     here = Path.cwd() / "params.yaml"
@@ -73,12 +77,18 @@ def _flag_type(hint: Any):
 
 
 def field_notes(cls: type) -> dict[str, str]:
-    """Each field's trailing comment in the class source (`name: type = default  # note`): its --help."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # no source (a frozen build): the flags keep their generic help
-        return {}
-    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.MULTILINE)}
+    """Each field's trailing comment in the class source (`name: type = default  # note`): its --help.
+    Inherited fields take their base class's note unless the subclass redeclares them with one."""
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (a frozen build): the flags keep their generic help
+            continue
+        notes |= {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.MULTILINE)}
+    return notes
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, values: dict[str, Any] | None = None, where: str = "",

@@ -10,8 +10,6 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 
-SIDES = ("query", "passage")
-
 
 def _texts(model_input: Any) -> list[str]:
     """A list of strings from what pyfunc hands over (a one-column DataFrame, a list, an array)."""
@@ -50,6 +48,8 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
         self.retriever = load_retriever(_model_folder(context.artifacts)).to(self.device)
 
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:  # noqa: ARG002
+        from drscaling.model.retriever import SIDES  # loaded with the model (load_context)
+
         params = params or {}
         side = params.get("side") or "query"
         if side not in SIDES:

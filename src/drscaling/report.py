@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from drscaling.design import BUDGET_FILE, LAWS_FILE, METRICS_FILE, TOWER_BUDGET_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_text
 from drscaling.laws import (
@@ -18,6 +19,7 @@ from drscaling.laws import (
     ordered_laws,
     registered_forms,
 )
+from drscaling.numbers import money as _money
 
 # The paper's MS MARCO values (Tables 1 and 2, eqs. 9-10), printed beside ours for comparison:
 # declared with each law form in the registry.
@@ -133,9 +135,6 @@ def _figures(paths: list[Path], base: Path, title: str) -> list[str]:
         lines += [f"![{p.stem}]({rel})", ""]
     return lines
 
-
-def _money(x: float) -> str:
-    return f"${x:,.0f}" if abs(x) >= 100 else f"${x:,.2f}"
 
 
 def _ci_text(ci: list[float] | None, fmt: str | None = None) -> str:
@@ -378,18 +377,18 @@ def pipeline_summary(artifacts: str | Path = "artifacts") -> str:
     from drscaling.laws.text import format_fits
 
     root = Path(artifacts)
-    laws_path = root / "laws" / "laws.json"
+    laws_path = root / "laws" / LAWS_FILE
     if not laws_path.exists():
         raise DrscalingError(f"{laws_path} not found: run `dvc repro` (or `drscaling fit`) first")
     parts = [format_fits(load_laws(laws_path))]
-    budget = root / "budget" / "budget.json"
+    budget = root / "budget" / BUDGET_FILE
     if budget.exists():
         parts.append(format_recommendation(read_json(budget)))
-    towers = root / "towers" / "budget" / "towers.json"
+    towers = root / "towers" / "budget" / TOWER_BUDGET_FILE
     if towers.exists():
         from drscaling.distill import format_comparison
 
-        parts += [format_comparison(read_json(root / "towers" / "distilled" / "metrics.json")),
+        parts += [format_comparison(read_json(root / "towers" / "distilled" / METRICS_FILE)),
                   format_tower_comparison(read_json(towers))]
     parts.append("MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)")
     return "\n".join(parts)

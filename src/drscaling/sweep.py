@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 from drscaling import params, tracking
 from drscaling.checkpoints import Start, init_for, resolve_start
+from drscaling.design import SWEEPS
 from drscaling.errors import DrscalingError
 from drscaling.executors import EXECUTORS, RayConfig, run_local, run_ray, tracking_problem
 from drscaling.files import folder_lock, read_json, to_json, write_json, write_jsonl
@@ -95,9 +96,6 @@ def points(preset: Preset, base: dict, overrides: dict | None = None) -> list[tu
     if not out:
         raise DrscalingError(f"preset {preset.name} defines no points")
     return out
-
-
-SWEEPS = ("model", "data", "source", "joint")
 
 
 def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | None = None,

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from drscaling.data import FILES, SPLITS
+from drscaling.design import MIN_EVAL_PASSAGES
 from drscaling.errors import DrscalingError
 from drscaling.files import read_jsonl, write_json
 
@@ -30,7 +31,7 @@ class Bounds:
     max_query_chars: int = 1000
     min_passage_chars: int = 10
     max_passage_chars: int = 100000
-    min_test_corpus: int = 257  # a positive and 256 negatives
+    min_test_corpus: int = MIN_EVAL_PASSAGES  # a positive and the evaluation's negatives
     min_rows: dict[str, int] = field(default_factory=lambda: {"train": 1, "dev": 1, "test": 1})
 
 

@@ -146,11 +146,7 @@ def _fit_ab(section: dict[str, Any], name: str, path: Path, hint: str) -> tuple[
 def read_annotation_cost(path: str | Path) -> tuple[str, float]:
     """(source, $ per pair) from an annotation cost JSON written by the annotate stage."""
     path = Path(path)
-    if not path.exists():
-        raise DrscalingError(
-            f"annotation cost not found: {path}; run `drscaling annotate` first (or give a $/pair)"
-        )
-    doc = read_json(path, what="annotation cost")
+    doc = read_json(path, what="annotation cost", hint="run `drscaling annotate` first (or give a $/pair)")
     try:
         usd = float(doc["usd_per_pair"])
         source = str(doc.get("source", path.stem))
@@ -176,13 +172,10 @@ def measured_cost_model(
             "measured costs need a costs file: run `drscaling measure` first and pass its costs JSON"
         )
     path = Path(costs_path)
-    if not path.exists():
-        raise DrscalingError(
-            f"costs file not found: {path}; run `drscaling measure` first (inference $/token on "
-            "Triton; training $/step comes from the training runs): `make measure` writes the versioned "
-            "costs/costs.json the pipeline reads (commit it), or use --costs paper"
-        )
-    doc = read_json(path, what="costs file")
+    doc = read_json(path, what="costs file", hint=(
+        "run `drscaling measure` first (inference $/token on Triton; training $/step comes from the "
+        "training runs): `make measure` writes the versioned costs/costs.json the pipeline reads "
+        "(commit it), or use --costs paper"))
     if not isinstance(doc, dict):
         raise DrscalingError(f"{path}: not a costs file (expected a JSON object)")
     if "training" not in doc:

@@ -17,18 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drscaling.design import EVAL_NEGATIVES
 from drscaling.errors import DrscalingError
 from drscaling.laws import FitResult, load_laws, load_laws_meta
+from drscaling.laws.published import MSMARCO_LAWS, T2RANKING_LAWS, PaperLaw
 
-DEFAULT_NEGATIVES = 256  # the paper's contrastive entropy (Section 3.5) and params.yaml train.eval
-
-
-@dataclass(frozen=True)
-class PaperLaw:
-    kind: str
-    params: dict[str, float]
-    r2: float | None  # as printed in the paper; None where it prints none (the joint law)
-    where: str  # table or equation
+DEFAULT_NEGATIVES = EVAL_NEGATIVES  # chance's K unless the laws or params.yaml train.eval say otherwise
 
 
 @dataclass(frozen=True)
@@ -50,12 +44,7 @@ class PaperLawSet:
 PAPER_MSMARCO = PaperLawSet(
     name="paper-msmarco",
     dataset="MS MARCO passage ranking",
-    laws={
-        "N": PaperLaw("N", {"A": 3.22e4, "alpha": 0.53, "delta": 0.04}, 0.991, "Table 1"),
-        "D": PaperLaw("D", {"B": 3.49e3, "beta": 1.05, "delta": 0.05}, 0.954, "Table 2"),
-        "ND": PaperLaw("ND", {"A": 3.6e4, "B": 7.1e3, "alpha": 0.56, "beta": 1.31, "delta": 0.03},
-                       None, "eqs. 8-10"),
-    },
+    laws=MSMARCO_LAWS,
     # Section 3.2: BERT checkpoints "from 0.5 million (BERT-Tiny) to 82 million parameters"; Section
     # 3.3: 0.5M training queries with one labelled positive each ("up to all available annotation
     # data", Section 4.2). The smallest D of Fig. 4 is not given in the text.
@@ -81,10 +70,7 @@ PAPER_MSMARCO = PaperLawSet(
 PAPER_T2RANKING = PaperLawSet(
     name="paper-t2ranking",
     dataset="T2Ranking",
-    laws={
-        "N": PaperLaw("N", {"A": 9.89e6, "alpha": 0.53, "delta": 0.14}, 0.999, "Table 1"),
-        "D": PaperLaw("D", {"B": 6.04e4, "beta": 0.50, "delta": 0.15}, 0.991, "Table 2"),
-    },
+    laws=T2RANKING_LAWS,
     n_range=(None, None),
     d_range=(None, None),
     range_note="the ERNIE models' sizes and the data sizes fitted on T2Ranking are not stated in the text",

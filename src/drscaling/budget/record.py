@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from drscaling.design import TOWER_BUDGET_FILE
+
 
 def mlflow_fields(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, tags) of a budget result for MLflow: each optimum's numbers and 0/1 flags, and the
@@ -88,4 +90,4 @@ def log_towers(result: dict[str, Any], out: Path, mode: str, towers: str) -> Non
                                     if isinstance(v, float)} | {f"{r['name']}_ce": r["ce"],
                                                                 f"{r['name']}_fits": float(r["fits"])})
         mlflow.set_tag("best_deployment", result["best"] or "none")
-        mlflow.log_artifact(str(out / "towers.json"), artifact_path="budget")
+        mlflow.log_artifact(str(out / TOWER_BUDGET_FILE), artifact_path="budget")

@@ -23,11 +23,12 @@ from drscaling.budget.solve import (
     EXTRAPOLATION_FACTOR, N_MAX, N_MIN, Chance, FittedRange, SearchRange, best_measured_run, check_budget,
     compare_sources, law_loss, law_loss_samples, solve, solve_shapes,
 )
+from drscaling.design import BUDGET_FILE, PAPER_BUDGET, POINTS_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path, finite_or_null, write_json
 from drscaling.laws import FitResult
+from drscaling.numbers import finite_or_none
 
-PAPER_BUDGET = 20_000.0  # the budget of the paper's Section 5 claims
 
 
 def formula(fit: FitResult) -> str:
@@ -210,13 +211,6 @@ def _law_runs(fit: FitResult) -> list[dict[str, Any]]:
     return rows
 
 
-def _finite_or_none(x: Any) -> float | None:
-    try:
-        return float(x) if x is not None and math.isfinite(float(x)) else None
-    except (TypeError, ValueError):
-        return None
-
-
 def _chance(source: LawSource, negatives: int | None, default_negatives: int | None) -> Chance:
     if negatives is not None:
         return Chance(int(negatives), "given")
@@ -237,7 +231,7 @@ def _paper_check(source: LawSource, costs: CostModel, without: dict[str, Any],
         "law_set": published.name,
         "dataset": published.dataset,
         "paper_costs": costs.mode == "paper",
-        "paper_budget": PAPER_BUDGET,
+        "paper_budget": float(PAPER_BUDGET),
         "at_paper_budget": math.isclose(budget, PAPER_BUDGET),
         "claims": dict(published.claims),
         "without_inference_n": without.get("n"),
@@ -333,7 +327,7 @@ def _budget_figures(pb: _Problem, budgets: list[float], fig_dir: Path) -> list[s
 
 def _law_record(fit: FitResult, law: str) -> dict[str, Any]:
     return {"name": law, "kind": fit.kind, "formula": formula(fit), "params": dict(fit.params),
-            "r2": _finite_or_none(getattr(fit, "r2", None)), "flags": list(fit.flags)}
+            "r2": finite_or_none(getattr(fit, "r2", None)), "flags": list(fit.flags)}
 
 
 def run_budget(
@@ -411,14 +405,14 @@ def run_budget(
         "paper_check": _paper_check(source, costs, without, with_inf, budget),
         "flags": flags,
         "fit_meta": {k: source.meta[k] for k in ("results", "n_bootstrap", "seed") if k in source.meta},
-        "budget_path": str(out_dir / "budget.json"),
+        "budget_path": str(out_dir / BUDGET_FILE),
     }
-    return write_strict_json(out_dir / "budget.json", result)
+    return write_strict_json(out_dir / BUDGET_FILE, result)
 
 def trained_runs(laws_path: str | Path) -> tuple[dict[str, float] | None, list[dict[str, Any]] | None]:
     """(shape -> N, the trained runs) from points.jsonl, which `drscaling fit` writes beside laws.json;
     (None, None) when there is none (run_budget then takes both from the joint law)."""
-    points = Path(laws_path).with_name("points.jsonl")
+    points = Path(laws_path).with_name(POINTS_FILE)
     if not points.exists():
         return None, None
     rows = [json.loads(line) for line in points.read_text().splitlines() if line.strip()]

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def money(x: float) -> str:
-    return f"${x:,.0f}" if abs(x) >= 100 else f"${x:,.2f}"
+from drscaling.numbers import money
 
 
 def interval(ci: list[float] | None, fmt: str) -> str:

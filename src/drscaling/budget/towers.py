@@ -16,8 +16,10 @@ from typing import Any
 
 from drscaling.budget.cost_model import COSTS_MODES, HUMAN_USD_PER_PAIR, PaperCosts, _fit_ab
 from drscaling.budget.solve import check_budget
+from drscaling.design import TOWER_BUDGET_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_json
+from drscaling.numbers import money as _money
 
 # (name, entry of the distillation metrics.json, description)
 DEPLOYMENTS = (
@@ -120,12 +122,8 @@ def read_tower_metrics(path: str | Path) -> dict[str, dict[str, Any]]:
     its cost to produce: "train_usd" or "train_seconds" (at the costs file's $ per device-hour), and
     "annotation_usd" or "pairs" (at TowerWorkload.usd_per_pair)."""
     path = Path(path)
-    if not path.exists():
-        raise DrscalingError(
-            f"distillation metrics not found: {path}; run `drscaling distill` first (it writes "
-            "<out>/metrics.json with the teacher, the distilled towers and the end-to-end baseline)"
-        )
-    doc = read_json(path, what="distillation metrics")
+    doc = read_json(path, what="distillation metrics", hint="run `drscaling distill` first (it writes "
+                    "<out>/metrics.json with the teacher, the distilled towers and the end-to-end baseline)")
     if not isinstance(doc, dict):
         raise DrscalingError(f"{path}: expected a JSON object with teacher / distilled / end_to_end")
     for key in ("teacher", "distilled"):
@@ -232,7 +230,7 @@ def run_tower_budget(
     result = compare_towers(metrics, table, budget, workload or TowerWorkload())
     result["metrics_path"] = str(metrics_path)
     result["costs_path"] = str(costs_path) if costs_mode == "measured" else None
-    write_json(Path(out_dir) / "towers.json", result)
+    write_json(Path(out_dir) / TOWER_BUDGET_FILE, result)
     return result
 
 
@@ -275,6 +273,3 @@ def format_tower_comparison(result: dict[str, Any]) -> str:
     lines += [f"! {f}" for f in result.get("flags", [])]
     return "\n".join(lines)
 
-
-def _money(x: float) -> str:
-    return f"${x:,.0f}" if abs(x) >= 100 else f"${x:,.2f}"

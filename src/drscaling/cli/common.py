@@ -7,8 +7,7 @@ import functools
 from collections.abc import Callable
 
 from drscaling import params
-
-A = "artifacts"
+from drscaling.params import ARTIFACTS as A
 # Measured costs are versioned data in git (timings are not reproducible, so not a DVC stage output):
 # `make measure` re-measures them, the budget reads them (params.yaml budget.costs_path).
 COSTS = "costs/costs.json"

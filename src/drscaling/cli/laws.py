@@ -7,6 +7,7 @@ from pathlib import Path
 
 from drscaling import params
 from drscaling.cli.common import A, COSTS, Register, costs_mode, opt_float, opt_str, params_flag, picker
+from drscaling.design import PAPER_BUDGET, POINTS_FILE
 
 
 def cmd_fit(args) -> None:
@@ -21,7 +22,7 @@ def cmd_fit(args) -> None:
     preset = args.preset or params.section("sweep").get("preset", "quick")
     pick = picker(args, "fit")
     out = Path(args.out or f"{A}/laws")
-    points = out / "points.jsonl"
+    points = out / POINTS_FILE
     sweeps = Path(args.sweeps or f"{A}/sweeps") / preset
     write_jsonl(points, merge_results(sweeps))
     summary = laws.fit_sweep(points, out, n_bootstrap=int(pick("n_bootstrap", 1000)), seed=int(pick("seed", 0)),
@@ -68,7 +69,7 @@ def cmd_budget(args) -> None:
         return getattr(args, name) if mode == "paper" else getattr(args, name) or scale.get(name)
 
     result = B.run_budget(
-        laws, float(pick("budget", 20000)), bool(pick("include_inference", False)),
+        laws, float(pick("budget", PAPER_BUDGET)), bool(pick("include_inference", False)),
         mode, pick("costs_path", COSTS) if mode == "measured" else None, out,
         annotation_cost_path=ann_cost if mode == "measured" and ann_cost.exists() and not published else None,
         source_cost_paths=[] if published else sorted(Path(f"{A}/annotations").glob("*.cost.json")),
@@ -101,7 +102,7 @@ def cmd_budget_towers(args) -> None:
     mode = pick("costs", "measured")
     out = Path(args.out or f"{A}/budget-towers")
     costs_path = pick("costs_path", COSTS) if mode == "measured" else None
-    result = B.run_tower_budget(args.towers, float(pick("budget", 20000)), mode, costs_path, out, workload)
+    result = B.run_tower_budget(args.towers, float(pick("budget", PAPER_BUDGET)), mode, costs_path, out, workload)
     B.log_towers(result, out, mode, args.towers)
     print(B.format_tower_comparison(result))
     print(f"written to {out / 'towers.json'}")
@@ -138,7 +139,7 @@ def _fit_report_parsers(cmd: Register) -> None:
 
 def _budget_parser(p: argparse.ArgumentParser) -> None:
     # An empty value ("", as MLproject passes for a parameter left at its default) means: not given.
-    params_flag(p, "--budget", "budget.budget", "dollars", 20000, type=opt_float)
+    params_flag(p, "--budget", "budget.budget", "dollars", PAPER_BUDGET, type=opt_float)
     params_flag(p, "--include-inference", "budget.include_inference", "recommend with the inference cost of the "
                 "corpus included (Fig 8) or without it (Fig 7)", False, action=argparse.BooleanOptionalAction,
                 default=None)

@@ -34,10 +34,10 @@ import numpy as np
 import pandas as pd
 
 from drscaling.data import SPLITS, Split, save_dataset
+from drscaling.design import EVAL_NEGATIVES
+from drscaling.design import MIN_EVAL_PASSAGES as MIN_TEST_PASSAGES
 from drscaling.errors import DrscalingError
 from drscaling.files import NoRoomError
-
-MIN_TEST_PASSAGES = 257  # a positive and 256 negatives (the paper's contrastive entropy)
 
 
 @dataclass
@@ -278,7 +278,7 @@ def choose_sizes(
         if keep:
             min_passages["test"] = MIN_TEST_PASSAGES
             why["test"] = (f"the larger of a fifth of the pairs ({n_pairs // 5:,}) and {MIN_TEST_PASSAGES}, as the"
-                           f" test corpus needs {MIN_TEST_PASSAGES} passages for contrastive entropy with 256 negatives")
+                           f" test corpus needs {MIN_TEST_PASSAGES} passages for contrastive entropy with {EVAL_NEGATIVES} negatives")
         for s in auto:
             sizes[s] = min(defaults[s], scaled[s])
         default_text = " + ".join(f"{s}_size {defaults[s]:,}" for s in sized)
@@ -300,7 +300,7 @@ def choose_sizes(
         if need_passages:
             raise DrscalingError(
                 f"{src}: {n_pairs:,} unique pairs over {n_passages:,} passages are too few to split with sizes"
-                f" that fit: the test split needs at least {MIN_TEST_PASSAGES} passages (a positive and 256"
+                f" that fit: the test split needs at least {MIN_TEST_PASSAGES} passages (a positive and {EVAL_NEGATIVES}"
                 f" negatives for contrastive entropy) and dev and {rest} at least one pair each. To import anyway"
                 f" pass both sizes (e.g. {suggestion}) and lower validate.min_test_corpus in params.yaml to the"
                 " test corpus you get"
@@ -379,7 +379,7 @@ def build(
     if test_corpus < MIN_TEST_PASSAGES:
         notes.append(
             f"warning: the test corpus has {test_corpus:,} passages, fewer than {MIN_TEST_PASSAGES}: evaluation"
-            " with 256 negatives needs more, and `drscaling validate` checks validate.min_test_corpus"
+            f" with {EVAL_NEGATIVES} negatives needs more, and `drscaling validate` checks validate.min_test_corpus"
         )
     write_dataset(splits, dest)
     return ImportReport(

@@ -39,31 +39,28 @@ from drscaling.errors import DrscalingError
 from drscaling.laws.forms import LawForm, get_form
 from drscaling.laws.optimize import (
     BOOTSTRAP_METHODS,
+    Bounds,
     FitConfig,
+    Points,
     best_of_starts,
     ranked_starts,
     single_threaded_blas,
 )
 
 
-def replicates(
-    form: LawForm,
-    theta: np.ndarray,
-    logn: np.ndarray | None,
-    logd: np.ndarray | None,
-    logy: np.ndarray,
-    cfg: FitConfig,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(log y*, weights), each (n_bootstrap, m), drawn from cfg.seed."""
+def replicates(form: LawForm, theta: np.ndarray, pts: Points, cfg: FitConfig) -> Points:
+    """The n_bootstrap replicates of the data: log y* and weights, each (n_bootstrap, m), drawn from
+    cfg.seed, at the same sizes."""
+    logy = pts.logy
     m, p, b = len(logy), form.n_params, cfg.n_bootstrap
     rng = np.random.default_rng(cfg.seed)
     if cfg.bootstrap_method == "parametric":
-        fitted = form.log_pred(theta, logn, logd)
+        fitted = pts.log_pred(form, theta)
         dof = m - p
         s2 = float(np.sum((logy - fitted) ** 2)) / dof
         sigma = np.sqrt(s2 * dof / rng.chisquare(dof, size=b))
         ys = fitted[None, :] + sigma[:, None] * rng.standard_normal((b, m))
-        return ys, np.ones((b, m))
+        return pts.replace(ys, np.ones((b, m)))
     if cfg.bootstrap_method == "pairs":
         weights = np.empty((b, m))
         i = 0
@@ -76,30 +73,21 @@ def replicates(
                     break
         if i < b:
             raise DrscalingError(f"{form.label}: pairs bootstrap could not draw usable resamples")
-        return np.broadcast_to(logy, (b, m)).copy(), weights
+        return pts.replace(np.broadcast_to(logy, (b, m)).copy(), weights)
     raise DrscalingError(
         f"unknown bootstrap method '{cfg.bootstrap_method}'; expected one of {BOOTSTRAP_METHODS}"
     )
 
 
-def refit_chunk(
-    kind: str,
-    logn: np.ndarray | None,
-    logd: np.ndarray | None,
-    ys: np.ndarray,
-    weights: np.ndarray,
-    grid: np.ndarray,
-    bounds: list[tuple[float, float]],
-    cfg: FitConfig,
-) -> np.ndarray:
-    """Refit each replicate from its best grid starts; rows of NaN where every start failed."""
+def refit_chunk(kind: str, reps: Points, grid: np.ndarray, bounds: Bounds, cfg: FitConfig) -> np.ndarray:
+    """Refit each replicate (row of reps) from its best grid starts; rows of NaN where every start
+    failed."""
     form = get_form(kind)
     with single_threaded_blas():
-        starts = ranked_starts(form, grid, form.log_pred(grid, logn, logd), logn, logd, ys, weights,
-                               bounds, cfg, cfg.bootstrap_starts)
-        out = np.full((len(ys), form.n_params), np.nan)
-        for i in range(len(ys)):
-            best = best_of_starts(starts[i], form, logn, logd, ys[i], weights[i], bounds, cfg)
+        starts = ranked_starts(form, grid, reps, bounds, cfg, cfg.bootstrap_starts)
+        out = np.full((len(reps.logy), form.n_params), np.nan)
+        for i in range(len(reps.logy)):
+            best = best_of_starts(starts[i], form, reps.take(i), bounds, cfg)
             if best is not None and np.all(np.isfinite(best[0])):
                 out[i] = best[0]
     return out
@@ -125,23 +113,15 @@ def workers_for(cfg: FitConfig) -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def bootstrap(
-    form: LawForm,
-    theta: np.ndarray,
-    logn: np.ndarray | None,
-    logd: np.ndarray | None,
-    logy: np.ndarray,
-    cfg: FitConfig,
-) -> tuple[np.ndarray, int]:
+def bootstrap(form: LawForm, theta: np.ndarray, pts: Points, cfg: FitConfig) -> tuple[np.ndarray, int]:
     """Natural-scale bootstrap samples (n_ok, p) and the number of failed refits."""
     if cfg.n_bootstrap == 0:
         return np.empty((0, form.n_params)), 0
-    ys, weights = replicates(form, theta, logn, logd, logy, cfg)
-    grid = form.init_grid(logn, logd, logy, cfg)
-    bounds = form.bounds(logn, logd, logy, cfg)
+    reps = replicates(form, theta, pts, cfg)
+    grid = pts.init_grid(form, cfg)
+    bounds = pts.bounds(form, cfg)
     size = max(1, cfg.chunk_size)
-    tasks = [(form.kind, logn, logd, ys[i : i + size], weights[i : i + size], grid, bounds, cfg)
-             for i in range(0, len(ys), size)]
+    tasks = [(form.kind, reps.take(slice(i, i + size)), grid, bounds, cfg) for i in range(0, len(reps.logy), size)]
     workers = min(workers_for(cfg), len(tasks))
     parts = None
     if workers > 1 and cfg.n_bootstrap >= cfg.parallel_min:

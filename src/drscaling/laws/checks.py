@@ -12,13 +12,14 @@ import numpy as np
 
 from drscaling.errors import DrscalingError
 from drscaling.laws.forms import LawForm
+from drscaling.numbers import finite_or_none
+from drscaling.train.convergence import CONVERGENCE_TOLERANCE  # best test CE still improving > 2% late
 
 R2_FLAG = 0.9
 CI_RATIO_FLAG = 100.0  # a 95% interval whose hi/lo exceeds this spans orders of magnitude
 CI_COLLAPSED = 1e-3  # a 95% interval narrower than this, relative to its estimate, is collapsed
 HELDOUT_FLAG = 0.10  # |predicted - observed| / observed above this fails the held-out check
 TRUST_EXTRA_POINTS = 3  # a law is trusted from p + 3 points on
-CONVERGENCE_TOLERANCE = 0.02  # drscaling.train.evaluation's: best test CE still improving > 2% late = not converged
 
 # Where a sweep preset sets the points of each law (pipelines/<preset>.yaml).
 DEFAULT_SETTINGS = {
@@ -138,7 +139,7 @@ def point_checks(form: LawForm, points: dict[str, list[Any]]) -> tuple[dict[str,
             flags.append(f"convergence unknown for {len(unknown)} of {m} points (no measured "
                          "`convergence` in their rows: older results, or too few evaluations)")
     if "ce_test_zero_shot" in points:
-        zs = [_num(v) for v in points["ce_test_zero_shot"]]
+        zs = [finite_or_none(v) for v in points["ce_test_zero_shot"]]
         above = [i for i, z in enumerate(zs) if z is not None and loss[i] >= z]
         unknown = [i for i, z in enumerate(zs) if z is None]
         checks.update(not_below_zero_shot=above, zero_shot_unknown=unknown)
@@ -150,14 +151,6 @@ def point_checks(form: LawForm, points: dict[str, list[Any]]) -> tuple[dict[str,
             flags.append(f"zero-shot CE unknown for {len(unknown)} of {m} points (no "
                          "`ce_test_zero_shot` in their rows)")
     return checks, flags
-
-
-def _num(v: Any) -> float | None:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from drscaling.design import SWEEPS
 from drscaling.files import atomic_open, atomic_path
 from drscaling.laws.forms import registered_forms
 from drscaling.laws.result import FitResult
 
-SWEEPS = ("model", "data", "source", "joint")
 RANKING_METRICS = ("mrr@10", "ndcg@10", "recall@1000")
 LOSS_FIELD = "ce_test_min"  # what the laws are fitted on: the best test CE seen in training
 LOSS_LABEL = "contrastive entropy (test)"

@@ -20,7 +20,7 @@ from drscaling.laws.checks import (
     r_squared,
 )
 from drscaling.laws.forms import LawForm, get_form
-from drscaling.laws.optimize import FitConfig, best_of_grid, single_threaded_blas
+from drscaling.laws.optimize import FitConfig, Points, best_of_grid, single_threaded_blas
 from drscaling.laws.result import FitResult
 
 
@@ -53,23 +53,21 @@ def fit_law(
     for key, values in (extra_points or {}).items():
         points.setdefault(key, list(values))
     checks, flags = point_checks(form, points)
-    logn = None if n_arr is None else np.log(n_arr)
-    logd = None if d_arr is None else np.log(d_arr)
-    logy = np.log(y)
+    pts = Points(None if n_arr is None else np.log(n_arr), None if d_arr is None else np.log(d_arr), np.log(y))
 
     with single_threaded_blas():
-        theta, fun, converged = best_of_grid(form, logn, logd, logy, cfg)
-    samples, failed = bootstrap(form, theta, logn, logd, logy, cfg)
-    pred = np.exp(form.log_pred(theta, logn, logd))
+        theta, fun, converged = best_of_grid(form, pts, cfg)
+    samples, failed = bootstrap(form, theta, pts, cfg)
+    pred = np.exp(pts.log_pred(form, theta))
     r2 = r_squared(y, pred)
     ci95: dict[str, list[float]] = {}
     if len(samples):
         lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
         ci95 = {p: [float(a), float(b)] for p, a, b in zip(form.params, lo, hi, strict=True)}
-    bounds = form.bounds(logn, logd, logy, cfg)
+    bounds = pts.bounds(form, cfg)
     flags += fit_flags(form, theta, bounds, r2, ci95, len(y), converged, failed, cfg.n_bootstrap)
     checks.update(points=len(y), params=form.n_params, dof=len(y) - form.n_params,
-                  residual_sd_log=float(np.sqrt(np.sum((logy - np.log(pred)) ** 2)
+                  residual_sd_log=float(np.sqrt(np.sum((pts.logy - np.log(pred)) ** 2)
                                                 / (len(y) - form.n_params))),
                   bootstrap_failed=failed)
     fit = FitResult(

@@ -29,6 +29,7 @@ import numpy as np
 from scipy.special import expit
 
 from drscaling.errors import DrscalingError
+from drscaling.laws.published import MSMARCO_LAWS
 
 AXES = ("N", "D", "N+D")
 EXPONENT_BOUNDS = (0.01, 4.0)
@@ -63,13 +64,13 @@ class LawForm:
     label: str  # "L(N)": errors, printouts
     formula_text: str  # the symbolic law
     title: str  # report table title
-    headings: Mapping[str, str]  # param -> report column heading
     log_pred: LogPred  # (theta (p,) or (k, p), logn, logd) -> log L
     # (theta (p,) or (k, p), logn, logd) -> (log L (m,) or (k, m), d log L / d theta (p, m) or (p, k, m))
     jacobian: Jacobian
     bounds: Callable[[Arr | None, Arr | None, Arr, Any], list[tuple[float, float]]]
     init_grid: Callable[[Arr | None, Arr | None, Arr, Any], Arr]
     format: Callable[[Mapping[str, float]], str]  # formula with fitted numbers
+    headings: Mapping[str, str] = field(default_factory=dict)  # param -> report column heading (default: its name)
     primary: bool = False
     floor: str | None = None  # the irreducible-loss parameter, if the form has one
     reference: Mapping[str, float] = field(default_factory=dict)  # published values (report)
@@ -346,22 +347,21 @@ def _add_format(p: Mapping[str, float]) -> str:
 # Registration
 # --------------------------------------------------------------------------------------------
 
-register(LawForm(
-    kind="N", axes="N", params=("A", "alpha", "delta"), log_params=frozenset({"A", "delta"}),
-    label="L(N)", formula_text="L(N) = (A/N)^α + δ", title="Table 1: model-size scaling",
-    headings={"A": "A", "alpha": "α", "delta": "δ_N"},
-    log_pred=_single_log_pred("N"), jacobian=_single_jacobian("N"), bounds=_single_bounds,
-    init_grid=_single_grid("N"), format=_single_format("A", "alpha", "N"), primary=True,
-    floor="delta", reference={"A": 3.22e4, "alpha": 0.53, "delta": 0.04, "r2": 0.991},
-))
-register(LawForm(
-    kind="D", axes="D", params=("B", "beta", "delta"), log_params=frozenset({"B", "delta"}),
-    label="L(D)", formula_text="L(D) = (B/D)^β + δ", title="Table 2: data-size scaling",
-    headings={"B": "B", "beta": "β", "delta": "δ_D"},
-    log_pred=_single_log_pred("D"), jacobian=_single_jacobian("D"), bounds=_single_bounds,
-    init_grid=_single_grid("D"), format=_single_format("B", "beta", "D"), primary=True,
-    floor="delta", reference={"B": 3.49e3, "beta": 1.05, "delta": 0.05, "r2": 0.954},
-))
+
+def _single_form(axis: str, scale: str, expo: str, symbol: str, title: str) -> LawForm:
+    """L(N) or L(D): (S/x)^e + delta, the paper's eq. 6 or 7."""
+    return LawForm(
+        kind=axis, axes=axis, params=(scale, expo, "delta"), log_params=frozenset({scale, "delta"}),
+        label=f"L({axis})", formula_text=f"L({axis}) = ({scale}/{axis})^{symbol} + δ", title=title,
+        headings={scale: scale, expo: symbol, "delta": f"δ_{axis}"},
+        log_pred=_single_log_pred(axis), jacobian=_single_jacobian(axis), bounds=_single_bounds,
+        init_grid=_single_grid(axis), format=_single_format(scale, expo, axis), primary=True,
+        floor="delta", reference=MSMARCO_LAWS[axis].reference,
+    )
+
+
+register(_single_form("N", "A", "alpha", "α", "Table 1: model-size scaling"))
+register(_single_form("D", "B", "beta", "β", "Table 2: data-size scaling"))
 register(LawForm(
     kind="ND", axes="N+D", params=("A", "B", "alpha", "beta", "delta"),
     log_params=frozenset({"A", "B", "delta"}), label="L(N,D)",
@@ -369,13 +369,12 @@ register(LawForm(
     headings={"A": "A", "B": "B", "alpha": "α", "beta": "β", "delta": "δ"},
     log_pred=_nd_log_pred, jacobian=_nd_jacobian, bounds=_nd_bounds, init_grid=_nd_grid,
     format=_nd_format, primary=True, floor="delta",
-    reference={"A": 3.6e4, "B": 7.1e3, "alpha": 0.56, "beta": 1.31, "delta": 0.03},
+    reference=MSMARCO_LAWS["ND"].reference,
 ))
 register(LawForm(
     kind="ND_additive", axes="N+D", params=("E", "A", "B", "a", "b"),
     log_params=frozenset({"E", "A", "B"}), label="L(N,D) additive",
     formula_text="L(N,D) = E + A/N^a + B/D^b", title="Joint law, Chinchilla's additive form",
-    headings={"E": "E", "A": "A", "B": "B", "a": "a", "b": "b"},
     log_pred=_add_log_pred, jacobian=_add_jacobian, bounds=_add_bounds, init_grid=_add_grid,
     format=_add_format, floor="E",
 ))

@@ -32,6 +32,9 @@ from drscaling.laws.forms import EXPONENT_BOUNDS, LawForm
 HUBER_DELTA = 0.1
 BOOTSTRAP_METHODS = ("parametric", "pairs")
 
+Bounds = list[tuple[float, float]]  # one (lo, hi) per parameter, in optimiser space
+Optimum = tuple[np.ndarray, float, bool]  # (theta, objective, L-BFGS-B converged)
+
 
 @dataclass(frozen=True)
 class FitConfig:
@@ -67,6 +70,49 @@ class FitConfig:
     heldout: bool = True  # L(N), L(D): refit without the largest size and predict it
 
 
+@dataclass(frozen=True, eq=False)
+class Points:
+    """One fit's data in log space, as the optimiser and the bootstrap pass it around.
+
+    logn, logd: ln N and ln D of the points (None for an axis the form does not use); logy: ln loss,
+    (m,) for one data set or (b, m) for b data sets on the same sizes (bootstrap replicates, or the
+    starts being refined); weights: the same shape as logy (pairs-bootstrap multiplicities; None: 1).
+    """
+
+    logn: np.ndarray | None
+    logd: np.ndarray | None
+    logy: np.ndarray
+    weights: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is None:
+            object.__setattr__(self, "weights", np.ones_like(self.logy))
+
+    def log_pred(self, form: LawForm, theta: np.ndarray) -> np.ndarray:
+        return form.log_pred(theta, self.logn, self.logd)
+
+    def jacobian(self, form: LawForm, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return form.jacobian(theta, self.logn, self.logd)
+
+    def bounds(self, form: LawForm, cfg: FitConfig) -> list[tuple[float, float]]:
+        return form.bounds(self.logn, self.logd, self.logy, cfg)
+
+    def init_grid(self, form: LawForm, cfg: FitConfig) -> np.ndarray:
+        return form.init_grid(self.logn, self.logd, self.logy, cfg)
+
+    def replace(self, logy: np.ndarray, weights: np.ndarray | None = None) -> Points:
+        """The same sizes with other losses (and weights)."""
+        return Points(self.logn, self.logd, logy, weights)
+
+    def take(self, rows: int | slice) -> Points:
+        """Data set i (or a slice of data sets) of a stack of data sets."""
+        return self.replace(self.logy[rows], self.weights[rows])
+
+    def stacked(self) -> Points:
+        """One data set as a stack of one: logy and weights (1, m)."""
+        return self.replace(self.logy[None], self.weights[None])
+
+
 @contextlib.contextmanager
 def single_threaded_blas() -> Any:
     """L-BFGS-B calls BLAS on 3-5 element vectors thousands of times; a multi-threaded BLAS
@@ -81,24 +127,17 @@ def single_threaded_blas() -> Any:
         yield
 
 
-def huber_objective(
-    theta: np.ndarray,
-    form: LawForm,
-    logn: np.ndarray | None,
-    logd: np.ndarray | None,
-    logy: np.ndarray,
-    weights: np.ndarray,
-    huber_delta: float,
-) -> tuple[float, np.ndarray]:
+def huber_objective(theta: np.ndarray, form: LawForm, pts: Points, huber_delta: float
+                    ) -> tuple[float, np.ndarray]:
     """Summed (weighted) Huber loss of log residuals, and its analytic gradient.
 
     Analytic derivatives (the form's Jacobian) make each L-BFGS-B step one evaluation instead of
     n_params + 1. Huber: c = clip(r, -h, h) gives huber(r) = c * (r - c/2) and huber'(r) = c.
     """
-    lp, jac = form.jacobian(theta, logn, logd)
-    r = lp - logy
+    lp, jac = pts.jacobian(form, theta)
+    r = lp - pts.logy
     c = np.clip(r, -huber_delta, huber_delta)
-    g = c * weights
+    g = c * pts.weights
     value = float(g @ (r - 0.5 * c))
     grad = jac @ g
     if not math.isfinite(value) or not np.isfinite(grad).all():
@@ -106,35 +145,24 @@ def huber_objective(
     return value, grad
 
 
-def screen(
-    grid_logpred: np.ndarray, logy: np.ndarray, weights: np.ndarray, huber_delta: float
-) -> np.ndarray:
+def screen(grid_logpred: np.ndarray, pts: Points, huber_delta: float) -> np.ndarray:
     """The objective of every grid start on every data set at once.
 
-    grid_logpred (G, m): the grid's log-predictions (they do not depend on the data); logy and
-    weights (B, m) or (m,). Returns (B, G) or (G,).
+    grid_logpred (G, m): the grid's log-predictions (they do not depend on the data); pts.logy and
+    pts.weights (B, m) or (m,). Returns (B, G) or (G,).
     """
-    r = grid_logpred[None, :, :] - np.atleast_2d(logy)[:, None, :]
+    r = grid_logpred[None, :, :] - np.atleast_2d(pts.logy)[:, None, :]
     c = np.clip(r, -huber_delta, huber_delta)
-    values = np.einsum("bgm,bm->bg", c * (r - 0.5 * c), np.atleast_2d(weights))
+    values = np.einsum("bgm,bm->bg", c * (r - 0.5 * c), np.atleast_2d(pts.weights))
     values[~np.isfinite(values)] = np.inf
-    return values if np.ndim(logy) == 2 else values[0]
+    return values if np.ndim(pts.logy) == 2 else values[0]
 
 
-def refine(
-    form: LawForm,
-    thetas: np.ndarray,
-    logn: np.ndarray | None,
-    logd: np.ndarray | None,
-    logy: np.ndarray,
-    weights: np.ndarray,
-    bounds: list[tuple[float, float]],
-    iterations: int,
-    huber_delta: float = math.inf,
-) -> np.ndarray:
+def refine(form: LawForm, thetas: np.ndarray, pts: Points, bounds: Bounds, iterations: int,
+           huber_delta: float = math.inf) -> np.ndarray:
     """A few damped Gauss-Newton (Levenberg-Marquardt) steps on many starts at once.
 
-    thetas (k, p) with their own data logy and weights (k, m): every start moves toward the bottom
+    thetas (k, p) with their own data (pts.logy and pts.weights (k, m)): every start moves toward the bottom
     of its basin of the (log-space) least-squares objective, with steps projected onto the bounds.
     Ranking starts after this, rather than at their raw grid values, is what finds the right basin
     from a few L-BFGS-B runs: raw grid values favour starts in a wrong basin (on the paper's joint
@@ -148,10 +176,10 @@ def refine(
 
     def evaluate(t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with np.errstate(all="ignore"):
-            lp, jac = form.jacobian(t, logn, logd)
-            r = lp - logy
+            lp, jac = pts.jacobian(form, t)
+            r = lp - pts.logy
             c = np.clip(r, -huber_delta, huber_delta)
-            loss = np.sum(weights * c * (r - 0.5 * c), axis=1)
+            loss = np.sum(pts.weights * c * (r - 0.5 * c), axis=1)
         loss[~np.isfinite(loss)] = np.inf
         return r, np.moveaxis(jac, 0, -1), loss  # (k, m), (k, m, p), (k,)
 
@@ -161,7 +189,7 @@ def refine(
         # IRLS: Huber is least squares with weight min(1, h/|r|) per residual
         with np.errstate(divide="ignore"):
             irls = np.minimum(1.0, huber_delta / np.abs(r))
-        jw = jac * (weights * irls)[..., None]
+        jw = jac * (pts.weights * irls)[..., None]
         h = np.einsum("kmp,kmq->kpq", jw, jac)
         g = np.einsum("kmp,km->kp", jw, r)
         damp = lam[:, None, None] * (h * eye + 1e-12 * eye)
@@ -182,20 +210,11 @@ def refine(
     return theta
 
 
-def minimise(
-    theta0: np.ndarray,
-    form: LawForm,
-    logn: np.ndarray | None,
-    logd: np.ndarray | None,
-    logy: np.ndarray,
-    weights: np.ndarray,
-    bounds: list[tuple[float, float]],
-    cfg: FitConfig,
-) -> tuple[np.ndarray, float, bool]:
+def minimise(theta0: np.ndarray, form: LawForm, pts: Points, bounds: Bounds, cfg: FitConfig) -> Optimum:
     res = minimize(
         huber_objective,
         theta0,
-        args=(form, logn, logd, logy, weights, cfg.huber_delta),
+        args=(form, pts, cfg.huber_delta),
         jac=True,
         method="L-BFGS-B",
         bounds=bounds,
@@ -204,19 +223,12 @@ def minimise(
     return np.asarray(res.x, dtype=float), float(res.fun), bool(res.success)
 
 
-def best_of_starts(
-    starts: np.ndarray,
-    form: LawForm,
-    logn: np.ndarray | None,
-    logd: np.ndarray | None,
-    logy: np.ndarray,
-    weights: np.ndarray,
-    bounds: list[tuple[float, float]],
-    cfg: FitConfig,
-) -> tuple[np.ndarray, float, bool] | None:
-    best: tuple[np.ndarray, float, bool] | None = None
+def best_of_starts(starts: np.ndarray, form: LawForm, pts: Points, bounds: Bounds, cfg: FitConfig
+                   ) -> Optimum | None:
+    """The lowest L-BFGS-B optimum from the given starts (None when every start failed)."""
+    best: Optimum | None = None
     for theta0 in starts:
-        theta, fun, ok = minimise(theta0, form, logn, logd, logy, weights, bounds, cfg)
+        theta, fun, ok = minimise(theta0, form, pts, bounds, cfg)
         if np.isfinite(fun) and fun < 1e299 and (best is None or fun < best[1]):
             best = (theta, fun, ok)
     return best
@@ -228,28 +240,19 @@ def _top(values: np.ndarray, k: int | None) -> np.ndarray:
     return order if k is None else order[..., :k]
 
 
-def ranked_starts(
-    form: LawForm,
-    grid: np.ndarray,
-    grid_logpred: np.ndarray,
-    logn: np.ndarray | None,
-    logd: np.ndarray | None,
-    logy: np.ndarray,
-    weights: np.ndarray,
-    bounds: list[tuple[float, float]],
-    cfg: FitConfig,
-    keep: int | None,
-) -> np.ndarray:
-    """For each data set (rows of logy, weights: (b, m)): screen the grid, refine its best
+def ranked_starts(form: LawForm, grid: np.ndarray, pts: Points, bounds: Bounds, cfg: FitConfig,
+                  keep: int | None) -> np.ndarray:
+    """For each data set (rows of pts.logy, pts.weights: (b, m)): screen the grid, refine its best
     `refine_top` starts, and return the best `keep` refined starts, (b, keep, p), best first."""
+    logy, weights = pts.logy, pts.weights
     b, p = len(logy), grid.shape[1]
-    top = _top(screen(grid_logpred, logy, weights, cfg.huber_delta), cfg.refine_top)  # (b, t)
+    top = _top(screen(pts.log_pred(form, grid), pts, cfg.huber_delta), cfg.refine_top)  # (b, t)
     t = top.shape[1]
-    starts = refine(form, grid[top].reshape(b * t, p), logn, logd, np.repeat(logy, t, axis=0),
-                    np.repeat(weights, t, axis=0), bounds, cfg.refine_iterations, cfg.huber_delta)
+    each = pts.replace(np.repeat(logy, t, axis=0), np.repeat(weights, t, axis=0))  # a data set per start
+    starts = refine(form, grid[top].reshape(b * t, p), each, bounds, cfg.refine_iterations, cfg.huber_delta)
     starts = starts.reshape(b, t, p)
     with np.errstate(all="ignore"):
-        lp = form.log_pred(starts.reshape(b * t, p), logn, logd).reshape(b, t, -1)
+        lp = pts.log_pred(form, starts.reshape(b * t, p)).reshape(b, t, -1)
         r = lp - logy[:, None, :]
         c = np.clip(r, -cfg.huber_delta, cfg.huber_delta)
         values = np.einsum("btm,bm->bt", c * (r - 0.5 * c), weights)
@@ -258,21 +261,13 @@ def ranked_starts(
     return np.take_along_axis(starts, best[..., None], axis=1)
 
 
-def best_of_grid(
-    form: LawForm,
-    logn: np.ndarray | None,
-    logd: np.ndarray | None,
-    logy: np.ndarray,
-    cfg: FitConfig,
-) -> tuple[np.ndarray, float, bool]:
+def best_of_grid(form: LawForm, pts: Points, cfg: FitConfig) -> Optimum:
     """The point estimate: screen and refine the grid, L-BFGS-B from the best `max_starts`."""
-    bounds = form.bounds(logn, logd, logy, cfg)
-    weights = np.ones_like(logy)
-    grid = form.init_grid(logn, logd, logy, cfg)
+    bounds = pts.bounds(form, cfg)
+    grid = pts.init_grid(form, cfg)
     full = dataclasses.replace(cfg, refine_top=None)  # one data set: refine every start
-    starts = ranked_starts(form, grid, form.log_pred(grid, logn, logd), logn, logd, logy[None],
-                           weights[None], bounds, full, cfg.max_starts)[0]
-    best = best_of_starts(starts, form, logn, logd, logy, weights, bounds, cfg)
+    starts = ranked_starts(form, grid, pts.stacked(), bounds, full, cfg.max_starts)[0]
+    best = best_of_starts(starts, form, pts, bounds, cfg)
     if best is None:
         raise DrscalingError(f"{form.label}: the optimiser failed from every starting point")
     return best

@@ -177,12 +177,8 @@ def save_laws(
 
 def load_laws(path: str | Path) -> dict[str, FitResult]:
     path = Path(path)
-    if not path.exists():
-        raise DrscalingError(
-            f"fitted laws not found: {path}; run the fit stage (`drscaling fit` or `dvc repro fit`) "
-            "first"
-        )
-    doc = read_json(path, what="fitted laws")
+    doc = read_json(path, what="fitted laws",
+                    hint="run the fit stage (`drscaling fit` or `dvc repro fit`) first")
     if not isinstance(doc, dict) or not isinstance(doc.get("laws"), dict):
         raise DrscalingError(f"{path}: not a laws file (no 'laws' object); re-run `drscaling fit`")
     fits = {}

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from drscaling.design import LAWS_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import read_jsonl, write_json
 from drscaling.laws.checks import TooFewPointsError, UnconvergedPointsError
@@ -21,6 +22,7 @@ from drscaling.laws.fit import fit_joint, fit_law
 from drscaling.laws.forms import registered_forms
 from drscaling.laws.optimize import FitConfig
 from drscaling.laws.result import FitResult, load_laws, save_laws
+from drscaling.numbers import finite_or_none
 
 # What to raise in the sweep preset (pipelines/<preset>.yaml) when a law has too few points.
 SETTINGS = {
@@ -64,18 +66,10 @@ def _select(rows: list[dict[str, Any]], sweep: str, source: str | None = None) -
     ]
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def converged_state(row: dict[str, Any]) -> bool | None:
     """True / False from training's `converged`; None (unknown) when the row has no measured
     `convergence` (older rows, or a run evaluated too rarely to measure it)."""
-    if "converged" not in row or _finite(row.get("convergence")) is None:
+    if "converged" not in row or finite_or_none(row.get("convergence")) is None:
         return None
     return bool(row["converged"])
 
@@ -88,8 +82,8 @@ def _extra(rows: list[dict[str, Any]], with_n: bool = False) -> dict[str, list[A
         "source": [str(r.get("source", "")) for r in rows],
         "config_key": [str(r.get("config_key", "")) for r in rows],
         "converged": [converged_state(r) for r in rows],
-        "convergence": [_finite(r.get("convergence")) for r in rows],
-        "ce_test_zero_shot": [_finite(r.get("ce_test_zero_shot")) for r in rows],
+        "convergence": [finite_or_none(r.get("convergence")) for r in rows],
+        "ce_test_zero_shot": [finite_or_none(r.get("ce_test_zero_shot")) for r in rows],
     }
     if with_n:  # a data-size law is fitted at a fixed model: keep its N
         out["n"] = [r["n"] for r in rows]
@@ -193,7 +187,7 @@ def fit_sweep(
         "bootstrap_method": bootstrap_method, "interval": "percentile 2.5-97.5 of the refits",
         "holdout_largest": holdout_largest, "huber_delta": cfg.huber_delta, "skipped": skipped,
     }
-    laws_path = save_laws(out_dir / "laws.json", fits, meta=meta)
+    laws_path = save_laws(out_dir / LAWS_FILE, fits, meta=meta)
     return {
         "laws_path": str(laws_path), "metrics_path": str(metrics_path),
         "figures": [str(p) for p in figures], "plots": [str(p) for p in plots],

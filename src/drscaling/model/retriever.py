@@ -14,6 +14,9 @@ from tqdm import tqdm
 from drscaling.model.encoder import Encoder, ModelMeta
 from drscaling.model.tokenizer import tokenize
 
+SIDES = ("query", "passage")  # a retriever's two towers, in the order files and exports list them
+
+
 @dataclass
 class Tower:
     """One side of a retriever: an encoder with the tokenizer and metadata it travels with."""

@@ -13,11 +13,12 @@ import torch
 from drscaling.errors import DrscalingError
 from drscaling.files import atomic_path, dumps
 from drscaling.model.encoder import Encoder, ModelMeta, PlainEncoder, non_embedding_params
-from drscaling.model.retriever import Retriever, Tower
+from drscaling.model.retriever import SIDES, Retriever, Tower
 from drscaling.model.shapes import resolve
 from drscaling.model.tokenizer import load_tokenizer
 
-TOWERS_FILE = "towers.json"
+TOWERS_FILE = "towers.json"  # a dual model folder's marker: its towers' metadata
+META_FILE = "drscaling.json"  # a tower's (or a shared model's) metadata: ModelMeta
 
 
 def save_retriever(retriever: Retriever, dest: str | Path, extra: dict | None = None) -> None:
@@ -28,10 +29,10 @@ def save_retriever(retriever: Retriever, dest: str | Path, extra: dict | None = 
         return
     with atomic_path(dest) as tmp:
         tmp.mkdir(parents=True)
-        for side in ("query", "passage"):
+        for side in SIDES:
             t = getattr(retriever, side)
             save_model(t.encoder, t.tokenizer, t.meta, tmp / side)
-        info = {side: dataclasses.asdict(getattr(retriever, side).meta) for side in ("query", "passage")}
+        info = {side: dataclasses.asdict(getattr(retriever, side).meta) for side in SIDES}
         (tmp / TOWERS_FILE).write_text(dumps(info | (extra or {}), indent=2))
 
 
@@ -43,7 +44,7 @@ def load_retriever(path: str | Path) -> Retriever:
     """Either kind of saved model (or a plain HF encoder folder) as a query and a passage tower."""
     path = Path(resolve(str(path)))
     if is_dual(path):
-        q, p = (Tower(*load_model(path / side)) for side in ("query", "passage"))
+        q, p = (Tower(*load_model(path / side)) for side in SIDES)
         if q.meta.dim != p.meta.dim:
             raise DrscalingError(
                 f"{path}: the query tower embeds in {q.meta.dim} dimensions, the passage tower in {p.meta.dim}"
@@ -58,7 +59,7 @@ def save_model(encoder: Encoder, tokenizer, meta: ModelMeta, dest: str | Path) -
         encoder.backbone.save_pretrained(tmp / "backbone")
         tokenizer.save_pretrained(tmp / "tokenizer")
         torch.save(encoder.projection.state_dict(), tmp / "projection.pt")
-        (tmp / "drscaling.json").write_text(dumps(dataclasses.asdict(meta), indent=2))
+        (tmp / META_FILE).write_text(dumps(dataclasses.asdict(meta), indent=2))
 
 
 def load_model(path: str | Path) -> tuple[Encoder, object, ModelMeta]:
@@ -67,7 +68,7 @@ def load_model(path: str | Path) -> tuple[Encoder, object, ModelMeta]:
     from transformers import AutoModel
 
     path = Path(resolve(str(path)))
-    meta_file = path / "drscaling.json"
+    meta_file = path / META_FILE
     if is_dual(path):
         raise DrscalingError(f"{path} holds dual towers (query/ and passage/): load it with load_retriever")
     if meta_file.exists():

@@ -85,7 +85,7 @@ def build_model_repository(
     atomically as a whole, and every config is rendered before any folder is written.
     `tower` / `retriever` label one tower of a dual pair (build_tower_repository sets them).
     """
-    from drscaling.model.saved import is_dual
+    from drscaling.model.saved import META_FILE, is_dual
     from drscaling.model.tokenizer import load_tokenizer
 
     cfg = RepositoryConfig(flavour, max_batch_size, dynamic_batching, max_queue_delay_us,
@@ -128,7 +128,7 @@ def build_model_repository(
         if cfg.flavour == "python":
             shutil.copy2(TEMPLATES / "model.py", version / "model.py")
         shutil.copytree(onnx_dir / "tokenizer", version / "tokenizer")
-        shutil.copy2(onnx_dir / "drscaling.json", version / "drscaling.json")
+        shutil.copy2(onnx_dir / META_FILE, version / META_FILE)
     for model, files in text_models.items():
         with atomic_path(repo_dir / model) as tmp:
             (tmp / VERSION).mkdir(parents=True)
@@ -194,7 +194,9 @@ def _check_export(onnx_dir: Path, variant: str) -> dict:
     onnx_file = onnx_dir / ONNX_FILES[variant]
     if not onnx_file.exists():
         raise DrscalingError(f"{onnx_file} not found: export the model first (variant '{variant}')")
-    meta_file = onnx_dir / "drscaling.json"
+    from drscaling.model.saved import META_FILE  # torch is loaded by now: the repository reads the model
+
+    meta_file = onnx_dir / META_FILE
     if not meta_file.exists() or not (onnx_dir / "tokenizer").is_dir():
         raise DrscalingError(f"{onnx_dir} is not an export folder (no drscaling.json / tokenizer/)")
     return json.loads(meta_file.read_text())

@@ -18,8 +18,7 @@ import yaml
 
 from drscaling.errors import DrscalingError
 from drscaling.files import write_text
-
-A = "artifacts"
+from drscaling.params import ARTIFACTS as A
 
 
 def generated(source: str) -> bool:

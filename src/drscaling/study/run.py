@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from drscaling import params
+from drscaling.design import EVAL_NEGATIVES, MIN_EVAL_PASSAGES
 from drscaling.errors import DrscalingError
 from drscaling.files import write_text
 from drscaling.study import folder as F
@@ -92,7 +93,7 @@ def _count(path: Path) -> int:
 def _too_small(cfg: StudyConfig, preset: Preset, exc: TooSmall, n_train: int) -> DrscalingError:
     d = params.section("data")
     train = merged(params.section("train"), preset.train)
-    need = pairs_needed(preset, params.section("train"), int((train.get("eval") or {}).get("negatives", 256)),
+    need = pairs_needed(preset, params.section("train"), int((train.get("eval") or {}).get("negatives", EVAL_NEGATIVES)),
                         {"dev": d.get("dev_size", 1000), "test": d.get("test_size", 1000)})
     wanted = f"about {need:,} unique pairs (one query per passage)" if need else "far more pairs"
     return DrscalingError(
@@ -145,7 +146,8 @@ def run_study(cfg: StudyConfig, run_stage: P.StageRunner = P.run_command) -> Pat
     _say(cfg, f"study {name} in {root} (MLflow experiment {study.experiment}; data hash {digest})")
     if sizes:
         _say(cfg, f"  split sizes: dev {sizes[0]:,} and test {sizes[1]:,} pairs (a sixth of the data each, at most "
-                  "257): the importer's defaults would leave dev or test under the 257 passages that 256 negatives need")
+                  f"{MIN_EVAL_PASSAGES}): the importer's defaults would leave dev or test under the {MIN_EVAL_PASSAGES} "
+                  f"passages that {EVAL_NEGATIVES} negatives need")
     data_stages = P.data_stages(cfg.format, rel, sizes, list(cfg.sources))
     with F.inside(root):
         _stage(cfg, run_stage, data_stages[0], 1, len(data_stages) + 1)
@@ -172,7 +174,7 @@ def run_study(cfg: StudyConfig, run_stage: P.StageRunner = P.run_command) -> Pat
 def _eval_settings(cfg: StudyConfig, root: Path, preset: Preset) -> tuple[int, list[str]]:
     """After the import: evaluation negatives from the held-out pools, into params.yaml (the validate
     gate's test-corpus minimum follows), so every later stage and the budget use the same K."""
-    configured = int((merged(params.section("train"), preset.train).get("eval") or {}).get("negatives", 256))
+    configured = int((merged(params.section("train"), preset.train).get("eval") or {}).get("negatives", EVAL_NEGATIVES))
     k, notes = eval_negatives(_pools(root / "artifacts/prepared"), configured)
     if k < MIN_EVAL_NEGATIVES:
         from drscaling.data import load_split

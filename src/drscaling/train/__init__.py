@@ -15,7 +15,8 @@ and the minimum test contrastive entropy over training (the paper's figure of me
     data.py        the D pairs a run trains on, the corpus its negatives come from, the data's version (data_key)
     step.py        one optimiser step of eq. 3: the step's sample, the loss, AdamW and its schedule
     resume.py      the checkpoint of an unfinished run (SIGTERM checkpoints at a step boundary), a finished run's metrics
-    evaluation.py  dev/test CE during training, the zero-shot starting point, convergence
+    evaluation.py  dev/test CE during training, the zero-shot starting point
+    convergence.py whether a run converged (its tolerance is shared with the laws' checks)
     record.py      the run's MLflow run and its result (metrics.json, the registered model)
     run.py         train(): check, build, loop over the steps, finish
 

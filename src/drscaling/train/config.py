@@ -19,17 +19,29 @@ LR_SCHEDULES = ("linear", "constant")
 
 
 @dataclass
-class TrainConfig:
-    shape: str = "bert-L2-H128"
-    init: str = ""  # "" = the shape's default; scratch; a folder, hub id or template (drscaling.checkpoints)
-    towers: str = "shared"  # shared: one encoder (the paper); dual: separate query and passage towers
-    annotation_source: str = "human"
-    train_pairs: int = 0  # D; 0 = all available pairs
+class Schedule:
+    """The pairs a run learns from and its AdamW schedule: what a training run (TrainConfig) and a
+    query-tower distillation (drscaling.distill.DistillConfig) both set, with training's defaults."""
+
+    annotation_source: str = "human"  # whose annotated pairs (distill: their queries) the run learns from
+    train_pairs: int = 0  # D: the first D pairs of the run's seeded order (train.data.training_pairs); 0 = all
     steps: int = 200
     batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int = 0
     weight_decay: float = 0.001
+
+    def check_schedule(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise DrscalingError(f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, {self.lr})")
+
+
+@dataclass
+class TrainConfig(Schedule):
+    # Schedule's fields come first; key() sorts the fields, so their order is not part of a run's identity.
+    shape: str = "bert-L2-H128"
+    init: str = ""  # "" = the shape's default; scratch; a folder, hub id or template (drscaling.checkpoints)
+    towers: str = "shared"  # shared: one encoder (the paper); dual: separate query and passage towers
     negatives: int = 256
     in_batch_negatives: bool = False
     max_query_len: int = 25
@@ -72,8 +84,7 @@ class Paths:
 def check_config(cfg: TrainConfig, n_corpus: int) -> None:
     if cfg.towers not in TOWER_KINDS:
         raise DrscalingError(f"towers must be one of {', '.join(TOWER_KINDS)} (got '{cfg.towers}')")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise DrscalingError(f"steps, batch_size and lr must be positive (got {cfg.steps}, {cfg.batch_size}, {cfg.lr})")
+    cfg.check_schedule()
     if cfg.negatives < 1:
         raise DrscalingError(f"negatives must be >= 1 (got {cfg.negatives})")
     if cfg.lr_schedule not in LR_SCHEDULES:

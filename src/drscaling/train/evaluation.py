@@ -1,5 +1,5 @@
 """Evaluation during training: dev and test contrastive entropy at every eval step (the best-dev model
-is the run's artifact), the untouched model's zero-shot point, and whether the run converged."""
+is the run's artifact), the untouched model's zero-shot point (whether the run converged: convergence.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,6 @@ from drscaling.evaluate import embed_evalset, encode_fns
 from drscaling.model.retriever import Retriever
 from drscaling.model.saved import save_retriever
 from drscaling.train.config import TrainConfig
-
-# A run has converged when the best test CE improved by less than this (relative) over the last
-# quarter of its steps: more steps would not move the point its law is fitted on.
-CONVERGENCE_TOLERANCE = 0.02
 
 
 def evaluate_step(retriever: Retriever, dev, test, cfg, state, paths, device, mlflow, best_test: dict) -> None:
@@ -50,13 +46,3 @@ def zero_shot(retriever: Retriever, dev, test, cfg: TrainConfig, device: str, ml
         mlflow.log_metrics(out, step=0)
     return out
 
-
-def convergence(history: list[dict], steps: int) -> float:
-    """Relative improvement of the best test CE over the last quarter of training: (best up to 3/4 of
-    the steps - best at the end) / best at the end. Small = the point has reached its plateau. NaN
-    when no evaluation falls in the first three quarters (evaluate more often to measure it)."""
-    before = [h["ce_test"] for h in history if 0 < h["step"] <= 0.75 * steps]
-    if not before or not history:
-        return float("nan")
-    end = min(h["ce_test"] for h in history)
-    return (min(before) - end) / end

@@ -15,13 +15,14 @@ import numpy as np
 from drscaling import registry, tracking
 from drscaling.checkpoints import Start
 from drscaling.data import load_split
+from drscaling.design import METRICS_FILE
 from drscaling.errors import DrscalingError
 from drscaling.evaluate import rank_split
 from drscaling.files import finite_or_null, read_json, to_json, write_json
 from drscaling.model.encoder import ModelMeta
 from drscaling.model.saved import load_retriever
 from drscaling.train.config import TrainConfig
-from drscaling.train.evaluation import CONVERGENCE_TOLERANCE, convergence
+from drscaling.train.convergence import CONVERGENCE_TOLERANCE, convergence
 from drscaling.train.resume import CHECKPOINT_DIR
 from drscaling.train.step import default_device
 
@@ -140,7 +141,7 @@ def record_result(cfg, paths, state, meta: ModelMeta, start: Start, device: str,
         # once, as an MLflow Model registered under its shape, with its model card (registry.py)
         registry.log_trained(paths.out / "model", result, meta, cfg.towers, versions, best_test.get("embedded"))
         mlflow.log_text(to_json(result["history"]), "history.json")
-        mlflow.log_text(to_json(result), "metrics.json")  # the run's result as metrics.json holds it, for other machines
-    write_json(paths.out / "metrics.json", result)  # last: its presence marks the run finished
+        mlflow.log_text(to_json(result), METRICS_FILE)  # the run's result as metrics.json holds it, for other machines
+    write_json(paths.out / METRICS_FILE, result)  # last: its presence marks the run finished
     shutil.rmtree(paths.out / CHECKPOINT_DIR, ignore_errors=True)  # finished: metrics.json is the record
     return result

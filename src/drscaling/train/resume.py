@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from drscaling.design import METRICS_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import NoRoomError, atomic_path
 from drscaling.model.encoder import Towers
@@ -85,7 +86,7 @@ def restore_checkpoint(ck: dict, path: Path, cfg: TrainConfig, towers: Towers, o
 
 def finished(out: Path, cfg: TrainConfig, data_key: str) -> dict | None:
     """The metrics of a finished run with the same parameters on the same data, if there is one."""
-    file = out / "metrics.json"
+    file = out / METRICS_FILE
     if not file.exists():
         return None
     done = json.loads(file.read_text())
