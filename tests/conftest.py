@@ -155,7 +155,7 @@ def annotations(prepared, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("annotations")
     annotate_human(prepared, folder / "human.jsonl")
-    annotate_ict(prepared, folder / "ict.jsonl", seed=0)
+    annotate_ict(prepared, folder / "ict.jsonl")
     return folder
 
 

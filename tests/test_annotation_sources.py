@@ -92,19 +92,18 @@ def test_pipeline_files_name_exactly_the_registered_sources():
 
 
 def test_a_new_source_is_one_class_and_one_registration(registry, prepared, tmp_path, capsys):
-    @registry.register
-    class Title(sources.AnnotationSource):
-        name = "title"
-        summary = "the package name as the query"
-        pricing = "free"
+    class Title(registry.AnnotationSource, name="title", pricing="free"):
+        """the package name as the query"""
 
         def annotate(self, request):
             pairs = positives(request.prepared)
             rows = [{"qid": f"title:{p}", "pid": p, "query": f"the {p.split(':')[1]} package"} for p in pairs["pid"]]
             return Annotations(rows, _cost(self.name, rows))
 
+    assert registry.get("title").summary == "the package name as the query"
     with pytest.raises(ValueError, match="registered twice"):
-        registry.register(Title)
+        class Again(registry.AnnotationSource, name="title", pricing="free"):
+            """the same name again"""
     out = tmp_path / "ann" / "title.jsonl"
     assert cli.main(["annotate", "--source", "title", "--prepared", str(prepared), "--out", str(out)]) == 0
     assert "title: 4 pairs" in capsys.readouterr().out
@@ -119,11 +118,8 @@ def test_a_new_source_is_one_class_and_one_registration(registry, prepared, tmp_
 
 
 def test_rejected_annotations_leave_nothing_at_the_final_paths(registry, prepared, tmp_path, capsys):
-    @registry.register
-    class Stray(sources.AnnotationSource):
-        name = "stray"
-        summary = "points at passages that are not in the train split"
-        pricing = "free"
+    class Stray(registry.AnnotationSource, name="stray", pricing="free"):
+        """points at passages that are not in the train split"""
 
         def annotate(self, request):
             rows = [{"qid": "stray:1", "pid": "p:rsync", "query": "what is rsync"},

@@ -15,6 +15,7 @@ EVAL_NEGATIVES = 256  # K: EvalConfig's default (params.yaml train.eval.negative
 MIN_EVAL_PASSAGES = EVAL_NEGATIVES + 1  # a positive and K negatives
 SWEEPS = ("model", "data", "source", "joint")
 
+HUMAN_USD_PER_PAIR = 0.6  # the paper's eq. 12 (human annotation, ref. [3]); params.yaml annotate.human_usd_per_pair
 PAPER_BUDGET = 20_000  # dollars: the budget of the paper's Section 5 claims, and the budget stage's default
 
 METRICS_FILE = "metrics.json"  # a finished training or distillation run's result, next to its model/

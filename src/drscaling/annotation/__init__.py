@@ -1,7 +1,7 @@
 """Annotation: where training pairs come from (paper section 4.3), by concept.
 
 bounds      how long a query may be (AnnotationLimits), how long an endpoint request may take
-sources     the registry of annotation sources (human, ict, supervised, llm): one class + @register
+sources     the registry of annotation sources (human, ict, supervised, llm): one class that names itself
 format      <source>.jsonl and its cost file: Annotations, the companion paths, loading
 checks      the GX checks, and `publish`: nothing reaches <source>.jsonl unless it passed them
 human       the dataset's own pairs (and `positives`: the passages every source annotates)

@@ -9,6 +9,7 @@ import pandas as pd
 
 from drscaling.annotation.format import Annotations, write_annotations
 from drscaling.data import load_split
+from drscaling.design import HUMAN_USD_PER_PAIR
 
 
 def positives(prepared: str | Path) -> pd.DataFrame:
@@ -16,7 +17,7 @@ def positives(prepared: str | Path) -> pd.DataFrame:
     return load_split(prepared, "train").pairs()
 
 
-def human_annotations(prepared: str | Path, usd_per_pair: float = 0.6) -> Annotations:
+def human_annotations(prepared: str | Path, usd_per_pair: float = HUMAN_USD_PER_PAIR) -> Annotations:
     """The dataset's own pairs, priced at a configured $ per pair (the paper's 0.6)."""
     rows = positives(prepared)[["qid", "pid", "query"]].to_dict("records")
     cost = {"source": "human", "pairs": len(rows), "usd_per_pair": usd_per_pair,
@@ -24,6 +25,6 @@ def human_annotations(prepared: str | Path, usd_per_pair: float = 0.6) -> Annota
     return Annotations(rows, cost)
 
 
-def annotate_human(prepared: str | Path, out: str | Path, usd_per_pair: float = 0.6) -> dict:
+def annotate_human(prepared: str | Path, out: str | Path, usd_per_pair: float = HUMAN_USD_PER_PAIR) -> dict:
     """human_annotations written to `out` without the GX checks (test fixtures; the CLI publishes)."""
     return write_annotations(out, human_annotations(prepared, usd_per_pair))

@@ -4,6 +4,7 @@ pseudo-query. Deterministic given the seed, and free: no model."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,20 @@ def ict_pair(
     return query, passage
 
 
+@dataclass(frozen=True)
+class IctSettings:
+    """params.yaml annotate.ict."""
+
+    seed: int = 0
+    remove_prob: float = 0.9  # how often the pseudo-query sentence is cut out of its passage (the ICT paper's 0.9)
+
+
 def ict_annotations(
-    prepared: str | Path, seed: int = 0, remove_prob: float = 0.9, limits: AnnotationLimits | None = None,
+    prepared: str | Path, settings: IctSettings = IctSettings(), limits: AnnotationLimits | None = None,
 ) -> Annotations:
     """Deterministic given the seed. The passage a query points at stays the corpus passage (pid);
     the 'removed' variant is what the query was cut from, recorded for transparency. Free: no model."""
+    seed, remove_prob = settings.seed, settings.remove_prob
     if not 0.0 <= remove_prob <= 1.0:
         raise DrscalingError(f"remove_prob must be in [0, 1] (got {remove_prob})")
     limits = limits or AnnotationLimits()
@@ -60,9 +70,6 @@ def ict_annotations(
     return Annotations(rows, cost)
 
 
-def annotate_ict(
-    prepared: str | Path, out: str | Path, seed: int = 0, remove_prob: float = 0.9,
-    limits: AnnotationLimits | None = None,
-) -> dict:
+def annotate_ict(prepared: str | Path, out: str | Path, settings: IctSettings = IctSettings()) -> dict:
     """ict_annotations written to `out` without the GX checks (test fixtures; the CLI publishes)."""
-    return write_annotations(out, ict_annotations(prepared, seed, remove_prob, limits))
+    return write_annotations(out, ict_annotations(prepared, settings))

@@ -1,4 +1,5 @@
-"""The annotation-source registry: adding a source is one class and one `@register`.
+"""The annotation-source registry: adding a source is one class that names itself
+(`class Mine(AnnotationSource, name="mine", pricing="...")`), which registers it.
 
 A source has a name (the `--source` choice, the <name>.jsonl file, the dvc.yaml `annotate` item),
 a way to annotate (its `annotate` returns the pairs and their cost, unwritten) and a way it is
@@ -40,11 +41,21 @@ class Request:
 
 
 class AnnotationSource(ABC):
-    """One way of producing training pairs."""
+    """One way of producing training pairs. A subclass registers itself by naming itself:
+    `class Mine(AnnotationSource, name="mine", pricing="..."):` with a one-line docstring (its --help
+    summary); an intermediate base class names nothing and is not registered."""
 
     name: ClassVar[str]
-    summary: ClassVar[str]  # one line, for --help
+    summary: ClassVar[str]  # one line, for --help: the class docstring
     pricing: ClassVar[str]  # how its pairs are priced, in words
+
+    def __init_subclass__(cls, name: str | None = None, pricing: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if pricing is not None:
+            cls.pricing = pricing
+        if name is not None:
+            cls.name, cls.summary = name, " ".join((cls.__doc__ or "").split())
+            _register(cls)
 
     @abstractmethod
     def annotate(self, request: Request) -> Annotations:
@@ -62,12 +73,12 @@ class AnnotationSource(ABC):
 REGISTRY: dict[str, AnnotationSource] = {}
 
 
-def register(cls: type[AnnotationSource]) -> type[AnnotationSource]:
-    """Class decorator: make `cls` a source under cls.name."""
+def _register(cls: type[AnnotationSource]) -> None:
     if cls.name in REGISTRY:
         raise ValueError(f"annotation source {cls.name!r} is registered twice")
+    if not cls.summary or not getattr(cls, "pricing", None):
+        raise ValueError(f"annotation source {cls.name!r} needs a docstring (its summary) and a pricing")
     REGISTRY[cls.name] = cls()
-    return cls
 
 
 def names() -> tuple[str, ...]:
@@ -86,29 +97,26 @@ def get(name: str) -> AnnotationSource:
 # ---------------------------------------------------------------------------------------------
 
 
-@register
-class Human(AnnotationSource):
-    name = "human"
-    summary = "the dataset's own (query, passage) pairs"
-    pricing = "a configured $ per pair (annotate.human_usd_per_pair; the paper's 0.6)"
+class Human(AnnotationSource, name="human",
+            pricing="a configured $ per pair (annotate.human_usd_per_pair; the paper's 0.6)"):
+    """the dataset's own (query, passage) pairs"""
 
     def annotate(self, request: Request) -> Annotations:
         from drscaling.annotation.human import human_annotations
+        from drscaling.design import HUMAN_USD_PER_PAIR
 
-        return human_annotations(request.prepared, request.settings.get("human_usd_per_pair", 0.6))
+        price = request.settings.get("human_usd_per_pair", HUMAN_USD_PER_PAIR)
+        return human_annotations(request.prepared, price)
 
 
-@register
-class InverseCloze(AnnotationSource):
-    name = "ict"
-    summary = "Inverse Cloze Task: a sentence of the passage is its pseudo-query"
-    pricing = "free (no model)"
+class InverseCloze(AnnotationSource, name="ict", pricing="free (no model)"):
+    """Inverse Cloze Task: a sentence of the passage is its pseudo-query"""
 
     def annotate(self, request: Request) -> Annotations:
-        from drscaling.annotation.ict import ict_annotations
+        from drscaling import params
+        from drscaling.annotation.ict import IctSettings, ict_annotations
 
-        ict = request.section("ict")
-        return ict_annotations(request.prepared, ict.get("seed", 0), ict.get("remove_prob", 0.9))
+        return ict_annotations(request.prepared, params.build(IctSettings, request.section(self.name)))
 
 
 class GeneratedSource(AnnotationSource):
@@ -144,10 +152,8 @@ class GeneratedSource(AnnotationSource):
         return None
 
 
-@register
-class Supervised(GeneratedSource):
-    name = "supervised"
-    summary = "a generator fine-tuned on the human pairs (the docT5query role)"
+class Supervised(GeneratedSource, name="supervised"):
+    """a generator fine-tuned on the human pairs (the docT5query role)"""
 
     def finetune_config(self, request: Request):
         from drscaling import params
@@ -156,7 +162,5 @@ class Supervised(GeneratedSource):
         return params.build(FinetuneConfig, request.section(self.name).get("finetune", {}))
 
 
-@register
-class ZeroShotLLM(GeneratedSource):
-    name = "llm"
-    summary = "a zero-shot LLM, local or behind an OpenAI-compatible endpoint (the paper's Appendix A prompt)"
+class ZeroShotLLM(GeneratedSource, name="llm"):
+    """a zero-shot LLM, local or behind an OpenAI-compatible endpoint (the paper's Appendix A prompt)"""

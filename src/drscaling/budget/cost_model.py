@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from drscaling.design import HUMAN_USD_PER_PAIR
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json
 
 COSTS_MODES = ("paper", "measured")
-HUMAN_USD_PER_PAIR = 0.6  # the paper's eq. 12 (human annotation, ref. [3])
 
 
 @dataclass(frozen=True)

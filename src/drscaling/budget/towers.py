@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drscaling.budget.cost_model import COSTS_MODES, HUMAN_USD_PER_PAIR, PaperCosts, _fit_ab
+from drscaling.budget.cost_model import COSTS_MODES, PaperCosts, _fit_ab
+from drscaling.design import HUMAN_USD_PER_PAIR
 from drscaling.budget.solve import check_budget
 from drscaling.design import TOWER_BUDGET_FILE
 from drscaling.errors import DrscalingError
