@@ -348,13 +348,8 @@ def test_the_default_wait_on_a_hung_endpoint_is_bounded_to_two_minutes():
     assert (args.timeout, args.attempts) in ((None, None), (REQUEST_TIMEOUT_S, REQUEST_ATTEMPTS))
 
 
-def test_sigkilled_annotate_process_resumes_without_asking_twice(tmp_path):
-    """SIGKILL a real `drscaling annotate --endpoint` after its first batch is saved: the rerun asks
-    only the passages not saved, the published set has each passage once, nothing is left RUNNING."""
-    import signal
-
-    import mlflow
-
+def _forty_passages(tmp_path: Path) -> tuple[list[str], Path]:
+    """A prepared dataset whose train split has 40 passages (pkg0..pkg39), for the real-process tests."""
     names = [f"pkg{i}" for i in range(40)]
     texts = {n: f"{n} is a package that provides tool number {n[3:]} for managing many different files" for n in names}
     split = Split(corpus=pd.DataFrame({"pid": [f"p:{n}" for n in names], "text": [texts[n] for n in names]}),
@@ -362,6 +357,29 @@ def test_sigkilled_annotate_process_resumes_without_asking_twice(tmp_path):
                   qrels=pd.DataFrame({"qid": [f"q:{n}" for n in names], "pid": [f"p:{n}" for n in names]}))
     prepared = tmp_path / "prepared"
     save_dataset({"train": split, "dev": _split(["rsync", "vim"]), "test": _split(["curl", "jq"])}, prepared)
+    return names, prepared
+
+
+def _annotate_env(tmp_path: Path, experiment: str) -> dict[str, str]:
+    """A real `drscaling annotate` process's environment: no API key, its own MLflow store and experiment."""
+    env = {k: v for k, v in os.environ.items() if k not in (*API_KEY_ENV, "MLFLOW_RUN_ID")}
+    return env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                  "DRSCALING_ANNOTATE_EXPERIMENT": experiment, "PYTHONUNBUFFERED": "1"}
+
+
+def _annotate_cmd(base: str, prepared: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "drscaling", "annotate", "--source", "llm", "--regenerate", "--endpoint",
+            f"{base}/v1", "--model", "m", "--limit", "40", "--prepared", str(prepared), "--out", str(out)]
+
+
+def test_sigkilled_annotate_process_resumes_without_asking_twice(tmp_path):
+    """SIGKILL a real `drscaling annotate --endpoint` after its first batch is saved: the rerun asks
+    only the passages not saved, the published set has each passage once, nothing is left RUNNING."""
+    import signal
+
+    import mlflow
+
+    names, prepared = _forty_passages(tmp_path)
     asked: list[str] = []
 
     def slow(h, body):
@@ -369,12 +387,9 @@ def test_sigkilled_annotate_process_resumes_without_asking_twice(tmp_path):
         time.sleep(1.5)  # a batch takes >= 1.5 s: time to kill the process between two batches
         _send(h, 200, _chat_answer(_word(body)))
 
-    out, uri = tmp_path / "llm.jsonl", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if k not in (*API_KEY_ENV, "MLFLOW_RUN_ID")}
-    env |= {"MLFLOW_TRACKING_URI": uri, "DRSCALING_ANNOTATE_EXPERIMENT": "annotate-kill", "PYTHONUNBUFFERED": "1"}
+    out, uri, env = tmp_path / "llm.jsonl", f"sqlite:///{tmp_path / 'mlflow.db'}", _annotate_env(tmp_path, "annotate-kill")
     with http_server(slow) as (base, _):
-        cmd = [sys.executable, "-m", "drscaling", "annotate", "--source", "llm", "--regenerate", "--endpoint",
-               f"{base}/v1", "--model", "m", "--limit", "40", "--prepared", str(prepared), "--out", str(out)]
+        cmd = _annotate_cmd(base, prepared, out)
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         part, deadline = partial_path(out), time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline and not (part.exists() and part.read_text().count("\n")):
@@ -403,13 +418,7 @@ def test_sigtermed_annotate_process_saves_its_batch_and_resumes_without_asking_t
 
     import mlflow
 
-    names = [f"pkg{i}" for i in range(40)]
-    texts = {n: f"{n} is a package that provides tool number {n[3:]} for managing many different files" for n in names}
-    split = Split(corpus=pd.DataFrame({"pid": [f"p:{n}" for n in names], "text": [texts[n] for n in names]}),
-                  queries=pd.DataFrame({"qid": [f"q:{n}" for n in names], "text": [f"what is {n}" for n in names]}),
-                  qrels=pd.DataFrame({"qid": [f"q:{n}" for n in names], "pid": [f"p:{n}" for n in names]}))
-    prepared = tmp_path / "prepared"
-    save_dataset({"train": split, "dev": _split(["rsync", "vim"]), "test": _split(["curl", "jq"])}, prepared)
+    names, prepared = _forty_passages(tmp_path)
     asked: list[str] = []
     in_flight = threading.Event()
 
@@ -419,12 +428,9 @@ def test_sigtermed_annotate_process_saves_its_batch_and_resumes_without_asking_t
         time.sleep(1.0)  # a batch takes >= 1 s: the signal lands while one is in flight
         _send(h, 200, _chat_answer(_word(body)))
 
-    out, uri = tmp_path / "llm.jsonl", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if k not in (*API_KEY_ENV, "MLFLOW_RUN_ID")}
-    env |= {"MLFLOW_TRACKING_URI": uri, "DRSCALING_ANNOTATE_EXPERIMENT": "annotate-term", "PYTHONUNBUFFERED": "1"}
+    out, uri, env = tmp_path / "llm.jsonl", f"sqlite:///{tmp_path / 'mlflow.db'}", _annotate_env(tmp_path, "annotate-term")
     with http_server(slow) as (base, _):
-        cmd = [sys.executable, "-m", "drscaling", "annotate", "--source", "llm", "--regenerate", "--endpoint",
-               f"{base}/v1", "--model", "m", "--limit", "40", "--prepared", str(prepared), "--out", str(out)]
+        cmd = _annotate_cmd(base, prepared, out)
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         part, deadline = partial_path(out), time.monotonic() + 300
         try:
