@@ -512,3 +512,18 @@ def test_a_second_real_process_on_a_busy_output_is_refused(prepared, annotations
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
     assert f"drscaling: error: {out} is in use by pid {first.pid}" in second.stderr
     assert first.returncode == 130 and "SIGTERM at step" in err  # the first trained on, undisturbed
+
+
+@pytest.mark.parametrize("exc, status", [(KeyboardInterrupt("SIGTERM"), "KILLED"), (ValueError("bad input"), "FAILED")])
+def test_a_stage_run_interrupted_or_failing_ends_with_its_cause(mlflow_tmp, exc, status):
+    """Every stage's MLflow run (fit, report, budget, export, measure, evaluate, distill) goes through
+    tracking.stage_run: a SIGTERM (KeyboardInterrupt) ends it KILLED, an error FAILED, each with its cause."""
+    from drscaling import tracking
+
+    with pytest.raises(type(exc)), tracking.stage_run("faults-stage", "interrupted", {"drscaling.stage": "fit"}) as run:
+        raise exc
+    got = mlflow_tmp.get_run(run.info.run_id)
+    assert got.info.status == status and str(exc) in got.data.tags["error"] and mlflow_tmp.active_run() is None
+    with tracking.stage_run("faults-stage", "fine", {"drscaling.stage": "fit"}) as ok:
+        pass
+    assert mlflow_tmp.get_run(ok.info.run_id).info.status == "FINISHED"

@@ -28,7 +28,6 @@ from drscaling.executors import EXECUTORS, RayConfig, run_local, run_ray, tracki
 from drscaling.files import folder_lock, read_json, to_json, write_json, write_jsonl
 from drscaling.model.shapes import check_shape, shape_cost
 from drscaling.train.config import Paths, TrainConfig
-from drscaling.train.record import end_run_with_cause
 
 PRESETS = params.REPO / "pipelines"
 RESULT_KEYS = ("ce_test_min", "ce_test_at_best_dev", "ce_dev_best", "mrr@10", "ndcg@10", "recall@100", "recall@1000",
@@ -179,7 +178,7 @@ def _run_points(preset: Preset, paths: Paths, out: Path, only: str | None, todo,
             mlflow.log_metrics(summary)
         except BaseException as exc:  # SIGTERM, Ctrl-C, a failed point: the parent ends with the cause, as a point does
             while (active := mlflow.active_run()) is not None:  # a point's run first, if one is still open
-                end_run_with_cause(mlflow, exc)
+                tracking.end_run_with_cause(mlflow, exc)
                 if active.info.run_id == parent.info.run_id:
                     break
             raise

@@ -125,16 +125,29 @@ def attach_project_run() -> None:
     os.environ.pop("MLFLOW_RUN_ID", None)
 
 
+def end_run_with_cause(mlflow, exc: BaseException) -> None:
+    """End the active MLflow run for `exc`: KILLED for Ctrl-C and SIGTERM (a KeyboardInterrupt), FAILED
+    otherwise, with the cause as its `error` tag, so no run is left RUNNING or failed without a reason."""
+    mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+    mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+
+
 @contextlib.contextmanager
 def stage_run(default_experiment: str, run_name: str, tags: dict[str, str]) -> Iterator:
     """A stage's MLflow run: a child when a run is already active (a sweep, `mlflow run`), else a
-    top-level run in experiment(default_experiment)."""
+    top-level run in experiment(default_experiment). An exception (SIGTERM included) ends it with its
+    cause (end_run_with_cause)."""
     configure()
     import mlflow
 
     nested = mlflow.active_run() is not None
     if not nested:
         use_experiment(experiment(default_experiment))
-    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+    run = mlflow.start_run(run_name=run_name, nested=nested)
+    try:
         mlflow.set_tags(tags)
         yield run
+    except BaseException as exc:
+        end_run_with_cause(mlflow, exc)
+        raise
+    mlflow.end_run()

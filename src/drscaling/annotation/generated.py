@@ -166,9 +166,12 @@ def _log_mlflow(source: str, cost: dict, prompt_text: str, extra_params: dict,
                          f"generate.{source}.model": cost["model"]})
         mlflow.log_text(prompt_text, f"generate/{source}_prompt.txt")
         mlflow.log_text(to_json(cost), f"generate/{source}.cost.json")
-    finally:
+    except BaseException as exc:  # SIGTERM while logging: the run ends KILLED with its cause, not FINISHED
         if own:
-            mlflow.end_run()
+            tracking.end_run_with_cause(mlflow, exc)
+        raise
+    if own:
+        mlflow.end_run()
     return run_id
 
 

@@ -63,13 +63,6 @@ def open_mlflow_run(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags
     return mlflow
 
 
-def end_run_with_cause(mlflow, exc: BaseException) -> None:
-    """End the active MLflow run for `exc`: KILLED for Ctrl-C and SIGTERM (a KeyboardInterrupt), FAILED
-    otherwise, with the cause as its `error` tag, so no run is left RUNNING or failed without a reason."""
-    mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-    mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-
-
 def _keep_cause_as_history(client, run_id: str) -> None:
     """A resumed run is no longer failed: the `error` tag of the kill it recovers from would mark a FINISHED
     run as broken, so the cause moves to `resumed_after`."""

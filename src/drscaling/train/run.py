@@ -25,7 +25,8 @@ from drscaling.signals import Terminated, sigterm_at_boundary
 from drscaling.train.config import Paths, TrainConfig, check_config
 from drscaling.train.data import TrainingData, training_data
 from drscaling.train.evaluation import evaluate_step, zero_shot
-from drscaling.train.record import end_run_with_cause, open_mlflow_run, record_result
+from drscaling.tracking import end_run_with_cause
+from drscaling.train.record import open_mlflow_run, record_result
 from drscaling.train.resume import CHECKPOINT_DIR, finished, read_checkpoint, restore_checkpoint, save_checkpoint
 from drscaling.train.step import default_device, optimizer, sample_step, train_step
 
