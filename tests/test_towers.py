@@ -194,7 +194,7 @@ def test_measure_towers(towers_server, mlflow_tmp, tmp_path):
     assert p["usd_per_million_tokens"] == pytest.approx(3.6 / 3600 / p["tokens_per_s"] * 1e6)
     # The throughput fit holds the passage tower only (queries are a latency operating point).
     assert [pt["shape"] for pt in result["inference"]["points"]] == [PASSAGE_SHAPE]
-    costs = combine(result, None)
+    costs = combine(result, None).to_dict()
     assert {t["tower"] for t in costs["towers"]} == {"query", "passage"}
     runs = mlflow_tmp.search_runs(search_all_experiments=True, output_format="list")
     child = {r.data.params["model"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}

@@ -68,9 +68,9 @@ def log_budget(result: dict[str, Any], out: Path, mode: str, published: bool,
         if picked:
             mlflow.set_tag("budget.recommended_model", f"{picked['name']}/{picked['version']}")
         if mode == "measured" and not published and costs_path is not None:
-            from drscaling.files import read_json
+            from drscaling.costs_file import CostsFile
 
-            registry.add_costs(read_json(costs_path, what="costs file"), costs_path)
+            registry.add_costs(CostsFile.read(costs_path).to_dict(), costs_path)
     return picked
 
 

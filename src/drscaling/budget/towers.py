@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drscaling.budget.cost_model import COSTS_MODES, PaperCosts, _fit_ab
+from drscaling.budget.cost_model import COSTS_MODES, PaperCosts
+from drscaling.costs_file import CostsFile
 from drscaling.design import HUMAN_USD_PER_PAIR
 from drscaling.budget.solve import check_budget
 from drscaling.design import TOWER_BUDGET_FILE
@@ -68,11 +69,11 @@ class TowerCostTable:
     (`drscaling measure` on the towers), else that shape measured as a shared model, else in the
     other role, else the fit a * N**b. Paper: 2 FLOPs per parameter per token at the paper's $ per FLOP."""
 
-    def __init__(self, mode: str, doc: dict[str, Any] | None = None, paper: PaperCosts | None = None):
+    def __init__(self, mode: str, doc: CostsFile | dict[str, Any] | None = None, paper: PaperCosts | None = None):
         if mode not in COSTS_MODES:
             raise DrscalingError(f"unknown costs mode '{mode}'; expected one of {COSTS_MODES}")
         self.mode = mode
-        self.doc = doc or {}
+        self.doc = doc if isinstance(doc, CostsFile) else CostsFile.from_dict(doc or {})
         self.paper = paper or PaperCosts()
 
     @classmethod
@@ -85,23 +86,27 @@ class TowerCostTable:
                 f"costs file not found: {path}; run `drscaling measure` on a repository holding the "
                 "towers first (`drscaling export --model <dual model> --repo ...`), or use --costs paper"
             )
-        doc = read_json(path, what="costs file")
-        if not isinstance(doc, dict) or "inference" not in doc:
+        doc = CostsFile.read(path)
+        if doc.inference is None:
             raise DrscalingError(f"{path}: no 'inference' section; re-run `drscaling measure`")
-        _fit_ab(doc["inference"], "inference", path, "re-run `drscaling measure`")
+        doc.inference.fit.usable("inference", path, "re-run `drscaling measure`")
         return cls(mode, doc)
 
     @property
     def device_hour_usd(self) -> float:
-        return float(self.doc.get("device_hour_usd", self.paper.usd_per_gpu_hour))
+        hourly = self.doc.device_hour_usd
+        return float(self.paper.usd_per_gpu_hour if hourly is None else hourly)
 
     def per_token(self, role: str, shape: str, n: float) -> TokenCost:
         if self.mode == "paper":
             usd = self.paper.infer_flops_per_param_token * n * self.paper.usd_per_flop
             return TokenCost(usd, f"paper: {self.paper.infer_flops_per_param_token:g} FLOPs x N")
-        towers = self.doc.get("towers") or []
+        towers = self.doc.towers
         same_role = [t for t in towers if t["shape"] == shape and t["tower"] == role]
-        shared = [p for p in self.doc["inference"].get("points", []) if p["shape"] == shape]
+        inference = self.doc.inference
+        if inference is None:
+            raise DrscalingError("measured tower costs need the costs file's 'inference' section")
+        shared = [p for p in inference.points if p["shape"] == shape]
         other_role = [t for t in towers if t["shape"] == shape]
         # A shared model's batch-32 throughput says more about a role than the other role's operating point.
         if same_role:
@@ -112,8 +117,8 @@ class TowerCostTable:
         if other_role:
             t = other_role[0]
             return TokenCost(t["usd_per_million_tokens"] / 1e6, f"measured: {t['tower']} tower {t['model']}")
-        fit = self.doc["inference"]["fit"]
-        return TokenCost(float(fit["a"]) * n ** float(fit["b"]), f"fit {fit['a']:.3g} x N^{fit['b']:.3g}")
+        fit = inference.fit
+        return TokenCost(fit.a * n ** fit.b, f"fit {fit.a:.3g} x N^{fit.b:.3g}")
 
 
 def read_tower_metrics(path: str | Path) -> dict[str, dict[str, Any]]:
