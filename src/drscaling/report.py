@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from drscaling.budget.result import BudgetResult
+from drscaling.budget.result import BudgetResult, TowerBudgetResult
 from drscaling.design import BUDGET_FILE, LAWS_FILE, METRICS_FILE, TOWER_BUDGET_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_text
@@ -389,6 +389,6 @@ def pipeline_summary(artifacts: str | Path = "artifacts") -> str:
         from drscaling.distill import format_comparison
 
         parts += [format_comparison(read_json(root / "towers" / "distilled" / METRICS_FILE)),
-                  format_tower_comparison(read_json(towers))]
+                  format_tower_comparison(TowerBudgetResult.read(towers))]
     parts.append("MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)")
     return "\n".join(parts)

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from drscaling.budget.cost_model import COSTS_MODES, PaperCosts
+from drscaling.budget.result import TowerBudgetResult
 from drscaling.costs_file import CostsFile
 from drscaling.design import HUMAN_USD_PER_PAIR
 from drscaling.budget.solve import check_budget
 from drscaling.design import TOWER_BUDGET_FILE
 from drscaling.errors import DrscalingError
-from drscaling.files import read_json, write_json
+from drscaling.files import read_json
 from drscaling.numbers import money as _money
 
 # (name, entry of the distillation metrics.json, description)
@@ -233,18 +234,19 @@ def run_tower_budget(
     """compare_towers from files; writes out_dir/towers.json (atomic) and returns the result."""
     metrics = read_tower_metrics(metrics_path)
     table = TowerCostTable.read(costs_mode, costs_path)
-    result = compare_towers(metrics, table, budget, workload or TowerWorkload())
-    result["metrics_path"] = str(metrics_path)
-    result["costs_path"] = str(costs_path) if costs_mode == "measured" else None
-    write_json(Path(out_dir) / TOWER_BUDGET_FILE, result)
-    return result
+    result = TowerBudgetResult(**compare_towers(metrics, table, budget, workload or TowerWorkload()),
+                               metrics_path=str(metrics_path),
+                               costs_path=str(costs_path) if costs_mode == "measured" else None)
+    return result.write(Path(out_dir) / TOWER_BUDGET_FILE)
 
 
-def format_tower_comparison(result: dict[str, Any]) -> str:
-    """The comparison as a table: cost split, CE, whether it fits, the best."""
-    w = result["workload"]
+def format_tower_comparison(given: TowerBudgetResult | dict[str, Any]) -> str:
+    """The comparison (compare_towers's result or a towers.json's) as a table: cost split, CE, whether
+    it fits, the best."""
+    result = TowerBudgetResult.from_dict(given)
+    w = result.workload
     lines = [
-        f"Deployments for a budget of {_money(result['budget'])} ({result['costs_mode']} costs): corpus "
+        f"Deployments for a budget of {_money(result.budget)} ({result.costs_mode} costs): corpus "
         f"{w['corpus_pages']:.3g} pages x {w['tokens_per_page']:g} tokens, {w['query_volume']:.3g} "
         f"queries x {w['tokens_per_query']:g} tokens",
         f"  {'deployment':10} {'query tower':>14} {'passage tower':>14} {'annotation':>11} {'training':>10} "
@@ -254,7 +256,7 @@ def format_tower_comparison(result: dict[str, Any]) -> str:
     def money(x: float | None) -> str:
         return "?" if x is None else _money(x)
 
-    for r in result["deployments"]:
+    for r in result.deployments:
         if "cost" not in r:
             lines.append(f"  {r['name']:10} {r['note']}")
             continue
@@ -264,18 +266,18 @@ def format_tower_comparison(result: dict[str, Any]) -> str:
             f"{money(c['training']):>10} {money(c['corpus']):>10} {money(c['queries']):>10} "
             f"{money(c['total']):>10} {r['ce']:7.4f}  {'yes' if r['fits'] else 'no'}"
         )
-    for r in result["deployments"]:
+    for r in result.deployments:
         if "per_token" in r:
             pt = r["per_token"]
             lines.append(f"  {r['name']}: query ${pt['query']['usd_per_token'] * 1e6:.4g}/1M tokens "
                          f"({pt['query']['source']}); passage ${pt['passage']['usd_per_token'] * 1e6:.4g}/1M "
                          f"tokens ({pt['passage']['source']})")
-    best = result["best"]
+    best = result.best
     if best:
-        label = next(r["label"] for r in result["deployments"] if r["name"] == best)
+        label = next(r["label"] for r in result.deployments if r["name"] == best)
         lines.append(f"Best within the budget: {best} ({label})")
     else:
-        lines.append(f"No deployment fits the budget; the cheapest is {result['cheapest']}")
-    lines += [f"! {f}" for f in result.get("flags", [])]
+        lines.append(f"No deployment fits the budget; the cheapest is {result.cheapest}")
+    lines += [f"! {f}" for f in result.flags]
     return "\n".join(lines)
 
