@@ -31,6 +31,7 @@ from drscaling.budget import (
     solve,
     solve_shapes,
 )
+from drscaling.budget.result import BudgetResult
 from drscaling.errors import DrscalingError
 from drscaling.laws import PARAM_NAMES, FitResult, predict, save_laws
 
@@ -464,6 +465,36 @@ def test_budget_json_is_strict_json(tmp_path: Path) -> None:
     clean = B.strict_json({"a": [1.0, float("inf")], "b": {"c": float("nan")}, "t": (1, 2)}, replaced=replaced)
     assert clean == {"a": [1.0, None], "b": {"c": None}, "t": [1, 2]}
     assert replaced == ["a[1]", "b.c"]
+
+
+def test_budget_result_round_trip_older_files_and_malformed_fields(tmp_path: Path) -> None:
+    # budget.json read into BudgetResult and written again: the same bytes.
+    run_budget(_laws_file(tmp_path), 20_000, include_inference=True, out_dir=tmp_path / "b")
+    written = tmp_path / "b" / "budget.json"
+    result = BudgetResult.read(written)
+    assert result.recommendation == result.with_inference
+    assert result.law["formula"] and result.costs["mode"] == "paper" and "error" in result.shapes
+    result.write(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == written.read_bytes()
+    # A non-finite number is written as null and flagged.
+    result.recommendation["loss"] = float("inf")
+    doc = result.write(tmp_path / "inf.json")
+    assert _strict_load(tmp_path / "inf.json")["recommendation"]["loss"] is None
+    assert doc["flags"][-1] == "non-finite number(s) written as null: recommendation.loss"
+    # An older file without the later keys (chance, fitted range, sources, ...) still prints.
+    older = {k: v for k, v in json.loads(written.read_text()).items()
+             if k in ("budget", "include_inference", "law", "costs", "recommendation", "without_inference",
+                      "with_inference")}
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    text = format_recommendation(BudgetResult.read(tmp_path / "older.json"))
+    assert text.startswith("Budget $20,000 (paper costs, including inference)") and "Chance" not in text
+    # A missing or malformed field: an error naming the file and the field.
+    for broken, field in ((older | {"budget": "lots"}, "malformed 'budget'"), ({"law": {}}, "no 'budget'"),
+                          (older | {"law": {"kind": "ND"}}, "malformed 'law' .no 'formula'"),
+                          (older | {"sources": {}}, "malformed 'sources'")):
+        (tmp_path / "bad.json").write_text(json.dumps(broken))
+        with pytest.raises(DrscalingError, match=f"bad.json: {field}"):
+            BudgetResult.read(tmp_path / "bad.json")
 
 
 def test_flags_reach_mlflow_fields(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from drscaling.cost_stats import (
 from drscaling.costs import (
     combine, fit_power, measure, measure_costs, served_models, training_costs, usd_per_million_tokens,
 )
+from drscaling.costs_file import CostsFile
 from drscaling.errors import DrscalingError
 from drscaling.loadgen import LoadConfig, run_load
 
@@ -116,7 +118,7 @@ def test_measure_costs_contract(triton, mlflow_tmp, tmp_path):  # noqa: F811
     # With training runs: the exact contract the budget module reads.
     _log_train_runs(mlflow_tmp, "exp")
     costs = combine(json.loads(out.read_text()) | {"inference": costs["inference"]},
-                    training_costs("exp", device_hour_usd=1.5))
+                    training_costs("exp", device_hour_usd=1.5)).to_dict()
     assert set(costs) == described | {"inference", "training"}
     assert set(costs["inference"]) == {"points", "fit"} == set(costs["training"])
     assert set(costs["inference"]["points"][0]) == {"shape", "n", "tokens_per_s", "usd_per_million_tokens",
@@ -310,7 +312,6 @@ def overlapping_tick_labels(fig) -> list[tuple[str, str]]:
 def test_cost_figure_is_log_log_with_tick_labels_that_never_overlap():
     """cost_vs_n.png from the committed costs: log axes, and no two tick labels overlap on either axis
     (matplotlib's default labelled 3x10^6 over 4x10^6 on this one-decade range)."""
-    from pathlib import Path
 
     from drscaling.measure_stage import draw_cost_figure
 
@@ -319,3 +320,36 @@ def test_cost_figure_is_log_log_with_tick_labels_that_never_overlap():
     assert all(ax.get_xscale() == "log" and ax.get_yscale() == "log" for ax in fig.axes)
     assert all(len(ax.xaxis.get_ticklabels()) >= 2 for ax in fig.axes)
     assert overlapping_tick_labels(fig) == []
+
+
+def test_costs_file_round_trip_is_byte_identical(tmp_path):
+    # The versioned costs file read into CostsFile and written again: the same bytes, so the
+    # typed reader and writer keep exactly the contract (and its ints, nulls and key set).
+    versioned = Path(__file__).resolve().parents[1] / "costs" / "costs.json"
+    costs = CostsFile.read(versioned)
+    assert costs.training is not None and costs.inference is not None
+    assert costs.inference.fit.a > 0 and costs.inference.fit.interval["level"] == 0.95
+    assert costs.write(tmp_path / "costs.json").read_bytes() == versioned.read_bytes()
+    # A degenerate fit (NaN) is written as null and reads back as NaN.
+    costs.training.fit.b = float("nan")
+    again = CostsFile.read(costs.write(tmp_path / "nan.json"))
+    assert json.loads((tmp_path / "nan.json").read_text())["training"]["fit"]["b"] is None
+    assert np.isnan(again.training.fit.b)
+    # An older, smaller file (no machine, no towers, no training) reads; what it lacks is None.
+    older = {"device_hour_usd": 2, "device": "test", "inference": {"points": [], "fit": {"a": 1e-15, "b": 1.0}}}
+    read = CostsFile.from_dict(older)
+    assert read.training is None and read.machine is None and read.towers == []
+    assert read.to_dict() == older | dict.fromkeys(("measured_at", "machine", "repeats", "duration_s", "flags"))
+
+
+@pytest.mark.parametrize("field, value", [("inference", {"points": []}), ("training", {"fit": {"a": "x", "b": 1}}),
+                                          ("repeats", "three"), ("towers", {"query": 1}), ("machine", [1])])
+def test_a_malformed_costs_file_names_the_file_and_the_field(tmp_path, field, value):
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps({"device_hour_usd": 2.0, "inference": {"points": [], "fit": {"a": 1, "b": 1}},
+                                field: value}))
+    with pytest.raises(DrscalingError, match=rf"{path}: malformed '{field}'"):
+        CostsFile.read(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(DrscalingError, match="not a costs file"):
+        CostsFile.read(path)

@@ -17,6 +17,7 @@ from drscaling.budget import (
     TowerCostTable, TowerWorkload, compare_towers, format_tower_comparison, read_tower_metrics,
     run_tower_budget,
 )
+from drscaling.budget.result import TowerBudgetResult
 from drscaling.costs import combine, measure
 from drscaling.errors import DrscalingError
 from drscaling.export import export_onnx, ort_encode_fn, ort_session, quality_delta
@@ -194,7 +195,7 @@ def test_measure_towers(towers_server, mlflow_tmp, tmp_path):
     assert p["usd_per_million_tokens"] == pytest.approx(3.6 / 3600 / p["tokens_per_s"] * 1e6)
     # The throughput fit holds the passage tower only (queries are a latency operating point).
     assert [pt["shape"] for pt in result["inference"]["points"]] == [PASSAGE_SHAPE]
-    costs = combine(result, None)
+    costs = combine(result, None).to_dict()
     assert {t["tower"] for t in costs["towers"]} == {"query", "passage"}
     runs = mlflow_tmp.search_runs(search_all_experiments=True, output_format="list")
     child = {r.data.params["model"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
@@ -300,6 +301,14 @@ def test_tower_budget_files_cli_and_errors(tmp_path, mlflow_tmp):
     assert code == 0
     saved = json.loads((tmp_path / "out" / "towers.json").read_text())
     assert saved["best"] == "distilled" and saved["workload"]["query_volume"] == 1e7
+    # towers.json read into TowerBudgetResult and written again: the same bytes; a malformed one names the field.
+    typed = TowerBudgetResult.read(tmp_path / "out" / "towers.json")
+    assert typed.best == "distilled" and typed.costs_path == str(costs)
+    typed.write(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == (tmp_path / "out" / "towers.json").read_bytes()
+    (tmp_path / "bad.json").write_text(json.dumps(saved | {"deployments": {}}))
+    with pytest.raises(DrscalingError, match="bad.json: malformed 'deployments'"):
+        TowerBudgetResult.read(tmp_path / "bad.json")
     run = next(r for r in mlflow_tmp.search_runs(search_all_experiments=True, output_format="list")
                if r.data.tags.get("drscaling.towers"))
     assert run.data.tags["best_deployment"] == "distilled"

@@ -13,7 +13,7 @@ are printed as warnings and listed in "flags".
 Training: `training_costs` reads the training runs' median step time and tokens per step from
 MLflow and fits usd_per_step(N) = a * N**b the same way.
 
-The combined file (`measure_costs`) is what the budget module reads:
+The combined file (`measure_costs`, typed as costs_file.CostsFile) is what the budget module reads:
     {"device_hour_usd": float, "device": str, "measured_at": ISO time, "machine": {...},
      "repeats": int, "flags": [str],
      "inference": {"points": [{"shape", "n", "tokens_per_s", "usd_per_million_tokens",
@@ -53,6 +53,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from drscaling.cost_stats import SPREAD_LIMIT, fit_power, load_flags, machine_state, summarise_repeats
+from drscaling.costs_file import CostFit, CostSection, CostsFile
 from drscaling.errors import DrscalingError
 from drscaling.files import finite_copy, to_json, write_json
 from drscaling.loadgen import LoadConfig, run_load
@@ -419,34 +420,27 @@ INFERENCE_POINT_KEYS = ("shape", "n", "tokens_per_s", "usd_per_million_tokens", 
 TRAINING_POINT_KEYS = ("shape", "n", "step_s", "tokens_per_step", "usd_per_step", "runs")
 
 
-def _fit_fields(fit: dict) -> dict:
-    return {"a": float(fit["a"]), "b": float(fit["b"])} | ({"interval": fit["interval"]} if "interval" in fit else {})
+def _section(part: dict, keys: tuple[str, ...]) -> CostSection:
+    fit = part["fit"]
+    return CostSection(points=[{k: p[k] for k in keys if k in p} for p in part["points"]],
+                       fit=CostFit(float(fit["a"]), float(fit["b"]), fit.get("interval")))
 
 
-def combine(measured: dict, training: dict | None) -> dict:
+def combine(measured: dict, training: dict | None) -> CostsFile:
     """Keep exactly the contract's keys (the budget module reads this), with when, where and how
     reliably it was measured (a versioned costs file must say what machine its numbers are from)."""
-    out = {
-        "device_hour_usd": float(measured["device_hour_usd"]),
-        "device": str(measured["device"]),
-        "measured_at": measured.get("measured_at"),
-        "machine": measured.get("machine", {}),
-        "repeats": measured.get("load", {}).get("repeats", 1),
-        "duration_s": measured.get("load", {}).get("duration_s"),
-        "flags": list(measured.get("flags", [])),
-        "inference": {
-            "points": [{k: p[k] for k in INFERENCE_POINT_KEYS if k in p} for p in measured["inference"]["points"]],
-            "fit": _fit_fields(measured["inference"]["fit"]),
-        },
-    }
-    if measured.get("towers"):
-        out["towers"] = [{k: t[k] for k in TOWER_KEYS[t["tower"]]} for t in measured["towers"]]
-    if training is not None:
-        out["training"] = {
-            "points": [{k: p[k] for k in TRAINING_POINT_KEYS if k in p} for p in training["points"]],
-            "fit": _fit_fields(training["fit"]),
-        }
-    return out
+    return CostsFile(
+        device_hour_usd=float(measured["device_hour_usd"]),
+        device=str(measured["device"]),
+        measured_at=measured.get("measured_at"),
+        machine=measured.get("machine", {}),
+        repeats=measured.get("load", {}).get("repeats", 1),
+        duration_s=measured.get("load", {}).get("duration_s"),
+        flags=list(measured.get("flags", [])),
+        inference=_section(measured["inference"], INFERENCE_POINT_KEYS),
+        training=None if training is None else _section(training, TRAINING_POINT_KEYS),
+        towers=[{k: t[k] for k in TOWER_KEYS[t["tower"]]} for t in measured.get("towers") or []],
+    )
 
 
 def measure_costs(
@@ -469,5 +463,5 @@ def measure_costs(
         print(f"note: training costs left out: {exc}")
         training = None
     costs = combine(measured, training)
-    write_json(out_path, finite_copy(costs))
-    return costs
+    costs.write(out_path)
+    return costs.to_dict()

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from drscaling.budget.result import BudgetResult, TowerBudgetResult
 from drscaling.design import BUDGET_FILE, LAWS_FILE, METRICS_FILE, TOWER_BUDGET_FILE
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json, write_text
@@ -175,9 +176,9 @@ def _range_text(b: list[float | None] | None) -> str:
     return f"{'?' if lo is None else _num(lo)} .. {'?' if hi is None else _num(hi)}"
 
 
-def _measured_rows(res: dict[str, Any]) -> list[str]:
+def _measured_rows(res: BudgetResult) -> list[str]:
     """The trained shapes at the D the budget leaves them, best first in bold; the best trained run."""
-    shapes = res.get("shapes")
+    shapes = res.shapes
     lines = []
     if shapes and "best" in shapes:
         best = shapes["best"]
@@ -197,9 +198,9 @@ def _measured_rows(res: dict[str, Any]) -> list[str]:
         lines.append("")
     elif shapes and "error" in shapes:
         lines += [f"Among trained shapes: {shapes['error']}", ""]
-    elif res.get("law_set"):
-        lines += [f"No measured shapes: `{res['law_set']}` is a published law set.", ""]
-    run = res.get("best_measured_run")
+    elif res.law_set:
+        lines += [f"No measured shapes: `{res.law_set}` is a published law set.", ""]
+    run = res.best_measured_run
     if run:
         lines += [f"Best trained run that fits the budget (a measurement, no law): {run.get('shape') or '?'} "
                   f"at N {_num(run['n'])}, D {run['d']:,.0f}: CE {run['loss']:.4f}, cost "
@@ -221,15 +222,15 @@ def _paper_check_rows(check: dict[str, Any] | None) -> list[str]:
 
 
 def _budget_section(budget_path: Path, base: Path) -> list[str]:
-    res = read_json(budget_path, what="budget result")
-    costs = res.get("costs", {})
-    rng, chance = res.get("fitted_range"), res.get("chance")
+    res = BudgetResult.read(budget_path)
+    costs = res.costs
+    rng, chance = res.fitted_range, res.chance
     lines = [
         "## Budget allocation (Section 5)",
         "",
-        f"Budget {_money(res['budget'])}, {costs.get('mode', '?')} costs, recommendation "
-        f"{'including' if res.get('include_inference') else 'excluding'} inference. "
-        f"Law: `{res['law']['formula']}`" + (f" from `{res['laws']}`" if res.get("laws") else "") + ".",
+        f"Budget {_money(res.budget)}, {costs.get('mode', '?')} costs, recommendation "
+        f"{'including' if res.include_inference else 'excluding'} inference. "
+        f"Law: `{res.law['formula']}`" + (f" from `{res.laws}`" if res.laws else "") + ".",
         "",
     ]
     if rng:
@@ -251,15 +252,14 @@ def _budget_section(budget_path: Path, base: Path) -> list[str]:
         "",
         "| Case | range | N [95% CI] | D | predicted CE [95% CI] | data | training | inference | flags |",
         "|---|---|---|---|---|---|---|---|---|",
-        *_optimum_rows("without inference", res.get("without_inference")),
-        *_optimum_rows("with inference", res.get("with_inference")),
+        *_optimum_rows("without inference", res.without_inference),
+        *_optimum_rows("with inference", res.with_inference),
         "",
     ]
-    rec = res.get("recommendation") or {}
-    for flag in rec.get("flags", []) + res.get("flags", []):
+    for flag in res.recommendation.get("flags", []) + res.flags:
         lines.append(f"- ⚠ {flag}")
-    lines += ["", *_paper_check_rows(res.get("paper_check"))]
-    sources = res.get("sources") or []
+    lines += ["", *_paper_check_rows(res.paper_check)]
+    sources = res.sources
     if sources:
         lines += ["", "Annotation sources at a fixed model:", "",
                   "| source | $/pair | D | predicted CE | note |", "|---|---|---|---|---|"]
@@ -274,7 +274,7 @@ def _budget_section(budget_path: Path, base: Path) -> list[str]:
     lines.append("")
     # Figures live next to budget.json; look there first so the report works from any directory.
     figs = []
-    for f in res.get("figures", []):
+    for f in res.figures:
         near = budget_path.parent / "figures" / Path(f).name
         if near.exists():
             figs.append(near)
@@ -355,11 +355,11 @@ def log_report(
                 mlflow.log_artifact(str(fig), artifact_path="report/figures")
         if budget_path is not None and Path(budget_path).exists():
             mlflow.log_artifact(str(budget_path), artifact_path="report")
-            res = read_json(budget_path, what="budget result")
-            for fig in res.get("figures", []):
+            res = BudgetResult.read(budget_path)
+            for fig in res.figures:
                 if Path(fig).exists():
                     mlflow.log_artifact(fig, artifact_path="report/figures")
-            rec = res.get("recommendation") or {}
+            rec = res.recommendation
             if "n" in rec:
                 mlflow.log_metrics({"budget.n_opt": rec["n"], "budget.d_opt": rec["d"],
                                     "budget.loss": rec["loss"]})
@@ -383,12 +383,12 @@ def pipeline_summary(artifacts: str | Path = "artifacts") -> str:
     parts = [format_fits(load_laws(laws_path))]
     budget = root / "budget" / BUDGET_FILE
     if budget.exists():
-        parts.append(format_recommendation(read_json(budget)))
+        parts.append(format_recommendation(BudgetResult.read(budget)))
     towers = root / "towers" / "budget" / TOWER_BUDGET_FILE
     if towers.exists():
         from drscaling.distill import format_comparison
 
         parts += [format_comparison(read_json(root / "towers" / "distilled" / METRICS_FILE)),
-                  format_tower_comparison(read_json(towers))]
+                  format_tower_comparison(TowerBudgetResult.read(towers))]
     parts.append("MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)")
     return "\n".join(parts)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from drscaling.costs_file import CostsFile
 from drscaling.design import HUMAN_USD_PER_PAIR
 from drscaling.errors import DrscalingError
 from drscaling.files import read_json
@@ -132,17 +133,6 @@ class CostModel:
         return dataclasses.asdict(self)
 
 
-def _fit_ab(section: dict[str, Any], name: str, path: Path, hint: str) -> tuple[float, float]:
-    fit = section.get("fit") if isinstance(section, dict) else None
-    try:
-        a, b = float(fit["a"]), float(fit["b"])  # type: ignore[index]
-    except (TypeError, KeyError, ValueError) as exc:
-        raise DrscalingError(f"{path}: '{name}' has no usable fit {{a, b}}; {hint}") from exc
-    if not (math.isfinite(a) and math.isfinite(b) and a > 0):
-        raise DrscalingError(f"{path}: '{name}' fit has a={a}, b={b} (need a finite a > 0); {hint}")
-    return a, b
-
-
 def read_annotation_cost(path: str | Path) -> tuple[str, float]:
     """(source, $ per pair) from an annotation cost JSON written by the annotate stage."""
     path = Path(path)
@@ -172,22 +162,18 @@ def measured_cost_model(
             "measured costs need a costs file: run `drscaling measure` first and pass its costs JSON"
         )
     path = Path(costs_path)
-    doc = read_json(path, what="costs file", hint=(
-        "run `drscaling measure` first (inference $/token on Triton; training $/step comes from the "
-        "training runs): `make measure` writes the versioned costs/costs.json the pipeline reads "
-        "(commit it), or use --costs paper"))
-    if not isinstance(doc, dict):
-        raise DrscalingError(f"{path}: not a costs file (expected a JSON object)")
-    if "training" not in doc:
+    doc = CostsFile.read(path)
+    if doc.training is None:
         raise DrscalingError(
             f"{path}: no 'training' section; run the training runs (the sweep stage) first so the "
             "costs stage can record $ per training step, then `drscaling measure`"
         )
-    ta, tb = _fit_ab(doc["training"], "training", path, "re-run the training runs and `drscaling measure`")
+    ta, tb = doc.training.fit.usable("training", path, "re-run the training runs and `drscaling measure`")
     ia = ib = None
-    notes = [f"device: {doc.get('device', 'unknown')} at ${doc.get('device_hour_usd', float('nan'))}/h"]
-    if "inference" in doc:
-        ia, ib = _fit_ab(doc["inference"], "inference", path, "re-run `drscaling measure`")
+    hourly = float("nan") if doc.device_hour_usd is None else doc.device_hour_usd
+    notes = [f"device: {doc.device or 'unknown'} at ${hourly}/h"]
+    if doc.inference is not None:
+        ia, ib = doc.inference.fit.usable("inference", path, "re-run `drscaling measure`")
     elif need_inference:
         raise DrscalingError(
             f"{path}: no 'inference' section; run `drscaling measure` (Triton throughput) first"

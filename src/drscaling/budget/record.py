@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from drscaling.budget.result import TowerBudgetResult
 from drscaling.design import TOWER_BUDGET_FILE
 
 
@@ -68,26 +69,27 @@ def log_budget(result: dict[str, Any], out: Path, mode: str, published: bool,
         if picked:
             mlflow.set_tag("budget.recommended_model", f"{picked['name']}/{picked['version']}")
         if mode == "measured" and not published and costs_path is not None:
-            from drscaling.files import read_json
+            from drscaling.costs_file import CostsFile
 
-            registry.add_costs(read_json(costs_path, what="costs file"), costs_path)
+            registry.add_costs(CostsFile.read(costs_path).to_dict(), costs_path)
     return picked
 
 
-def log_towers(result: dict[str, Any], out: Path, mode: str, towers: str) -> None:
+def log_towers(given: TowerBudgetResult | dict[str, Any], out: Path, mode: str, towers: str) -> None:
     """Log a dual-tower comparison: the workload, each deployment's cost and CE, the best one."""
     import mlflow
 
     from drscaling import tracking
 
-    with tracking.stage_run("budget", f"budget-towers-{mode}-{result['budget']:g}",
+    result = TowerBudgetResult.from_dict(given)
+    with tracking.stage_run("budget", f"budget-towers-{mode}-{result.budget:g}",
                             {"drscaling.stage": "budget", "costs": mode, "drscaling.towers": "true"}):
-        mlflow.log_params({"budget": result["budget"], "costs": mode, "towers": towers}
-                          | {f"workload_{k}": v for k, v in result["workload"].items()})
-        for r in result["deployments"]:
+        mlflow.log_params({"budget": result.budget, "costs": mode, "towers": towers}
+                          | {f"workload_{k}": v for k, v in result.workload.items()})
+        for r in result.deployments:
             if "cost" in r:
                 mlflow.log_metrics({f"{r['name']}_{k}_usd": v for k, v in r["cost"].items()
                                     if isinstance(v, float)} | {f"{r['name']}_ce": r["ce"],
                                                                 f"{r['name']}_fits": float(r["fits"])})
-        mlflow.set_tag("best_deployment", result["best"] or "none")
+        mlflow.set_tag("best_deployment", result.best or "none")
         mlflow.log_artifact(str(out / TOWER_BUDGET_FILE), artifact_path="budget")

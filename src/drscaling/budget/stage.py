@@ -19,13 +19,14 @@ import numpy as np
 
 from drscaling.budget.cost_model import HUMAN_USD_PER_PAIR, CostModel, build_cost_model, read_annotation_cost
 from drscaling.budget.law_sets import DEFAULT_NEGATIVES, LawSource, resolve_laws
+from drscaling.budget.result import BudgetResult
 from drscaling.budget.solve import (
     EXTRAPOLATION_FACTOR, N_MAX, N_MIN, Chance, FittedRange, SearchRange, best_measured_run, check_budget,
     compare_sources, law_loss, law_loss_samples, solve, solve_shapes,
 )
 from drscaling.design import BUDGET_FILE, PAPER_BUDGET, POINTS_FILE
 from drscaling.errors import DrscalingError
-from drscaling.files import atomic_path, finite_or_null, write_json
+from drscaling.files import atomic_path, finite_or_null
 from drscaling.laws import FitResult
 from drscaling.numbers import finite_or_none
 
@@ -172,17 +173,6 @@ def draw_budget_figure(
 
 
 strict_json = finite_or_null  # the one implementation (files.py); budget's callers know it by this name
-
-
-def write_strict_json(path: Path, result: dict[str, Any]) -> dict[str, Any]:
-    """Make result strict JSON (in place) and write it; a non-finite number becomes null and a flag."""
-    replaced: list[str] = []
-    finite_or_null(result, replaced=replaced)
-    if replaced:
-        result.setdefault("flags", []).append(
-            "non-finite number(s) written as null: " + ", ".join(replaced))
-    write_json(path, result)
-    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,31 +373,31 @@ def run_budget(
     without, with_inf = _optima(pb)
     cost_paths = [*([annotation_cost_path] if annotation_cost_path is not None else []), *source_cost_paths]
     budgets = list(figure_budgets) if figure_budgets else [budget * f for f in (0.1, 0.3, 1, 3, 10)]
-    result = {
-        "budget": budget,
-        "include_inference": include_inference,
-        "laws": source.name,
-        "laws_path": str(source.path) if source.path is not None else None,
-        "law_set": source.published.name if source.published is not None else None,
-        "law": _law_record(fit, law),
-        "costs": costs.to_dict(),
-        "search": dataclasses.asdict(pb.search),
-        "fitted_range": fitted_range.to_dict(),
-        "chance": pb.chance.to_dict(),
-        "recommendation": with_inf if include_inference else without,
-        "without_inference": without,
-        "with_inference": with_inf,
-        "shapes": _shape_optimum(pb, shapes),
-        "best_measured_run": _best_run(pb, measured_runs, law_sources),
-        "sources": _source_comparison(pb, source.laws, usd_per_pair, cost_paths),
-        "figures": _budget_figures(pb, budgets, out_dir / "figures"),
-        "figure_budgets": budgets,
-        "paper_check": _paper_check(source, costs, without, with_inf, budget),
-        "flags": flags,
-        "fit_meta": {k: source.meta[k] for k in ("results", "n_bootstrap", "seed") if k in source.meta},
-        "budget_path": str(out_dir / BUDGET_FILE),
-    }
-    return write_strict_json(out_dir / BUDGET_FILE, result)
+    result = BudgetResult(
+        budget=budget,
+        include_inference=include_inference,
+        laws=source.name,
+        laws_path=str(source.path) if source.path is not None else None,
+        law_set=source.published.name if source.published is not None else None,
+        law=_law_record(fit, law),
+        costs=costs.to_dict(),
+        search=dataclasses.asdict(pb.search),
+        fitted_range=fitted_range.to_dict(),
+        chance=pb.chance.to_dict(),
+        recommendation=with_inf if include_inference else without,
+        without_inference=without,
+        with_inference=with_inf,
+        shapes=_shape_optimum(pb, shapes),
+        best_measured_run=_best_run(pb, measured_runs, law_sources),
+        sources=_source_comparison(pb, source.laws, usd_per_pair, cost_paths),
+        figures=_budget_figures(pb, budgets, out_dir / "figures"),
+        figure_budgets=budgets,
+        paper_check=_paper_check(source, costs, without, with_inf, budget),
+        flags=flags,
+        fit_meta={k: source.meta[k] for k in ("results", "n_bootstrap", "seed") if k in source.meta},
+        budget_path=str(out_dir / BUDGET_FILE),
+    )
+    return result.write(out_dir / BUDGET_FILE)  # strict JSON: a non-finite number as null and a flag
 
 def trained_runs(laws_path: str | Path) -> tuple[dict[str, float] | None, list[dict[str, Any]] | None]:
     """(shape -> N, the trained runs) from points.jsonl, which `drscaling fit` writes beside laws.json;

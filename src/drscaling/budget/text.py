@@ -1,12 +1,14 @@
 """The budget result as text: measured shapes first, then the continuous optimum with its label.
 
-Reads the dict run_budget returns (or a budget.json, older ones included: missing keys are skipped).
+Reads the result run_budget returns (or a budget.json, older ones included: missing keys are skipped)
+through BudgetResult.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from drscaling.budget.result import BudgetResult
 from drscaling.numbers import money
 
 
@@ -58,10 +60,10 @@ def _optimum(title: str, opt: dict[str, Any]) -> list[str]:
     return lines + [f"  ! {f}" for f in opt.get("flags", [])]
 
 
-def _recommended(result: dict[str, Any]) -> str:
+def _recommended(result: BudgetResult) -> str:
     """One line: a trained shape when one fits the budget, else what the continuous optimum is."""
-    shapes = result.get("shapes") or {}
-    rec = result.get("recommendation") or {}
+    shapes = result.shapes or {}
+    rec = result.recommendation or {}
     if "best" in shapes:
         b = shapes["best"]
         label = label_text(b)
@@ -75,11 +77,11 @@ def _recommended(result: dict[str, Any]) -> str:
             f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} of the law, not a measurement")
 
 
-def _measured(result: dict[str, Any]) -> list[str]:
-    shapes = result.get("shapes")
+def _measured(result: BudgetResult) -> list[str]:
+    shapes = result.shapes
     lines = []
-    if result.get("law_set") and not shapes:
-        rng = result.get("fitted_range") or {}
+    if result.law_set and not shapes:
+        rng = result.fitted_range or {}
         lines.append(f"Measured shapes: none here (a published law set; its fitted range: N "
                      f"{bounds(rng.get('n'))}, D {bounds(rng.get('d'))})")
     elif not shapes:
@@ -102,13 +104,13 @@ def _measured(result: dict[str, Any]) -> list[str]:
                              f"{s['loss']:.4f}" + (f"  [{label_text(s)}]" if label_text(s) else ""))
             else:
                 lines.append(f"  {s['shape']}: N = {s['n']:.3g}, over budget")
-    run = result.get("best_measured_run")
+    run = result.best_measured_run
     if run:
         lines.append(
             f"Best measured run within the budget: {run.get('shape') or '?'} (N = {run['n']:.3g}) at "
             f"D = {run['d']:,.0f}: measured CE {run['loss']:.4f} (a measurement; it cost "
             f"{money(run['cost']['total'])})")
-    elif shapes is not None or result.get("law_set") is None:
+    elif shapes is not None or result.law_set is None:
         lines.append("Best measured run within the budget: none of the trained runs fits the budget")
     return lines
 
@@ -128,15 +130,16 @@ def _paper_check(check: dict[str, Any]) -> list[str]:
     return lines + [f"  note: {n}" for n in check.get("notes", [])]
 
 
-def format_recommendation(result: dict[str, Any]) -> str:
-    """A printable summary of run_budget's result."""
-    incl = "including" if result["include_inference"] else "excluding"
+def format_recommendation(given: BudgetResult | dict[str, Any]) -> str:
+    """A printable summary of run_budget's result (or of a budget.json's object)."""
+    result = BudgetResult.from_dict(given)
+    incl = "including" if result.include_inference else "excluding"
     lines = [
-        f"Budget {money(result['budget'])} ({result['costs']['mode']} costs, {incl} inference)"
-        + (f"; laws: {result['laws']}" if result.get("laws") else ""),
-        f"Law: {result['law']['formula']}",
+        f"Budget {money(result.budget)} ({result.costs['mode']} costs, {incl} inference)"
+        + (f"; laws: {result.laws}" if result.laws else ""),
+        f"Law: {result.law['formula']}",
     ]
-    rng, chance = result.get("fitted_range"), result.get("chance")
+    rng, chance = result.fitted_range, result.chance
     if rng:
         lines.append(f"Fitted range: N {bounds(rng['n'])}, D {bounds(rng['d'])} ({rng['source']}); "
                      f"more than {rng['factor']:g}x outside it is extrapolation")
@@ -145,12 +148,12 @@ def format_recommendation(result: dict[str, Any]) -> str:
                      f"meaningless ({chance['negatives']} negatives, from {chance['source']})")
     lines.append(_recommended(result))
     lines += _measured(result)
-    lines += _optimum(f"Continuous optimum, {incl} inference", result["recommendation"])
-    other = result["with_inference"] if not result["include_inference"] else result["without_inference"]
+    lines += _optimum(f"Continuous optimum, {incl} inference", result.recommendation)
+    other = result.with_inference if not result.include_inference else result.without_inference
     if other:
-        which = "including" if not result["include_inference"] else "excluding"
+        which = "including" if not result.include_inference else "excluding"
         lines += _optimum(f"Continuous optimum, {which} inference (for comparison)", other)
-    for s in result.get("sources", []):
+    for s in result.sources:
         if "loss" in s:
             d = "unlimited" if s.get("d") is None else f"{s['d']:,.0f}"
             lines.append(
@@ -160,9 +163,9 @@ def format_recommendation(result: dict[str, Any]) -> str:
             )
         else:
             lines.append(f"Source {s['source']}: {s.get('note', 'not compared')}")
-    if result.get("paper_check"):
-        lines += _paper_check(result["paper_check"])
-    lines += [f"! {f}" for f in result.get("flags", [])]
-    if result.get("figures"):
-        lines.append("Figures: " + ", ".join(result["figures"]))
+    if result.paper_check:
+        lines += _paper_check(result.paper_check)
+    lines += [f"! {f}" for f in result.flags]
+    if result.figures:
+        lines.append("Figures: " + ", ".join(result.figures))
     return "\n".join(lines)

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drscaling.budget.cost_model import COSTS_MODES, PaperCosts, _fit_ab
+from drscaling.budget.cost_model import COSTS_MODES, PaperCosts
+from drscaling.budget.result import TowerBudgetResult
+from drscaling.costs_file import CostsFile
 from drscaling.design import HUMAN_USD_PER_PAIR
 from drscaling.budget.solve import check_budget
 from drscaling.design import TOWER_BUDGET_FILE
 from drscaling.errors import DrscalingError
-from drscaling.files import read_json, write_json
+from drscaling.files import read_json
 from drscaling.numbers import money as _money
 
 # (name, entry of the distillation metrics.json, description)
@@ -68,11 +70,11 @@ class TowerCostTable:
     (`drscaling measure` on the towers), else that shape measured as a shared model, else in the
     other role, else the fit a * N**b. Paper: 2 FLOPs per parameter per token at the paper's $ per FLOP."""
 
-    def __init__(self, mode: str, doc: dict[str, Any] | None = None, paper: PaperCosts | None = None):
+    def __init__(self, mode: str, doc: CostsFile | dict[str, Any] | None = None, paper: PaperCosts | None = None):
         if mode not in COSTS_MODES:
             raise DrscalingError(f"unknown costs mode '{mode}'; expected one of {COSTS_MODES}")
         self.mode = mode
-        self.doc = doc or {}
+        self.doc = doc if isinstance(doc, CostsFile) else CostsFile.from_dict(doc or {})
         self.paper = paper or PaperCosts()
 
     @classmethod
@@ -85,23 +87,27 @@ class TowerCostTable:
                 f"costs file not found: {path}; run `drscaling measure` on a repository holding the "
                 "towers first (`drscaling export --model <dual model> --repo ...`), or use --costs paper"
             )
-        doc = read_json(path, what="costs file")
-        if not isinstance(doc, dict) or "inference" not in doc:
+        doc = CostsFile.read(path)
+        if doc.inference is None:
             raise DrscalingError(f"{path}: no 'inference' section; re-run `drscaling measure`")
-        _fit_ab(doc["inference"], "inference", path, "re-run `drscaling measure`")
+        doc.inference.fit.usable("inference", path, "re-run `drscaling measure`")
         return cls(mode, doc)
 
     @property
     def device_hour_usd(self) -> float:
-        return float(self.doc.get("device_hour_usd", self.paper.usd_per_gpu_hour))
+        hourly = self.doc.device_hour_usd
+        return float(self.paper.usd_per_gpu_hour if hourly is None else hourly)
 
     def per_token(self, role: str, shape: str, n: float) -> TokenCost:
         if self.mode == "paper":
             usd = self.paper.infer_flops_per_param_token * n * self.paper.usd_per_flop
             return TokenCost(usd, f"paper: {self.paper.infer_flops_per_param_token:g} FLOPs x N")
-        towers = self.doc.get("towers") or []
+        towers = self.doc.towers
         same_role = [t for t in towers if t["shape"] == shape and t["tower"] == role]
-        shared = [p for p in self.doc["inference"].get("points", []) if p["shape"] == shape]
+        inference = self.doc.inference
+        if inference is None:
+            raise DrscalingError("measured tower costs need the costs file's 'inference' section")
+        shared = [p for p in inference.points if p["shape"] == shape]
         other_role = [t for t in towers if t["shape"] == shape]
         # A shared model's batch-32 throughput says more about a role than the other role's operating point.
         if same_role:
@@ -112,8 +118,8 @@ class TowerCostTable:
         if other_role:
             t = other_role[0]
             return TokenCost(t["usd_per_million_tokens"] / 1e6, f"measured: {t['tower']} tower {t['model']}")
-        fit = self.doc["inference"]["fit"]
-        return TokenCost(float(fit["a"]) * n ** float(fit["b"]), f"fit {fit['a']:.3g} x N^{fit['b']:.3g}")
+        fit = inference.fit
+        return TokenCost(fit.a * n ** fit.b, f"fit {fit.a:.3g} x N^{fit.b:.3g}")
 
 
 def read_tower_metrics(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -228,18 +234,19 @@ def run_tower_budget(
     """compare_towers from files; writes out_dir/towers.json (atomic) and returns the result."""
     metrics = read_tower_metrics(metrics_path)
     table = TowerCostTable.read(costs_mode, costs_path)
-    result = compare_towers(metrics, table, budget, workload or TowerWorkload())
-    result["metrics_path"] = str(metrics_path)
-    result["costs_path"] = str(costs_path) if costs_mode == "measured" else None
-    write_json(Path(out_dir) / TOWER_BUDGET_FILE, result)
-    return result
+    result = TowerBudgetResult(**compare_towers(metrics, table, budget, workload or TowerWorkload()),
+                               metrics_path=str(metrics_path),
+                               costs_path=str(costs_path) if costs_mode == "measured" else None)
+    return result.write(Path(out_dir) / TOWER_BUDGET_FILE)
 
 
-def format_tower_comparison(result: dict[str, Any]) -> str:
-    """The comparison as a table: cost split, CE, whether it fits, the best."""
-    w = result["workload"]
+def format_tower_comparison(given: TowerBudgetResult | dict[str, Any]) -> str:
+    """The comparison (compare_towers's result or a towers.json's) as a table: cost split, CE, whether
+    it fits, the best."""
+    result = TowerBudgetResult.from_dict(given)
+    w = result.workload
     lines = [
-        f"Deployments for a budget of {_money(result['budget'])} ({result['costs_mode']} costs): corpus "
+        f"Deployments for a budget of {_money(result.budget)} ({result.costs_mode} costs): corpus "
         f"{w['corpus_pages']:.3g} pages x {w['tokens_per_page']:g} tokens, {w['query_volume']:.3g} "
         f"queries x {w['tokens_per_query']:g} tokens",
         f"  {'deployment':10} {'query tower':>14} {'passage tower':>14} {'annotation':>11} {'training':>10} "
@@ -249,7 +256,7 @@ def format_tower_comparison(result: dict[str, Any]) -> str:
     def money(x: float | None) -> str:
         return "?" if x is None else _money(x)
 
-    for r in result["deployments"]:
+    for r in result.deployments:
         if "cost" not in r:
             lines.append(f"  {r['name']:10} {r['note']}")
             continue
@@ -259,18 +266,18 @@ def format_tower_comparison(result: dict[str, Any]) -> str:
             f"{money(c['training']):>10} {money(c['corpus']):>10} {money(c['queries']):>10} "
             f"{money(c['total']):>10} {r['ce']:7.4f}  {'yes' if r['fits'] else 'no'}"
         )
-    for r in result["deployments"]:
+    for r in result.deployments:
         if "per_token" in r:
             pt = r["per_token"]
             lines.append(f"  {r['name']}: query ${pt['query']['usd_per_token'] * 1e6:.4g}/1M tokens "
                          f"({pt['query']['source']}); passage ${pt['passage']['usd_per_token'] * 1e6:.4g}/1M "
                          f"tokens ({pt['passage']['source']})")
-    best = result["best"]
+    best = result.best
     if best:
-        label = next(r["label"] for r in result["deployments"] if r["name"] == best)
+        label = next(r["label"] for r in result.deployments if r["name"] == best)
         lines.append(f"Best within the budget: {best} ({label})")
     else:
-        lines.append(f"No deployment fits the budget; the cheapest is {result['cheapest']}")
-    lines += [f"! {f}" for f in result.get("flags", [])]
+        lines.append(f"No deployment fits the budget; the cheapest is {result.cheapest}")
+    lines += [f"! {f}" for f in result.flags]
     return "\n".join(lines)
 
