@@ -371,7 +371,7 @@ def test_unreadable_file_and_unwritable_folder(tmp_path):
     hidden.chmod(0)
     (tmp_path / "ro").mkdir(mode=0o555)
     script = (
-        "import sys\nfrom drscaling.data import import_pairs\nfrom drscaling.errors import DrscalingError\n"
+        "import sys\nfrom drscaling.dataset.pairs import import_pairs\nfrom drscaling.errors import DrscalingError\n"
         "for src, dest in zip(sys.argv[1::2], sys.argv[2::2]):\n"
         "    try:\n        import_pairs(src, dest, 1, 1, seed=1)\n        print('imported')\n"
         "    except DrscalingError as exc:\n        print(exc)\n")

@@ -63,7 +63,7 @@ def _stop(proc: subprocess.Popen) -> None:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[3]) == proc.pid:  # the session id
+            if int(fields[3]) == proc.pid and fields[0] != "Z":  # the session id; a zombie is already gone
                 out.append(int(stat.parent.name))
         return out
 
@@ -72,7 +72,9 @@ def _stop(proc: subprocess.Popen) -> None:
             with __import__("contextlib").suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.time() + wait
-        while members() and time.time() < deadline:
+        while proc.poll() is None or members():  # poll reaps the leader, which is not waited for otherwise
+            if time.time() > deadline:
+                break
             time.sleep(0.5)
     proc.wait(timeout=10)
 

@@ -329,6 +329,7 @@ def test_a_sigterm_after_the_last_step_stops_the_loop_around_it():
     last boundary, reaches the handler outside it: a sweep stops instead of starting its next point."""
     from drscaling.signals import Terminated, sigterm_at_boundary, sigterm_raises
 
+    before = signal.getsignal(signal.SIGTERM)  # not always SIG_DFL: ray.init in an earlier test installs its own
     with pytest.raises(Terminated), sigterm_raises():
         with sigterm_at_boundary() as term:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -337,7 +338,7 @@ def test_a_sigterm_after_the_last_step_stops_the_loop_around_it():
                 time.sleep(0.01)
             assert term["term"]  # deferred: nothing raised inside the block
         pytest.fail("the deferred SIGTERM was dropped when the block ended")
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_truncated_checkpoint_is_refused_with_advice_then_discarded(prepared, annotations, tokenizer_dir, tmp_path,
