@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from drscaling import cli
+from drscaling.params import REPO
 from drscaling.annotation import endpoint
 from drscaling.annotation.config import API_KEY_ENV, GenerationConfig
 from drscaling.annotation.format import cost_path
@@ -429,6 +431,9 @@ def test_sigtermed_annotate_process_saves_its_batch_and_resumes_without_asking_t
         _send(h, 200, _chat_answer(_word(body)))
 
     out, uri, env = tmp_path / "llm.jsonl", f"sqlite:///{tmp_path / 'mlflow.db'}", _annotate_env(tmp_path, "annotate-term")
+    settings = yaml.safe_load((REPO / "params.yaml").read_text())  # batches of 4: the signal lands long before the last
+    settings["annotate"]["llm"]["generation"]["batch_size"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))  # the process runs in tmp_path: its params.yaml
     with http_server(slow) as (base, _):
         cmd = _annotate_cmd(base, prepared, out)
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

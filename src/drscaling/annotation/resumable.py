@@ -208,10 +208,7 @@ def run_generation(
     with tqdm(total=len(passages), initial=resumed, desc=f"generate {source}", unit="passage") as bar, \
             sigterm_at_boundary() as term:
         for batch in _batches(todo, max(1, cfg.batch_size)):
-            if term["term"]:
-                kept = sum(1 for r in latest.values() if not r.get("failed"))
-                raise Terminated(f"SIGTERM: {kept} of {len(passages)} passages have a query, saved in {part};"
-                                 " running the same command again resumes there")
+            _stop_if_asked(term, latest, len(passages), part)
             try:
                 rows = generate_batch(generator, batch, prompt_kind, cfg, source)
             except BatchStopped as exc:
@@ -225,8 +222,17 @@ def run_generation(
             latest.update((r["pid"], r) for r in rows)
             bar.update(len(batch))
             bar.set_postfix(kept=sum(1 for r in latest.values() if not r.get("failed")))
+        _stop_if_asked(term, latest, len(passages), part)  # during the last batch: saved, stopped before publishing
     rows = [latest[p] for p in passages["pid"]]
     return rows, _totals(rows, history, resumed, time.perf_counter() - session_start)
+
+
+def _stop_if_asked(term: dict, latest: dict[str, dict], total: int, part: Path) -> None:
+    """At a batch boundary, a SIGTERM received during the batch stops the run, naming what is saved."""
+    if term["term"]:
+        kept = sum(1 for r in latest.values() if not r.get("failed"))
+        raise Terminated(f"SIGTERM: {kept} of {total} passages have a query, saved in {part};"
+                         " running the same command again resumes there")
 
 
 def _totals(rows: list[dict], history: list[dict], resumed: int, session_seconds: float) -> dict:
