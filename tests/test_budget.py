@@ -33,6 +33,7 @@ from drscaling.budget import (
 )
 from drscaling.budget.result import BudgetResult
 from drscaling.errors import DrscalingError
+from drscaling.files import finite_or_null
 from drscaling.laws import PARAM_NAMES, FitResult, predict, save_laws
 
 REPO = Path(__file__).resolve().parents[1]
@@ -462,7 +463,7 @@ def test_budget_json_is_strict_json(tmp_path: Path) -> None:
     assert _strict_load(tmp_path / "p" / "budget.json")["law"]["r2"] is None  # no R² published
     assert not any("non-finite" in f for f in paper["flags"])
     replaced: list[str] = []
-    clean = B.strict_json({"a": [1.0, float("inf")], "b": {"c": float("nan")}, "t": (1, 2)}, replaced=replaced)
+    clean = finite_or_null({"a": [1.0, float("inf")], "b": {"c": float("nan")}, "t": (1, 2)}, replaced=replaced)
     assert clean == {"a": [1.0, None], "b": {"c": None}, "t": [1, 2]}
     assert replaced == ["a[1]", "b.c"]
 

@@ -105,25 +105,12 @@ def dumps(obj: Any, **kwargs: Any) -> str:
     try:
         return json.dumps(obj, allow_nan=False, default=_json_default, **kwargs)
     except ValueError as exc:
-        where = non_finite_paths(obj)
+        where: list[str] = []
+        finite_or_null(copy.deepcopy(obj), replaced=where)  # only to name them: the same walk that replaces them
         if not where:
             raise
         raise ValueError(f"non-finite number(s) at {', '.join(where[:10])}: JSON has no NaN or Infinity"
                          " (write null instead)") from exc
-
-
-def non_finite_paths(obj: Any, where: str = "") -> list[str]:
-    """Where `obj` holds a NaN or infinite number (numpy ones included), as `a.b[2]` paths."""
-    if isinstance(obj, dict):
-        return [p for k, v in obj.items() for p in non_finite_paths(v, f"{where}.{k}" if where else str(k))]
-    if isinstance(obj, (list, tuple)) or hasattr(obj, "tolist"):
-        items = obj.tolist() if hasattr(obj, "tolist") else obj
-        if not isinstance(items, list):  # a numpy scalar
-            return non_finite_paths(items, where)
-        return [p for i, v in enumerate(items) for p in non_finite_paths(v, f"{where}[{i}]")]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return [where or "(top level)"]
-    return []
 
 
 def finite_or_null(obj: Any, where: str = "", replaced: list[str] | None = None) -> Any:

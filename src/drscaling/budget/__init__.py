@@ -20,7 +20,7 @@ from drscaling.budget.solve import (
 )
 from drscaling.budget.record import log_budget, log_towers, mlflow_fields
 from drscaling.budget.result import BudgetResult, TowerBudgetResult
-from drscaling.budget.stage import budget_figure, formula, run_budget, strict_json, trained_runs
+from drscaling.budget.stage import budget_figure, formula, run_budget, trained_runs
 from drscaling.budget.text import format_recommendation
 from drscaling.budget.towers import (
     DEPLOYMENTS, TOWER_ENTRY_KEYS, TokenCost, TowerCostTable, TowerWorkload, compare_towers, deployment_cost,
@@ -35,5 +35,5 @@ __all__ = [
     "compare_towers", "deployment_cost", "format_recommendation", "format_tower_comparison", "formula",
     "known_law_sets", "law_loss", "law_loss_samples", "log_budget", "log_towers", "measured_cost_model", "minimum_cost", "mlflow_fields",
     "paper_derivation", "paper_laws", "read_annotation_cost", "read_tower_metrics", "resolve_laws",
-    "run_budget", "run_tower_budget", "solve", "solve_shapes", "strict_json", "trained_runs", "workload_from",
+    "run_budget", "run_tower_budget", "solve", "solve_shapes", "trained_runs", "workload_from",
 ]

@@ -26,7 +26,7 @@ from drscaling.budget.solve import (
 )
 from drscaling.design import BUDGET_FILE, PAPER_BUDGET, POINTS_FILE
 from drscaling.errors import DrscalingError
-from drscaling.files import atomic_path, finite_or_null
+from drscaling.files import atomic_path
 from drscaling.laws import FitResult
 from drscaling.numbers import finite_or_none
 
@@ -165,14 +165,6 @@ def draw_budget_figure(
     ax.legend(title="budget (dots: its optimum)", fontsize=7)
     ax.grid(alpha=0.3, which="both")
     return fig
-
-
-# --------------------------------------------------------------------------------------------
-# Strict JSON
-# --------------------------------------------------------------------------------------------
-
-
-strict_json = finite_or_null  # the one implementation (files.py); budget's callers know it by this name
 
 
 # --------------------------------------------------------------------------------------------
