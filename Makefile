@@ -58,7 +58,7 @@ exps:
 	dvc exp show --no-pager --drop '.*' --keep '$(EXP_COLUMNS)'
 
 test: data
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 clean:
 	rm -rf artifacts mlflow.db mlruns

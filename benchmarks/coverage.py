@@ -11,7 +11,7 @@ hard case is 6 points and 3 parameters).
 
 Sizes: N = the non-embedding parameters of all-MiniLM-L6-v2 cut to k = 1..6 layers with the 384->768
 head (drscaling.model's own count when the packaged checkpoint is installed; otherwise the same
-numbers, recorded below); D = 100, 200, 400, 800, 1600, 3200 pairs.
+numbers, recorded below); D = the default experiment's data sweep (pipelines/quick.yaml: 13-1,600 pairs).
 
 Noise: multiplicative (log-normal), sd `--noise` = 5% by default. Justification: the paper's L(N) fit
 has R^2 = 0.991 over its BERT sizes (0.5M-82M, CE 0.056-0.27), which leaves a residual sd of about
@@ -39,13 +39,13 @@ import time
 import numpy as np
 
 from drscaling.laws import FitConfig, fit_law, get_form, predict
+from drscaling.sweep import load_preset
 
 PAPER_N = {"A": 3.22e4, "alpha": 0.53, "delta": 0.04}  # Table 1, MS MARCO
 PAPER_D = {"B": 3.49e3, "beta": 1.05, "delta": 0.05}  # Table 2, MS MARCO
 # drscaling.model.encoder.non_embedding_params of minilm-L1 .. minilm-L6 (768-dim head), for machines
 # without the packaged checkpoint: 1,774,464 per layer + 296,448 (head and embedding LayerNorm).
 MINILM_N = (2070912, 3845376, 5619840, 7394304, 9168768, 10943232)
-D_VALUES = (100, 200, 400, 800, 1600, 3200)
 
 
 def minilm_n(layers: int = 6) -> tuple[list[float], str]:
@@ -115,7 +115,8 @@ def main() -> None:
     ap.add_argument("--method", choices=["parametric", "pairs"], default="parametric")
     ap.add_argument("--laws", nargs="+", default=["N", "D"], choices=["N", "D"])
     ap.add_argument("--n-values", type=float, nargs="+", help="default: minilm-L1..L6 N")
-    ap.add_argument("--d-values", type=float, nargs="+", default=list(D_VALUES))
+    ap.add_argument("--d-values", type=float, nargs="+", default=[float(d) for d in load_preset("quick").data["train_pairs"]],
+                    help="default: the quick preset's data sweep, %(default)s")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--target", type=float, default=0.90)

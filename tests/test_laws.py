@@ -40,7 +40,7 @@ PAPER_D = {"B": 3.49e3, "beta": 1.05, "delta": 0.05}
 PAPER_ND = {"A": 3.6e4, "B": 7.1e3, "alpha": 0.56, "beta": 1.31, "delta": 0.03}
 ADDITIVE = {"E": 0.05, "A": 300.0, "B": 40.0, "a": 0.4, "b": 0.5}  # Chinchilla's form, LLM-like values
 # The default experiment: all-MiniLM-L6-v2 cut to 1..6 layers with a 384->768 head
-# (drscaling.model.encoder.non_embedding_params), and the data sizes of benchmarks/coverage.py.
+# (drscaling.model.encoder.non_embedding_params), and six data sizes 1.5 decades apart.
 MINILM_N = np.array([2070912, 3845376, 5619840, 7394304, 9168768, 10943232], dtype=float)
 D_SMALL = np.array([100, 200, 400, 800, 1600, 3200], dtype=float)
 N_GRID = np.geomspace(0.5e6, 85e6, 12)  # the paper's BERT sizes span ~0.5M..85M
