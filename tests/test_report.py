@@ -108,3 +108,20 @@ def test_logging_to_a_real_mlflow_store(
         assert mlflow.active_run() is not None  # the caller's run is left open
     names = {a.path for a in client.list_artifacts(outer.info.run_id, "report")}
     assert {"report/r.md", "report/laws.json", "report/figures"} <= names
+
+
+def test_heldout_rows_are_judged_each_on_its_own_error(fitted: tuple[Path, dict]) -> None:
+    """A joint law's check predicts several points: a point within the threshold reads `ok` even when
+    another point of the same law is over it (the law's flag is on the largest error)."""
+    import dataclasses
+
+    from drscaling.laws.result import load_laws
+    from drscaling.report import _heldout
+
+    _, summary = fitted
+    fit = load_laws(summary["laws_path"])["ND"]
+    points = [{"n": 7e6, "d": d, "observed": 1.0, "predicted": pred, "rel_error": pred - 1.0}
+              for d, pred in ((200, 1.144), (1600, 1.01))]
+    heldout = fit.heldout | {"points": points, "max_abs_rel_error": 0.144, "threshold": 0.1}
+    rows = [r for r in _heldout({"ND": dataclasses.replace(fit, heldout=heldout)}) if r.startswith("| ND |")]
+    assert [r.rsplit("|", 2)[1].strip() for r in rows] == ["**over 10%**", "ok"]

@@ -328,9 +328,13 @@ def test_a_point_from_a_named_init_checkpoint_is_found_from_another_machine(clus
     init = _init_checkpoint(tokenizer_dir, tmp_path / "init", seed=0)
     preset = Preset("init", train=TINY | {"init": str(init)}, data={"shape": "bert-L2-H128", "train_pairs": [50]})
     paths = _paths(prepared, annotations, tokenizer_dir)
-    [first] = read_jsonl(run_sweep(preset, paths, {}, tmp_path / "a", "data", executor="ray", ray=RayConfig(address=cluster)))
+    # 2 CPUs (the head's): the point trains on 2 threads, though the node probe before it ran in a worker
+    # with OMP_NUM_THREADS=1 that Ray may reuse (torch reads that variable once, at import)
+    ray = RayConfig(address=cluster, num_cpus=2)
+    [first] = read_jsonl(run_sweep(preset, paths, {}, tmp_path / "a", "data", executor="ray", ray=ray))
     [run] = _train_runs(_parent(tmp_path / "a", "init-data"))
     assert run.data.tags["init_checkpoint"] == str(init) and first["init_hash"] in run.data.tags["data_key"]
+    assert run.data.tags["torch_threads"] == "2"
 
     other = tmp_path / "b"  # another machine: nothing in its output folder
     [again] = read_jsonl(run_sweep(preset, paths, {}, other, "data", executor="ray", ray=RayConfig(address=cluster)))

@@ -202,6 +202,7 @@ def _train_point(cfg: TrainConfig, paths: Paths, tags: dict[str, str], uri: str,
                  parent_id: str, version: str, study: str | None = None) -> dict:
     """A Ray task: train one point as a child run of the sweep's parent run. `version`: the point's
     data key as the driver computed it (data + named init checkpoint), the one train() tags its run with."""
+    _use_assigned_cpus()
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["DRSCALING_EXPERIMENT"] = experiment
     if study:  # its models register under the study's name, as on the driver (registry.registered_name)
@@ -227,6 +228,16 @@ def _train_point(cfg: TrainConfig, paths: Paths, tags: dict[str, str], uri: str,
                 "error": f"{type(exc).__name__}: {exc}"[:5000]})
             client.set_terminated(run.info.run_id, "FAILED")
         raise
+
+
+def _use_assigned_cpus() -> None:
+    """Train on as many threads as the task holds CPUs. Ray sets OMP_NUM_THREADS per task, but torch reads
+    it once, at import: a reused worker that imported torch for an earlier task (the node probe holds no
+    CPU, so OMP_NUM_THREADS=1) trained a 2-CPU point on one thread, 1.3-1.5x slower (BENCHMARKS.md)."""
+    import ray
+    import torch
+
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
 
 
 def _run_keys(points: Points, paths: Paths, starts: dict[str, Start], hashed: dict[str, dict[str, str]]) -> dict[str, str]:

@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from drscaling import registry, tracking
 from drscaling.checkpoints import Start
@@ -43,7 +44,8 @@ def open_mlflow_run(cfg: TrainConfig, meta: ModelMeta, d: int, state: dict, tags
     # Set when the run is created (one request), so a kill at any moment leaves a run its sweep can find.
     run_tags = {"drscaling.stage": "train", "shape": cfg.shape, "source": cfg.annotation_source, "towers": cfg.towers,
                 "init_checkpoint": start.checkpoint, "n": str(meta.n_non_embedding), "d": str(d),
-                "config_key": cfg.key(), "data_key": state["data_key"], **(tags or {})}
+                "config_key": cfg.key(), "data_key": state["data_key"], "torch_threads": str(torch.get_num_threads()),
+                **(tags or {})}
     if run_id:  # resume (or adopt the run of a process killed before its first checkpoint)
         run = mlflow.start_run(run_id=run_id, log_system_metrics=True, nested=nested)
         mlflow.set_tags(run_tags)  # an adopted run may have died before it had them; a retry's node is recorded
