@@ -14,6 +14,9 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The suite runs in this many pytest-xdist workers, a test file each (its module fixtures: one Ray
+# cluster, one MLflow server); half the suite's time is waiting on servers and subprocesses.
+TEST_WORKERS ?= 2
 
 .PHONY: setup data run towers measure exps test clean
 
@@ -58,7 +61,7 @@ exps:
 	dvc exp show --no-pager --drop '.*' --keep '$(EXP_COLUMNS)'
 
 test: data
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 clean:
 	rm -rf artifacts mlflow.db mlruns

@@ -281,7 +281,9 @@ def test_sweep_overrides_beat_the_preset_and_the_workspace_preset_wins(tmp_path,
     assert {c.lr for c in cfgs} == {0.0003}  # params.yaml sweep.train > preset > params.yaml train
     assert {c.seed for c in cfgs} == {3}  # not in the preset: params.yaml train
     assert {(c.eval.draws, c.eval.rank_pool) for c in cfgs} == {(2, 2000)}  # eval merged, not replaced
-    assert {c.lr for _, c in points(quick, base)} == {0.0001}
+    lrs = {c.shape: c.lr for _, c in points(quick, base)}  # the preset's train, or its shape_train entry
+    assert lrs == {s: quick.shape_train.get(s, {}).get("lr", quick.train["lr"]) for s in lrs}
+    assert len(set(lrs.values())) == 2
 
     # a `dvc exp` workspace's own pipelines/ is read before the installed project's
     monkeypatch.chdir(tmp_path)
@@ -290,6 +292,24 @@ def test_sweep_overrides_beat_the_preset_and_the_workspace_preset_wins(tmp_path,
     assert load_preset("quick").model == TINY_SWEEP["model"]
     with pytest.raises(DrscalingError, match="unknown preset 'nope'.*quick"):
         load_preset("nope")
+
+
+def test_shape_train_sets_one_shape_s_points_and_bad_entries_are_named():
+    from drscaling.errors import DrscalingError
+    from drscaling.sweep import Preset, points
+
+    preset = Preset("p", train={"lr": 1e-4, "steps": 10}, model={"shapes": ["bert-L2-H128", "bert-L4-H128"]},
+                    data={"shape": "bert-L4-H128", "train_pairs": [5, 10]}, shape_train={"bert-L4-H128": {"lr": 3e-5}})
+    got = sorted((sweep, c.shape, c.train_pairs, c.lr, c.steps) for sweep, c in points(preset, {}))
+    assert got == [("data", "bert-L4-H128", 5, 3e-5, 10), ("data", "bert-L4-H128", 10, 3e-5, 10),
+                   ("model", "bert-L2-H128", 0, 1e-4, 10), ("model", "bert-L4-H128", 0, 3e-5, 10)]
+    assert {c.lr for _, c in points(preset, {}, {"lr": 1e-3})} == {1e-3}  # params.yaml sweep.train still wins
+    for bad, message in [({"bert-L8-H128": {"lr": 1}}, "shape_train names bert-L8-H128, which no sweep of it trains"),
+                         ({"bert-L2-H128": 3e-5}, "shape_train.bert-L2-H128 must map training parameters"),
+                         ({"bert-L2-H128": {"train_pairs": 3}}, "other than shape, train_pairs"),
+                         ({"bert-L2-H128": {"lrr": 3}}, "unknown TrainConfig parameter.*lrr")]:
+        with pytest.raises(DrscalingError, match=message):
+            points(Preset("p", model={"shapes": ["bert-L2-H128"]}, shape_train=bad), {})
 
 
 def test_make_exps_is_a_compact_dvc_exp_show(tmp_path):

@@ -107,6 +107,19 @@ def test_rank_split_on_the_test_split_equals_the_hand_written_metrics(prepared, 
     assert_same(new, old)
 
 
+def test_for_ranking_copies_the_wanted_rows_and_ranks_the_same(prepared, random_retriever, test_split_embedded):
+    """evaluate_model hands rank_split a copy of the rank pool's rows, so the CE pool's embeddings can go."""
+    full = test_split_embedded
+    keep = set(full.es.pids[::2])
+    slim = full.for_ranking(keep)
+    rows = [i for i, pid in enumerate(full.es.pids) if pid in keep]
+    assert slim.es.pids == [full.es.pids[i] for i in rows] and np.array_equal(slim.passages, full.passages[rows])
+    assert not np.shares_memory(slim.passages, full.passages) and slim.queries is full.queries
+    split = load_split(prepared, "test", relevance=True)
+    assert_same(rank_split(random_retriever, prepared, split, CFG, known=full.for_ranking(set(full.es.pids))),
+                rank_split(random_retriever, prepared, split, CFG, known=full))
+
+
 def test_graded_relevance_gains_as_trec_eval():
     ranked = np.array([[1, 0, 2, 3]])  # passage 1 first, passage 0 second
     d2 = 1 / np.log2(3)

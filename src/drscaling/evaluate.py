@@ -219,6 +219,14 @@ class Embedded:
         """The CE's bootstrap interval over the test pairs (how much another test sample would move it)."""
         return bootstrap_interval(self.losses(), level)
 
+    def for_ranking(self, pids: Set[str]) -> Embedded:
+        """The queries and a copy of the passages among `pids`, for rank_split to reuse, with no pairs
+        (no CE): a 1M-passage CE pool's embeddings (2.9 GiB at dim 768) can go before ranking encodes more."""
+        rows = [i for i, pid in enumerate(self.es.pids) if pid in pids]
+        es = dataclasses.replace(self.es, passages=[], positive=np.empty(0, dtype=np.int64),
+                                 negatives=np.empty((0, 0, 0), dtype=np.int64), pids=[self.es.pids[i] for i in rows])
+        return Embedded(self.queries, np.array(self.passages[rows]), es)
+
 
 def embed_evalset(encode_query: EncodeFn, encode_passage: EncodeFn, es: EvalSet, cfg: EvalConfig) -> Embedded:
     """Each distinct passage and each query once, with any pair of encode functions (PyTorch
@@ -429,7 +437,8 @@ def evaluate_model(model_dir: str | Path, prepared: str | Path, split: str, cfg:
     embedded = embed_evalset(*encode_fns(retriever, cfg, device), es, cfg)
     es = embedded.es
     metrics = {"ce": embedded.ce()}
-    if cfg.rank_pool:
+    if cfg.rank_pool:  # rebound: the CE pool's embeddings are freed before the rank pool's are encoded
+        embedded = embedded.for_ranking(set(data.corpus["pid"]))
         metrics |= rank_split(retriever, prepared, data, cfg, device, known=embedded)
     q, p = retriever.query.meta, retriever.passage.meta
     towers = {} if retriever.shared else {"query_shape": q.shape, "passage_shape": p.shape,

@@ -103,9 +103,9 @@ def _conv(state: Any) -> str:
 
 
 def _points(laws: dict[str, FitResult]) -> list[str]:
-    """Each law's points with their training checks (converged, zero-shot CE)."""
+    """Each law's points with their learning rate and training checks (converged, zero-shot CE)."""
     lines = ["### Points and their checks", "",
-             "| Law | N | D | CE (test, min) | zero-shot CE | converged |", "|---|---|---|---|---|---|"]
+             "| Law | N | D | lr | CE (test, min) | zero-shot CE | converged |", "|---|---|---|---|---|---|---|"]
     for name, fit in ordered_laws(laws):
         pts = fit.points
         m = len(pts.get("loss", []))
@@ -113,8 +113,10 @@ def _points(laws: dict[str, FitResult]) -> list[str]:
         for i in range(m):
             zero = (pts.get("ce_test_zero_shot") or none)[i]
             zs = f"{zero:.4f}" if isinstance(zero, int | float) and math.isfinite(zero) else "unknown"
+            lr = (pts.get("lr") or none)[i]
             lines.append(f"| {name} | {_num((pts.get('n') or none)[i])} | "
-                         f"{_num((pts.get('d') or none)[i])} | {pts['loss'][i]:.4f} | {zs} | "
+                         f"{_num((pts.get('d') or none)[i])} | {f'{lr:g}' if lr is not None else 'unknown'} | "
+                         f"{pts['loss'][i]:.4f} | {zs} | "
                          f"{_conv((pts.get('converged') or none)[i])} |")
     return [*lines, ""]
 

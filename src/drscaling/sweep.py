@@ -42,6 +42,8 @@ class Preset:
     data: dict = field(default_factory=dict)  # {shape: str, train_pairs: [...]}
     source: dict = field(default_factory=dict)  # {shape: str, sources: [...], train_pairs: [...]}
     joint: dict = field(default_factory=dict)  # {shapes: [...], train_pairs: [...]}
+    # {shape: TrainConfig overrides for every point of that shape}, e.g. a learning rate chosen per shape
+    shape_train: dict = field(default_factory=dict)
 
 
 def load_preset(name_or_path: str) -> Preset:
@@ -69,16 +71,21 @@ def merged(*layers: dict) -> dict:
 def points(preset: Preset, base: dict, overrides: dict | None = None) -> list[tuple[str, TrainConfig]]:
     """(sweep name, config) for every point, in a cheap-first order; shapes are checked up front.
 
-    Precedence: `base` (params.yaml train) < the preset's train < `overrides` (params.yaml
-    sweep.train, what `dvc exp run -S '+sweep.train.lr=...'` sets). Each point's `init` is the
-    preset's template (or its family's entry), unfilled: drscaling.checkpoints resolves it per shape."""
-    common = merged(base, preset.train, overrides or {})
+    Precedence: `base` (params.yaml train) < the preset's train < its shape_train entry for the
+    point's shape < `overrides` (params.yaml sweep.train, what `dvc exp run -S '+sweep.train.lr=...'`
+    sets). Each point's `init` is the preset's template (or its family's entry), unfilled:
+    drscaling.checkpoints resolves it per shape."""
     out: list[tuple[str, TrainConfig]] = []
+    for shape, values in preset.shape_train.items():
+        if not isinstance(values, dict) or {"shape", "train_pairs", "annotation_source"} & set(values):
+            raise DrscalingError(f"preset {preset.name}: shape_train.{shape} must map training parameters other "
+                                 f"than shape, train_pairs and annotation_source to values (got {values!r})")
 
     def add(sweep: str, shape: str, d: int, source: str = "human") -> None:
         check_shape(shape)
         if d < 0:
             raise DrscalingError(f"preset {preset.name}: train_pairs must be >= 0 (got {d})")
+        common = merged(base, preset.train, preset.shape_train.get(shape) or {}, overrides or {})
         point = {"shape": shape, "init": init_for(common.get("init"), shape), "train_pairs": d, "annotation_source": source}
         out.append((sweep, params.build(TrainConfig, common | point)))
 
@@ -94,6 +101,8 @@ def points(preset: Preset, base: dict, overrides: dict | None = None) -> list[tu
             add("joint", shape, d)
     if not out:
         raise DrscalingError(f"preset {preset.name} defines no points")
+    if unused := sorted(set(preset.shape_train) - {cfg.shape for _, cfg in out}):
+        raise DrscalingError(f"preset {preset.name}: shape_train names {', '.join(unused)}, which no sweep of it trains")
     return out
 
 
@@ -161,7 +170,7 @@ def _run_points(preset: Preset, paths: Paths, out: Path, only: str | None, todo,
             for sweep, cfg in todo:
                 r = results[cfg.key()]
                 rows.append({"sweep": sweep, "shape": cfg.shape, "n": r["n"], "d": r["d"], "source": cfg.annotation_source,
-                             "steps": cfg.steps, "config_key": cfg.key(), "model_dir": str(out / "runs" / cfg.key() / "model"),
+                             "steps": cfg.steps, "lr": cfg.lr, "config_key": cfg.key(), "model_dir": str(out / "runs" / cfg.key() / "model"),
                              **starts[cfg.key()].record(), **{k: r.get(k) for k in RESULT_KEYS}})
             path = out / (f"results-{only}.jsonl" if only else "results.jsonl")
             write_jsonl(path, rows)

@@ -84,6 +84,7 @@ def _extra(rows: list[dict[str, Any]], with_n: bool = False) -> dict[str, list[A
         "converged": [converged_state(r) for r in rows],
         "convergence": [finite_or_none(r.get("convergence")) for r in rows],
         "ce_test_zero_shot": [finite_or_none(r.get("ce_test_zero_shot")) for r in rows],
+        "lr": [finite_or_none(r.get("lr")) for r in rows],  # a preset may set it per shape (shape_train)
     }
     if with_n:  # a data-size law is fitted at a fixed model: keep its N
         out["n"] = [r["n"] for r in rows]
