@@ -97,6 +97,20 @@ def test_plan_keeps_the_data_sizes_the_train_split_has():
     assert set(plan.sweeps) == {"model", "data", "source", "joint"}
 
 
+def test_a_dropped_sweep_takes_its_shapes_per_shape_settings_along():
+    import dataclasses
+
+    from drscaling.sweep import points
+
+    preset = dataclasses.replace(
+        load_preset("quick"), model={"shapes": ["minilm-L1", "minilm-L5"], "train_pairs": 100},
+        shape_train={"minilm-L5": {"lr": 3e-5}, "minilm-L1": {"lr": 2e-4}})
+    plan = plan_sweeps(preset, "mine", {}, {"human": 150}, train_corpus=150, negatives=100)
+    assert "model sweep dropped" in "\n".join(plan.notes)  # 2 shapes: too few points for L(N)
+    assert plan.preset.shape_train == {"minilm-L1": {"lr": 2e-4}}  # minilm-L5 was only in the model sweep
+    assert {c.lr for _, c in points(plan.preset, {}) if c.shape == "minilm-L1"} == {2e-4}
+
+
 def test_too_small_for_any_law_says_how_many_pairs_it_needs():
     quick = load_preset("quick")
     with pytest.raises(TooSmall, match="too few for 16 training negatives plus a batch of 16"):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -127,7 +129,9 @@ def services(tmp_path_factory):
     """The tracking server, a Ray head with 2 CPUs and a second node with 1 CPU, all on 127.0.0.1,
     started together. The nodes hold the credentials in their environment, as the README's recipe
     does; the code comes from PYTHONPATH."""
-    root, tmp = tmp_path_factory.mktemp("server"), tmp_path_factory.mktemp("ray")
+    # Ray's temp dir short: its sockets' paths must fit AF_UNIX's 107 bytes, which an xdist worker's
+    # tmp_path (/tmp/pytest-of-<user>/pytest-N/popen-gwK/ray0/session_<date>_<pid>/sockets/...) did not
+    root, tmp = tmp_path_factory.mktemp("server"), Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     server, server_port = _start_server(root)
     port = _free_port()
     # RAY_AUTH_MODE: without it, a ~/.ray/auth_token (which a local `ray.init()` writes) makes the head demand it
@@ -156,6 +160,7 @@ def services(tmp_path_factory):
     finally:
         for proc in reversed(procs):
             _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

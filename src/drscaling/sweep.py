@@ -101,9 +101,21 @@ def points(preset: Preset, base: dict, overrides: dict | None = None) -> list[tu
             add("joint", shape, d)
     if not out:
         raise DrscalingError(f"preset {preset.name} defines no points")
-    if unused := sorted(set(preset.shape_train) - {cfg.shape for _, cfg in out}):
+    if unused := sorted(set(preset.shape_train) - trained_shapes(preset)):
         raise DrscalingError(f"preset {preset.name}: shape_train names {', '.join(unused)}, which no sweep of it trains")
     return out
+
+
+def trained_shapes(preset: Preset) -> set[str]:
+    """The shapes the preset's sweeps train (those with at least one point)."""
+    shapes = set(preset.model.get("shapes", []))
+    if preset.joint.get("train_pairs"):
+        shapes |= set(preset.joint.get("shapes", []))
+    if preset.data.get("train_pairs"):
+        shapes.add(preset.data["shape"])
+    if preset.source.get("sources") and preset.source.get("train_pairs"):
+        shapes.add(preset.source["shape"])
+    return shapes
 
 
 def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | None = None,

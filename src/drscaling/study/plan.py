@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from drscaling.dataset.build import MIN_TEST_PASSAGES
 from drscaling.errors import DrscalingError
 from drscaling.laws.forms import registered_forms
-from drscaling.sweep import Preset, merged
+from drscaling.sweep import Preset, merged, trained_shapes
 
 # Fewer negatives than this make contrastive entropy too coarse to order models (chance ln 32 = 3.47).
 MIN_EVAL_NEGATIVES = 31
@@ -161,6 +161,8 @@ def plan_sweeps(preset: Preset, name: str, base_train: dict, available: dict[str
         if why:
             notes.append(f"{sweep} sweep dropped: {why}")
             setattr(adapted, sweep, {})
+    # a dropped sweep's shapes take their per-shape settings with them
+    adapted.shape_train = {k: v for k, v in adapted.shape_train.items() if k in trained_shapes(adapted)}
     sweeps = [s for s, why in verdict.items() if why is None]
     if not sweeps:
         problems.append("no sweep has enough points for its law (" + "; ".join(
