@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # The suite runs in this many pytest-xdist workers, a test file each (its module fixtures: one Ray
-# cluster, one MLflow server); half the suite's time is waiting on servers and subprocesses.
+# cluster, one MLflow server); run serially, the suite kept the 2 cores only ~55% busy (BENCHMARKS.md).
 TEST_WORKERS ?= 2
 
 .PHONY: setup data run towers measure exps test clean
