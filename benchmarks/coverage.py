@@ -3,7 +3,8 @@
 For each law, `--sets` synthetic data sets are drawn from the paper's coefficients at the default
 experiment's sizes, each is fitted with `--bootstrap` refits, and for each parameter the fraction of
 sets whose 95% interval contains the true value is reported (target >= 90%), with the median interval
-and its median hi/lo ratio.
+and its median hi/lo ratio. The held-out check's 95% prediction interval (a refit without the
+largest size) is checked the same way: the fraction of sets whose observed largest point lies inside.
 
 Truth (the paper's Tables 1 and 2, MS MARCO): L(N) = (3.22e4/N)^0.53 + 0.04; L(D) = (3.49e3/D)^1.05
 + 0.05 (the joint law is not checked here: it has 24 points and 19 residual degrees of freedom, the
@@ -39,6 +40,7 @@ import time
 import numpy as np
 
 from drscaling.laws import FitConfig, fit_law, get_form, predict
+from drscaling.laws.fit import prediction_interval
 from drscaling.sweep import load_preset
 
 PAPER_N = {"A": 3.22e4, "alpha": 0.53, "delta": 0.04}  # Table 1, MS MARCO
@@ -82,13 +84,18 @@ def coverage(kind: str, truth: dict[str, float], x: np.ndarray, args: argparse.N
                     bootstrap_method=args.method)
     hits = {p: 0 for p in form.params}
     cis: dict[str, list[list[float]]] = {p: [] for p in form.params}
-    flagged = 0
+    flagged = held = 0
     for s in range(args.sets):
         rng = np.random.default_rng(args.seed + s)
         y = synthetic(kind, truth, x, args.noise, args.noise_kind, rng)
-        fit = fit_law(kind, y, config=FitConfig(**{**cfg.__dict__, "seed": args.seed + s}),
-                      **{form.axes.lower(): x})
+        set_cfg = FitConfig(**{**cfg.__dict__, "seed": args.seed + s})
+        axis = form.axes.lower()
+        fit = fit_law(kind, y, config=set_cfg, **{axis: x})
         flagged += bool(fit.flags)
+        # The held-out check's interval: refit without the largest size, predict it.
+        refit = fit_law(kind, y[:-1], config=set_cfg, **{axis: x[:-1]})
+        lo, hi = prediction_interval(refit, **{axis: x[-1:]})
+        held += bool(lo[0] <= y[-1] <= hi[0])
         print(f"\r  {kind}: set {s + 1}/{args.sets}", end="", file=sys.stderr, flush=True)
         for p in form.params:
             lo, hi = fit.ci95[p]
@@ -103,6 +110,7 @@ def coverage(kind: str, truth: dict[str, float], x: np.ndarray, args: argparse.N
                   "median_ratio": float(np.median(arr[:, 1] / arr[:, 0])),
                   "median_rel_width": float(np.median((arr[:, 1] - arr[:, 0]) / truth[p]))}
     out["_flagged"] = {"sets": flagged / args.sets}
+    out["_heldout"] = {"coverage": held / args.sets}
     return out
 
 
@@ -138,6 +146,10 @@ def main() -> None:
         took = time.perf_counter() - t0
         print(f"\n{get_form(kind).formula_text}, truth {truth} ({took:.0f} s; sets with any flag: "
               f"{res.pop('_flagged')['sets']:.0%})")
+        held = res.pop("_heldout")["coverage"]
+        ok &= held >= args.target
+        print(f"  held-out check: the largest size inside the refit's 95% prediction interval in {held:.0%} "
+              f"of sets  {'ok' if held >= args.target else 'BELOW TARGET'}")
         print(f"  {'param':>6} {'truth':>9} {'coverage':>9} {'median 95% interval':>26} "
               f"{'median hi/lo':>12} {'median width/truth':>18}")
         for p, r in res.items():
@@ -147,7 +159,7 @@ def main() -> None:
             print(f"  {p:>6} {r['truth']:>9.4g} {r['coverage']:>8.0%} "
                   f"{interval:>26} {r['median_ratio']:>12.3g} "
                   f"{r['median_rel_width']:>18.3g}  {mark}")
-    print(f"\ncoverage >= {args.target:.0%} for every parameter: {'yes' if ok else 'NO'}")
+    print(f"\ncoverage >= {args.target:.0%} for every parameter and held-out interval: {'yes' if ok else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from drscaling.errors import DrscalingError
 from drscaling.laws import (
@@ -32,6 +33,7 @@ from drscaling.laws import (
 from drscaling.laws import figures as law_figures
 from drscaling.laws import forms as law_forms
 from drscaling.laws.bootstrap import bootstrap
+from drscaling.laws.fit import prediction_interval
 from drscaling.laws.optimize import Points
 
 # The paper's MS MARCO coefficients (Tables 1 and 2, eqs. 9-10).
@@ -487,14 +489,48 @@ def test_heldout_largest_size_for_single_laws(kind: str, axis: str, truth: dict,
     assert point["rel_error"] == pytest.approx((point["predicted"] - y[-1]) / y[-1])
     assert h["max_abs_rel_error"] == pytest.approx(abs(point["rel_error"])) and h["threshold"] == 0.1
     assert not any(f.startswith("held-out error") for f in fit.flags)
+    # The refit's prediction interval holds the prediction, and this on-trend observation.
+    lo, hi = point["interval"]
+    assert lo < point["predicted"] < hi and point["inside_interval"] and h["outside_interval"] == 0
+    assert not any(f.startswith("held-out point outside") for f in fit.flags)
     # The main law still uses every point.
     assert fit.n_points == len(sizes)
-    # A largest point 40% above the trend fails the check.
+    # A largest point 40% above the trend fails the check and lies outside the interval.
     off = y.copy()
     off[-1] *= 1.4
-    bad = fit_law(kind, off, config=FAST, **{axis: sizes})
+    # (300 refits: 50 leave the interval's 2.5% tails to a refit or two.)
+    bad = fit_law(kind, off, config=FitConfig(n_bootstrap=300, seed=0), **{axis: sizes})
     assert bad.heldout["max_abs_rel_error"] > 0.1
     assert any(f.startswith(f"held-out error: predicting the largest {axis.upper()}") for f in bad.flags)
+    assert bad.heldout["points"][0]["inside_interval"] is False and bad.heldout["outside_interval"] == 1
+    assert any(f.startswith("held-out point outside the refit's 95% prediction interval") for f in bad.flags)
+
+
+def test_heldout_without_bootstrap_has_no_interval() -> None:
+    y = noisy(predict("N", PAPER_N, n=MINILM_N), seed=6)
+    fit = fit_law("N", y, n=MINILM_N, config=FitConfig(n_bootstrap=0))
+    assert "interval" not in fit.heldout["points"][0] and "outside_interval" not in fit.heldout
+    assert not any(f.startswith("held-out point outside") for f in fit.flags)
+
+
+def test_small_coverage_check_of_the_heldout_prediction_interval() -> None:
+    """A fast version of benchmarks/coverage.py's held-out rows: 20 noisy sets of the paper's L(N) at the
+    MiniLM sizes (5% multiplicative noise); each refit on the five smaller sizes gives a 95% prediction
+    interval for the largest. Nominal coverage is 95%: at least 17 of 20 must contain the observation."""
+    hits = 0
+    for s in range(20):
+        rng = np.random.default_rng(700 + s)
+        y = predict("N", PAPER_N, n=MINILM_N) * np.exp(0.05 * rng.standard_normal(6))
+        refit = fit_law("N", y[:-1], n=MINILM_N[:-1], config=FitConfig(n_bootstrap=100, seed=s, heldout=False,
+                                                                     workers=1))
+        lo, hi = prediction_interval(refit, n=MINILM_N[-1:])
+        hits += bool(lo[0] <= y[-1] <= hi[0])
+        # Both parts count (in log space): the curves' 95% band there and t(dof) x the points' scatter.
+        band_lo, band_hi = refit.band(n=MINILM_N[-1:])
+        scatter = stats.t.ppf(0.975, refit.dof) * refit.checks["residual_sd_log"]
+        half = np.log(hi[0] / lo[0]) / 2
+        assert half == pytest.approx(np.hypot(np.log(band_hi[0] / band_lo[0]) / 2, scatter), rel=0.02), s
+    assert hits >= 17, hits
 
 
 def test_heldout_is_skipped_with_a_flag_when_too_few_points_remain() -> None:
@@ -513,6 +549,7 @@ def test_joint_heldout_keeps_its_keys_and_flags_large_errors() -> None:
             "threshold", "refit"} <= set(fit.heldout)
     assert fit.heldout["refit"] == "separate" and fit.heldout["axis"] == "n"
     assert any(f.startswith("held-out error: predicting the largest N") for f in fit.flags)
+    assert all("interval" in p for p in fit.heldout["points"]) and fit.heldout["interval_level"] == 95.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,9 +587,11 @@ def test_figures_have_bands_log_axes_and_labelled_heldout_markers(
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "95% bootstrap band" in labels and "observed (used in the fit)" in labels
+    assert "the refit's 95% prediction interval" in labels  # the held-out point's error bar
     joint = captured["fig6_joint.png"].axes[0]
     labels = [t.get_text() for t in joint.get_legend().get_texts()]
     assert "held out of the check's refit (observed)" in labels
+    assert "the refit's 95% prediction interval" in labels
     assert any(lab.startswith("predicted by the refit without them (") for lab in labels)
     assert any(lab.endswith("(held out of the check)") for lab in labels)  # the held-out N's curve
     assert len(joint.collections) >= 6  # a band per N curve

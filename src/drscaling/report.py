@@ -79,7 +79,7 @@ def _heldout(laws: dict[str, FitResult]) -> list[str]:
         if not h:
             skipped = [f for f in fit.flags if f.startswith("held-out check skipped")]
             if skipped:
-                rows.append(f"| {name} | – | – | – | – | – | {skipped[0].replace('|', '/')} |")
+                rows.append(f"| {name} | – | – | – | – | – | – | {skipped[0].replace('|', '/')} |")
             continue
         axis = str(h.get("axis", "n")).upper()
         how = "law fitted without it" if h.get("refit") == "main fit" else "refit without it"
@@ -87,15 +87,20 @@ def _heldout(laws: dict[str, FitResult]) -> list[str]:
         for p in h["points"]:  # each point's own error: the law's flag is on the largest of them
             verdict = f"**over {limit:.0%}**" if abs(p["rel_error"]) > limit else "ok"
             sizes = ", ".join(f"{k.upper()} {_num(p[k])}" for k in ("n", "d") if k in p)
+            interval = (f"[{p['interval'][0]:.4f}, {p['interval'][1]:.4f}]"
+                        + ("" if p["inside_interval"] else " **outside**")) if "interval" in p else "–"
             rows.append(f"| {name} | largest {axis} {_num(h['cut'])} ({how}) | {sizes} | "
-                        f"{p['observed']:.4f} | {p['predicted']:.4f} | {abs(p['rel_error']):.1%} | {verdict} |")
+                        f"{p['observed']:.4f} | {p['predicted']:.4f} | {interval} | {abs(p['rel_error']):.1%} | "
+                        f"{verdict} |")
     if not rows:
         return []
     return ["### Held-out predictions (Fig 6 check)", "",
             "Each law predicts points it was not fitted on; |predicted − observed| / observed above "
-            "10% is flagged.", "",
-            "| Law | held out | point | observed | predicted | error | check |",
-            "|---|---|---|---|---|---|---|", *rows, ""]
+            "10% is flagged. The interval is the refit's 95% prediction interval (centred on its "
+            "prediction: the spread of its bootstrap curves and the points' residual scatter): an observation outside it departs from the law the "
+            "other points follow by more than their scatter explains.", "",
+            "| Law | held out | point | observed | predicted | 95% prediction interval | error | check |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _conv(state: Any) -> str:

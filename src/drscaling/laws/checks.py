@@ -19,6 +19,7 @@ R2_FLAG = 0.9
 CI_RATIO_FLAG = 100.0  # a 95% interval whose hi/lo exceeds this spans orders of magnitude
 CI_COLLAPSED = 1e-3  # a 95% interval narrower than this, relative to its estimate, is collapsed
 HELDOUT_FLAG = 0.10  # |predicted - observed| / observed above this fails the held-out check
+PREDICTION_LEVEL = 95.0  # the held-out check's prediction interval (percent)
 TRUST_EXTRA_POINTS = 3  # a law is trusted from p + 3 points on
 
 # Where a sweep preset sets the points of each law (pipelines/<preset>.yaml).
@@ -209,11 +210,20 @@ def heldout_flags(heldout: dict[str, Any] | None) -> list[str]:
     if not heldout:
         return []
     worst = heldout["max_abs_rel_error"]
+    axis = heldout.get("axis", "n").upper()
+    out: list[str] = []
     if worst > heldout.get("threshold", HELDOUT_FLAG):
-        axis = heldout.get("axis", "n").upper()
-        return [f"held-out error: predicting the largest {axis} ({heldout['cut']:.3g}) is off by "
-                f"{worst:.1%} > {heldout.get('threshold', HELDOUT_FLAG):.0%}"]
-    return []
+        out = [f"held-out error: predicting the largest {axis} ({heldout['cut']:.3g}) is off by "
+               f"{worst:.1%} > {heldout.get('threshold', HELDOUT_FLAG):.0%}"]
+    outside = [p for p in heldout["points"] if p.get("inside_interval") is False]
+    if outside:
+        p = outside[0]
+        more = f" (and {len(outside) - 1} more held-out point(s))" if len(outside) > 1 else ""
+        out.append(f"held-out point outside the refit's {heldout.get('interval_level', PREDICTION_LEVEL):g}% "
+                   f"prediction interval: observed {p['observed']:.4g} vs [{p['interval'][0]:.4g}, "
+                   f"{p['interval'][1]:.4g}]{more}: the largest {axis} departs from the law the smaller ones "
+                   f"follow by more than their scatter explains")
+    return out
 
 
 def r_squared(y: np.ndarray, pred: np.ndarray) -> float:

@@ -165,6 +165,18 @@ def _curve(ax: Any, fit: FitResult, xs: np.ndarray, sizes: dict[str, np.ndarray]
     return [ys]
 
 
+def _interval_bars(ax, held: list[dict], axis: str, color: str = "tab:orange") -> list[np.ndarray]:
+    """The held-out refit's 95% prediction interval at each held-out point, as an error bar."""
+    held = [p for p in held if "interval" in p]
+    if not held:
+        return []
+    lo, hi = (np.array([p["interval"][k] for p in held]) for k in (0, 1))
+    pred = np.array([p["predicted"] for p in held])
+    ax.errorbar([p[axis] for p in held], pred, yerr=[pred - lo, hi - pred], fmt="none", ecolor=color,
+                capsize=4, zorder=4, label="the refit's 95% prediction interval")
+    return [lo, hi]
+
+
 def _fig_single(fit: FitResult, axis: str, title: str, xlabel: str, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.2), layout="constrained")
@@ -180,6 +192,7 @@ def _fig_single(fit: FitResult, axis: str, title: str, xlabel: str, path: Path) 
         ax.scatter(hx, [p["predicted"] for p in held], marker="X", s=60, color="tab:orange", zorder=5,
                    label=f"predicted by a refit without it ({fit.heldout['max_abs_rel_error']:.1%} off)")
         drawn.append(np.array([p["predicted"] for p in held]))
+        drawn += _interval_bars(ax, held, axis)
     set_log_axis(ax, "x", xs[0], xs[-1], sizes=True)
     set_log_axis(ax, "y", *_loss_limits(y, *drawn), sizes=False)
     ax.set_xlabel(xlabel)
@@ -268,6 +281,7 @@ def _fig_joint(fit: FitResult, path: Path) -> Path:
                    edgecolor="black", marker="o", s=60, zorder=5,
                    label=f"predicted by the refit without them ({fit.heldout['mean_abs_rel_error']:.1%} mean error)")
         drawn.append([p["observed"] for p in held])
+        drawn += _interval_bars(ax, held, "d", color="black")  # the curves take the colour cycle
     set_log_axis(ax, "x", xs[0], xs[-1], sizes=True)
     set_log_axis(ax, "y", *_loss_limits(*drawn), sizes=False)
     ax.set_xlabel("annotated query-passage pairs D")

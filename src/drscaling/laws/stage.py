@@ -205,6 +205,8 @@ def _fit_summary(fit: FitResult) -> dict[str, Any]:
     if fit.heldout:
         out["heldout_mean_abs_rel_error"] = fit.heldout["mean_abs_rel_error"]
         out["heldout_max_abs_rel_error"] = fit.heldout["max_abs_rel_error"]
+        if "outside_interval" in fit.heldout:
+            out["heldout_outside_interval"] = fit.heldout["outside_interval"]
     return out
 
 
@@ -215,7 +217,7 @@ def _metric_key(name: str) -> str:
 
 def law_metrics(fits: dict[str, FitResult]) -> dict[str, float]:
     """Flat numeric summary (DVC metrics file, MLflow metrics): params and intervals, R^2, dof,
-    number of flags, held-out error."""
+    number of flags, held-out error and how many held-out points fell outside the prediction interval."""
     out: dict[str, float] = {}
     for name, fit in fits.items():
         key = _metric_key(name)
@@ -230,6 +232,8 @@ def law_metrics(fits: dict[str, FitResult]) -> dict[str, float]:
         if fit.heldout:
             out[f"{key}.heldout_mean_abs_rel_error"] = float(fit.heldout["mean_abs_rel_error"])
             out[f"{key}.heldout_max_abs_rel_error"] = float(fit.heldout["max_abs_rel_error"])
+            if "outside_interval" in fit.heldout:  # held-out points outside the refit's prediction interval
+                out[f"{key}.heldout_outside_interval"] = float(fit.heldout["outside_interval"])
     return out
 
 

@@ -37,6 +37,14 @@ def point_lines(fit: FitResult) -> list[str]:
     return lines
 
 
+def _interval(point: dict, heldout: dict) -> str:
+    if "interval" not in point:
+        return ""
+    lo, hi = point["interval"]
+    where = "inside" if point["inside_interval"] else "OUTSIDE"
+    return f", {where} the refit's {heldout.get('interval_level', 95):g}% prediction interval [{lo:.4f}, {hi:.4f}]"
+
+
 def heldout_line(fit: FitResult) -> str:
     h = fit.heldout
     if not h:
@@ -45,7 +53,7 @@ def heldout_line(fit: FitResult) -> str:
     axis = h.get("axis", "n").upper()
     how = "the law was fitted without it" if h.get("refit") == "main fit" else "refit without it"
     parts = [f"{p['predicted']:.4f} predicted vs {p['observed']:.4f} observed "
-             f"({abs(p['rel_error']):.1%})" for p in h["points"][:4]]
+             f"({abs(p['rel_error']):.1%}){_interval(p, h)}" for p in h["points"][:4]]
     more = f" ... ({len(h['points'])} points)" if len(h["points"]) > 4 else ""
     verdict = "FLAGGED" if h["max_abs_rel_error"] > h.get("threshold", 0.1) else "ok"
     return (f"  held-out largest {axis} = {h['cut']:.4g} ({how}): " + "; ".join(parts) + more
