@@ -513,6 +513,17 @@ def test_heldout_without_bootstrap_has_no_interval() -> None:
     assert not any(f.startswith("held-out point outside") for f in fit.flags)
 
 
+def test_prediction_interval_needs_finite_bootstrap_predictions() -> None:
+    import dataclasses
+
+    y = noisy(predict("N", PAPER_N, n=MINILM_N), seed=6)
+    refit = fit_law("N", y, n=MINILM_N, config=FitConfig(n_bootstrap=20, heldout=False))
+    lo, hi = prediction_interval(refit, n=[2e7])
+    assert 0 < lo[0] < refit.predict(n=[2e7])[0] < hi[0]
+    broken = dataclasses.replace(refit, bootstrap={**refit.bootstrap, "A": [-1.0] * 20})  # no finite curve
+    assert prediction_interval(broken, n=[2e7]) is None
+
+
 def test_small_coverage_check_of_the_heldout_prediction_interval() -> None:
     """A fast version of benchmarks/coverage.py's held-out rows: 20 noisy sets of the paper's L(N) at the
     MiniLM sizes (5% multiplicative noise); each refit on the five smaller sizes gives a 95% prediction

@@ -97,8 +97,9 @@ def _heldout(laws: dict[str, FitResult]) -> list[str]:
     return ["### Held-out predictions (Fig 6 check)", "",
             "Each law predicts points it was not fitted on; |predicted − observed| / observed above "
             "10% is flagged. The interval is the refit's 95% prediction interval (centred on its "
-            "prediction: the spread of its bootstrap curves and the points' residual scatter): an observation outside it departs from the law the "
-            "other points follow by more than their scatter explains.", "",
+            "prediction: the spread of its bootstrap curves and the points' residual scatter): an "
+            "observation outside it departs from the law the other points follow by more than their "
+            "scatter explains.", "",
             "| Law | held out | point | observed | predicted | 95% prediction interval | error | check |",
             "|---|---|---|---|---|---|---|---|", *rows, ""]
 

@@ -29,8 +29,9 @@ class FitResult:
       holdout_largest    how many of the largest distinct sizes were held out
       points             one dict per held-out point: its n and/or d, observed, predicted, rel_error
                          = (predicted - observed) / observed, plus its bookkeeping (shape, config_key, ...);
-                         with a bootstrap also `interval` (the refit's prediction interval: the spread of
-                         its bootstrap curves and the residual scatter, laws.fit.prediction_interval) and `inside_interval`
+                         with a bootstrap also `interval` (the refit's prediction interval: the spread
+                         of its bootstrap curves and the residual scatter; laws.fit.prediction_interval)
+                         and `inside_interval`
       interval_level, outside_interval   (with a bootstrap) the interval's level (95) and how many
                          held-out points fell outside it (each is flagged)
       mean_abs_rel_error, max_abs_rel_error   over the held-out points; |pred - obs| / obs
