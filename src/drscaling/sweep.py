@@ -81,24 +81,13 @@ def points(preset: Preset, base: dict, overrides: dict | None = None) -> list[tu
             raise DrscalingError(f"preset {preset.name}: shape_train.{shape} must map training parameters other "
                                  f"than shape, train_pairs and annotation_source to values (got {values!r})")
 
-    def add(sweep: str, shape: str, d: int, source: str = "human") -> None:
+    for sweep, shape, d, source in _grid(preset):
         check_shape(shape)
         if d < 0:
             raise DrscalingError(f"preset {preset.name}: train_pairs must be >= 0 (got {d})")
         common = merged(base, preset.train, preset.shape_train.get(shape) or {}, overrides or {})
         point = {"shape": shape, "init": init_for(common.get("init"), shape), "train_pairs": d, "annotation_source": source}
         out.append((sweep, params.build(TrainConfig, common | point)))
-
-    for shape in preset.model.get("shapes", []):
-        add("model", shape, preset.model.get("train_pairs", 0))
-    for d in preset.data.get("train_pairs", []):
-        add("data", preset.data["shape"], d)
-    for source in preset.source.get("sources", []):
-        for d in preset.source.get("train_pairs", []):
-            add("source", preset.source["shape"], d, source)
-    for shape in preset.joint.get("shapes", []):
-        for d in preset.joint.get("train_pairs", []):
-            add("joint", shape, d)
     if not out:
         raise DrscalingError(f"preset {preset.name} defines no points")
     if unused := sorted(set(preset.shape_train) - trained_shapes(preset)):
@@ -106,16 +95,20 @@ def points(preset: Preset, base: dict, overrides: dict | None = None) -> list[tu
     return out
 
 
+def _grid(preset: Preset) -> list[tuple[str, str, int, str]]:
+    """(sweep, shape, D, annotation source) of every point, in the cheap-first order of points()."""
+    grid = [("model", shape, preset.model.get("train_pairs", 0), "human") for shape in preset.model.get("shapes", [])]
+    grid += [("data", preset.data["shape"], d, "human") for d in preset.data.get("train_pairs", [])]
+    grid += [("source", preset.source["shape"], d, source) for source in preset.source.get("sources", [])
+             for d in preset.source.get("train_pairs", [])]
+    grid += [("joint", shape, d, "human") for shape in preset.joint.get("shapes", [])
+             for d in preset.joint.get("train_pairs", [])]
+    return grid
+
+
 def trained_shapes(preset: Preset) -> set[str]:
     """The shapes the preset's sweeps train (those with at least one point)."""
-    shapes = set(preset.model.get("shapes", []))
-    if preset.joint.get("train_pairs"):
-        shapes |= set(preset.joint.get("shapes", []))
-    if preset.data.get("train_pairs"):
-        shapes.add(preset.data["shape"])
-    if preset.source.get("sources") and preset.source.get("train_pairs"):
-        shapes.add(preset.source["shape"])
-    return shapes
+    return {shape for _, shape, _, _ in _grid(preset)}
 
 
 def run_sweep(preset: Preset, paths: Paths, base: dict, out: Path, only: str | None = None,

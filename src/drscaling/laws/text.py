@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from drscaling.laws.checks import PREDICTION_LEVEL
 from drscaling.laws.result import FitResult, ordered_laws
 
 
@@ -42,7 +43,8 @@ def _interval(point: dict, heldout: dict) -> str:
         return ""
     lo, hi = point["interval"]
     where = "inside" if point["inside_interval"] else "OUTSIDE"
-    return f", {where} the refit's {heldout.get('interval_level', 95):g}% prediction interval [{lo:.4f}, {hi:.4f}]"
+    return (f", {where} the refit's {heldout.get('interval_level', PREDICTION_LEVEL):g}% prediction interval "
+            f"[{lo:.4f}, {hi:.4f}]")
 
 
 def heldout_line(fit: FitResult) -> str:
