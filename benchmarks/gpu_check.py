@@ -1,4 +1,4 @@
-"""One-shot GPU check for a short loan of one H100: training MFU, evaluation, inference, generation.
+"""One-shot GPU check for a short loan of one Hopper GPU (H100 or H200): training MFU, evaluation, inference, generation.
 
 Sized to run in about 4 minutes (hard internal budget: sections still to come are skipped once 420 s
 have passed) on a machine that has torch and transformers but no MLflow, Triton or internet. It
@@ -416,16 +416,26 @@ def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf1
     return row
 
 
-def ablation(ctx: Ctx, names: list[str] | None = None) -> dict:
-    """train_eager with one change at a time (and all three): which overhead keeps MFU down."""
-    rows = {}
-    for name, opts in ABLATION.items():
-        if names and name not in names:
+def default_variants(dry_run: bool) -> list[str]:
+    """Every variant in a dry run (a code check); on a GPU the max-autotune ones only when named:
+    their compile alone outlasted 4.5 minutes on an H100 (BENCHMARKS.md)."""
+    return [n for n in ABLATION if dry_run or "max_autotune" not in n]
+
+
+def ablation(ctx: Ctx, names: list[str] | None = None, time_left: Callable[[], float] = lambda: math.inf) -> dict:
+    """train_eager with one change at a time (and all three): which overhead keeps MFU down.
+    A variant not started while time is left is listed as skipped (the loan is short)."""
+    rows: dict[str, dict] = {}
+    skipped: list[str] = []
+    for name in names or default_variants(ctx.dry_run):
+        opts = ABLATION[name]
+        if time_left() <= 0:
+            skipped.append(name)
             continue
         r = train(ctx, **({"compiled": False} | opts))
         rows[name] = {k: r.get(k) for k in ("step_ms", "tokens_per_s", "mfu", "peak_mem_gib", "final_loss", "first_step_s", "compile_mode")}
         free_memory()
-    return {"variants": rows, "shape": ctx.sizes.shape}
+    return {"variants": rows, "shape": ctx.sizes.shape, "skipped_for_time": skipped}
 
 
 def profile(ctx: Ctx) -> dict:
@@ -723,7 +733,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes; runs on CPU (or GPU) in < 60 s")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run just these sections (matmul_peak always runs)")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="skip sections not started by then")
-    ap.add_argument("--ablation", nargs="+", choices=list(ABLATION), help="run just these train_ablation variants")
+    ap.add_argument("--ablation", nargs="+", choices=list(ABLATION),
+                    help="run just these train_ablation variants (default: all but the max-autotune ones on a GPU)")
     return ap.parse_args(argv)
 
 
@@ -751,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_peak": lambda: matmul_peak(ctx), "train_eager": lambda: train(ctx, compiled=False),
             "evaluation": lambda: evaluation(ctx), "inference_torch": lambda: inference_torch(ctx),
             "inference_onnx": lambda: inference_onnx(ctx), "generation": lambda: generation(ctx),
-            "train_compiled": lambda: train(ctx, compiled=True), "train_ablation": lambda: ablation(ctx, args.ablation),
+            "train_compiled": lambda: train(ctx, compiled=True), "train_ablation": lambda: ablation(ctx, args.ablation, lambda: args.budget_s - report.elapsed()),
             "train_profile": lambda: profile(ctx),
             "matmul_peak_after": lambda: matmul_peak(ctx),
         }

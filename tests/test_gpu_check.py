@@ -73,3 +73,25 @@ def test_without_cuda_exits_2_naming_dry_run(tmp_path):
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
     assert not out.exists()  # stopped before measuring anything
+
+
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_keeps_to_the_loan():
+    """On a GPU the max-autotune variants run only when named (their compile outlasted 4.5 min on an
+    H100), and a variant not started while time is left is listed as skipped, not run."""
+    g = _script_module()
+    on_gpu = g.default_variants(dry_run=False)
+    assert on_gpu and not [n for n in on_gpu if "max_autotune" in n]
+    assert g.default_variants(dry_run=True) == list(g.ABLATION)
+    ctx = g.Ctx("cpu", g.DRY, tokenizer=None, ort_providers=[], dry_run=True)
+    out = g.ablation(ctx, ["no_dropout", "all_three"], time_left=lambda: -1.0)
+    assert out["variants"] == {} and out["skipped_for_time"] == ["no_dropout", "all_three"]
