@@ -207,3 +207,48 @@ def test_measured_costs_go_on_the_cards_of_measured_shapes_only(trained, tmp_pat
         assert card["tokens_per_s"] == 12345.6 and card["usd_per_million_tokens"] == 0.0884
         assert card["ce_test"] == r["ce_test_at_best_dev"]
     assert registry.add_costs(costs, path) == []  # the same costs again: nothing to rewrite
+
+
+def _log_new_datasets_at_once(uri: str, experiment_id: str, path: str, digests: list[str], barrier, results) -> None:
+    """One worker: a run of its own, then each dataset logged the moment every worker is ready."""
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        failures = []
+        for digest in digests:
+            barrier.wait()
+            try:
+                registry.log_dataset(path, digest, "training", name="concurrent")
+            except Exception as exc:  # reported to the test, which names it
+                failures.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+        results.put((run.info.run_id, failures))
+
+
+def test_runs_logging_one_new_dataset_at_once_all_link_to_it(tmp_path):
+    """Ray workers and DDP ranks log the same new dataset at the same moment. The store checks, then
+    inserts, so all but one insert fail on the dataset's key (seen in the Ray grid test); every run
+    must still end up linked to the one dataset entry. Without the retry, most rounds fail."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment_id = mlflow.create_experiment("concurrent-datasets")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"query": "q", "passage": "p"}\n')
+    digests = [f"{i:04d}" + "0" * 32 for i in range(12)]
+    ctx = multiprocessing.get_context("spawn")
+    workers, barrier, results = 4, ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_log_new_datasets_at_once, args=(uri, experiment_id, str(data), digests, barrier, results))
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [f for _, f in outcomes if f] == []
+    client = mlflow.MlflowClient(uri)
+    for run_id, _ in outcomes:
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        assert sorted(i.dataset.digest for i in inputs) == sorted(digests)
+    runs = client.search_runs([experiment_id])
+    entries = {(i.dataset.name, i.dataset.digest) for r in runs for i in r.inputs.dataset_inputs}
+    assert len(entries) == len(digests)  # one dataset entry per digest, shared by all runs
