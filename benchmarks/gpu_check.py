@@ -116,6 +116,7 @@ DRY = Sizes(
 )
 SECTIONS = ("matmul_peak", "train_eager", "evaluation", "inference_torch", "inference_onnx",
             "generation", "train_compiled", "train_ablation", "train_profile", "matmul_peak_after")
+TUNED_POINTWISE = {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}
 # Where the step's time goes: each variant changes one thing against train_eager.
 ABLATION = {"no_dropout": {"dropout": False}, "no_clip": {"clip": 0.0}, "bf16_weights": {"bf16_weights": True},
             "all_three": {"dropout": False, "clip": 0.0, "bf16_weights": True},
@@ -127,7 +128,15 @@ ABLATION = {"no_dropout": {"dropout": False}, "no_clip": {"clip": 0.0}, "bf16_we
             # optimizer and clipping run outside the compiled module)
             "compiled_max_autotune": {"compiled": True, "compile_mode": "max-autotune-no-cudagraphs"},
             "all_three_max_autotune": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True,
-                                       "compile_mode": "max-autotune-no-cudagraphs"}}
+                                       "compile_mode": "max-autotune-no-cudagraphs"},
+            # autotune only the fused pointwise/norm kernels (the step's memory-bound part; the GEMMs stay
+            # cuBLAS, which the profile found near the peak): fewer choices than max-autotune's GEMM templates
+            "all_three_tuned_pointwise": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True,
+                                          "compile_options": TUNED_POINTWISE},
+            "compiled_tuned_pointwise": {"compiled": True, "compile_options": TUNED_POINTWISE}}
+# Variants whose autotuning compile outlasted a loan's slot: 4.5 min (max-autotune, H100) and 190 s
+# (tuned pointwise, H200) without one measured step (BENCHMARKS.md). They run only when named.
+SLOW_COMPILE = ("compiled_max_autotune", "all_three_max_autotune", "all_three_tuned_pointwise", "compiled_tuned_pointwise")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +363,7 @@ def step_flops(n: int, layers: int, hidden: int, s: Sizes) -> tuple[int, float, 
 
 
 def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf16_weights: bool = False,
-          mask: bool = True, compile_mode: str | None = None) -> dict:
+          mask: bool = True, compile_mode: str | None = None, compile_options: dict | None = None) -> dict:
     """Median wall time of drscaling.train.step.train_step, eager or with the Towers module compiled.
     The keyword options are the ablation's: dropout off, no gradient clipping, bf16 parameters."""
     import torch
@@ -381,6 +390,8 @@ def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf1
     autocast = ctx.autocast()
     # a mode is inductor's: the dry run's aot_eager backend only checks the capture
     mode = {"mode": compile_mode} if compile_mode and s.compile_backend == "inductor" else {}
+    if compile_options and s.compile_backend == "inductor":  # torch.compile takes a mode or options
+        mode = {"options": compile_options}
     step_model = torch.compile(model, backend=s.compile_backend, **mode) if compiled else model
     last: list[torch.Tensor] = []
 
@@ -393,7 +404,7 @@ def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf1
         step()
         sync(device)
         row["compile_backend"] = s.compile_backend
-        row["compile_mode"] = mode.get("mode", "default")
+        row["compile_mode"] = mode.get("mode") or ("options " + json.dumps(mode["options"]) if "options" in mode else "default")
         row["first_step_s"] = time.perf_counter() - t
     times = wall_times(step, device, s.warmup, s.repeats)
     cfg = encoder.backbone.config
@@ -417,9 +428,8 @@ def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf1
 
 
 def default_variants(dry_run: bool) -> list[str]:
-    """Every variant in a dry run (a code check); on a GPU the max-autotune ones only when named:
-    their compile alone outlasted 4.5 minutes on an H100 (BENCHMARKS.md)."""
-    return [n for n in ABLATION if dry_run or "max_autotune" not in n]
+    """Every variant in a dry run (a code check); on a GPU all but SLOW_COMPILE."""
+    return [n for n in ABLATION if dry_run or n not in SLOW_COMPILE]
 
 
 def ablation(ctx: Ctx, names: list[str] | None = None, time_left: Callable[[], float] = lambda: math.inf) -> dict:
@@ -734,7 +744,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run just these sections (matmul_peak always runs)")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="skip sections not started by then")
     ap.add_argument("--ablation", nargs="+", choices=list(ABLATION),
-                    help="run just these train_ablation variants (default: all but the max-autotune ones on a GPU)")
+                    help="run just these train_ablation variants (default on a GPU: all but " + ", ".join(SLOW_COMPILE) + ")")
     return ap.parse_args(argv)
 
 
