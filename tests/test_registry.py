@@ -224,7 +224,7 @@ def _log_new_datasets_at_once(uri: str, experiment_id: str, path: str, digests: 
 
 
 def test_runs_logging_one_new_dataset_at_once_all_link_to_it(tmp_path):
-    """Ray workers and DDP ranks log the same new dataset at the same moment. The store checks, then
+    """Ray workers (or sweeps run side by side) log the same new dataset at the same moment. The store checks, then
     inserts, so all but one insert fail on the dataset's key (seen in the Ray grid test); every run
     must still end up linked to the one dataset entry. Without the retry, most rounds fail."""
     import multiprocessing
