@@ -1,4 +1,5 @@
-"""One-shot GPU check for a short loan of one Hopper GPU (H100 or H200): training MFU, evaluation, inference, generation.
+"""One-shot GPU check for a short loan of one Hopper GPU (H100 or H200): training MFU, evaluation,
+inference, generation.
 
 Sized to run in about 4 minutes (hard internal budget: sections still to come are skipped once 420 s
 have passed) on a machine that has torch and transformers but no MLflow, Triton or internet. It
@@ -136,7 +137,8 @@ ABLATION = {"no_dropout": {"dropout": False}, "no_clip": {"clip": 0.0}, "bf16_we
             "compiled_tuned_pointwise": {"compiled": True, "compile_options": TUNED_POINTWISE}}
 # Variants whose autotuning compile outlasted a loan's slot: 4.5 min (max-autotune, H100) and 190 s
 # (tuned pointwise, H200) without one measured step (BENCHMARKS.md). They run only when named.
-SLOW_COMPILE = ("compiled_max_autotune", "all_three_max_autotune", "all_three_tuned_pointwise", "compiled_tuned_pointwise")
+SLOW_COMPILE = ("compiled_max_autotune", "all_three_max_autotune", "all_three_tuned_pointwise",
+                "compiled_tuned_pointwise")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +406,8 @@ def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf1
         step()
         sync(device)
         row["compile_backend"] = s.compile_backend
-        row["compile_mode"] = mode.get("mode") or ("options " + json.dumps(mode["options"]) if "options" in mode else "default")
+        options = "options " + json.dumps(mode["options"]) if "options" in mode else "default"
+        row["compile_mode"] = mode.get("mode") or options
         row["first_step_s"] = time.perf_counter() - t
     times = wall_times(step, device, s.warmup, s.repeats)
     cfg = encoder.backbone.config
@@ -744,7 +747,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run just these sections (matmul_peak always runs)")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="skip sections not started by then")
     ap.add_argument("--ablation", nargs="+", choices=list(ABLATION),
-                    help="run just these train_ablation variants (default on a GPU: all but " + ", ".join(SLOW_COMPILE) + ")")
+                    help="run just these train_ablation variants (default on a GPU: all but "
+                    + ", ".join(SLOW_COMPILE) + ")")
     return ap.parse_args(argv)
 
 
@@ -772,7 +776,8 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_peak": lambda: matmul_peak(ctx), "train_eager": lambda: train(ctx, compiled=False),
             "evaluation": lambda: evaluation(ctx), "inference_torch": lambda: inference_torch(ctx),
             "inference_onnx": lambda: inference_onnx(ctx), "generation": lambda: generation(ctx),
-            "train_compiled": lambda: train(ctx, compiled=True), "train_ablation": lambda: ablation(ctx, args.ablation, lambda: args.budget_s - report.elapsed()),
+            "train_compiled": lambda: train(ctx, compiled=True),
+            "train_ablation": lambda: ablation(ctx, args.ablation, lambda: args.budget_s - report.elapsed()),
             "train_profile": lambda: profile(ctx),
             "matmul_peak_after": lambda: matmul_peak(ctx),
         }

@@ -344,8 +344,9 @@ def log_dataset(path: str | Path, digest: str, context: str, name: str | None = 
             return
         except mlflow.MlflowException as exc:
             # The store checks for the dataset, then inserts it: two runs logging a new dataset at once
-            # (Ray workers, parallel sweeps on one server) both insert, and the loser's transaction fails on the dataset's
-            # key and is rolled back whole. The entry exists now, so logging again links this run to it.
+            # (Ray workers, sweeps side by side on one server) both insert, and the loser's transaction
+            # fails on the dataset's key and is rolled back whole. The entry exists now, so logging
+            # again links this run to it.
             if attempt + 1 == DATASET_LOG_ATTEMPTS or not _lost_insert_race(exc):
                 raise
 
