@@ -134,7 +134,11 @@ ABLATION = {"no_dropout": {"dropout": False}, "no_clip": {"clip": 0.0}, "bf16_we
             # cuBLAS, which the profile found near the peak): fewer choices than max-autotune's GEMM templates
             "all_three_tuned_pointwise": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True,
                                           "compile_options": TUNED_POINTWISE},
-            "compiled_tuned_pointwise": {"compiled": True, "compile_options": TUNED_POINTWISE}}
+            "compiled_tuned_pointwise": {"compiled": True, "compile_options": TUNED_POINTWISE},
+            # the shipped recipe (dropout, clipping) with the model in bf16 and AdamW on fp32 master copies:
+            # the shippable form of "bf16 parameters", a candidate measured here before it is built in
+            "master_weights": {"master_weights": True},
+            "master_weights_compiled": {"master_weights": True, "compiled": True}}
 # Variants whose autotuning compile outlasted a loan's slot: 4.5 min (max-autotune, H100) and 190 s
 # (tuned pointwise, H200) without one measured step (BENCHMARKS.md). They run only when named.
 SLOW_COMPILE = ("compiled_max_autotune", "all_three_max_autotune", "all_three_tuned_pointwise",
@@ -364,10 +368,43 @@ def step_flops(n: int, layers: int, hidden: int, s: Sizes) -> tuple[int, float, 
     return tokens, 6 * n * tokens, 6 * n * tokens + attention
 
 
+class MasterWeights:
+    """AdamW (drscaling.train.step.optimizer) over fp32 master copies of a low-precision model, in the
+    optimiser interface train_step uses: the model computes in bf16 with no per-use casts of its weights,
+    while every update is applied in fp32 (bf16 parameters alone lose updates below their precision)."""
+
+    def __init__(self, model: Any, lr: float, weight_decay: float):
+        import torch
+
+        from drscaling.train.step import optimizer
+
+        self.params = list(model.parameters())
+        self.master = torch.nn.ParameterList([torch.nn.Parameter(p.detach().float().clone()) for p in self.params])
+        for m in self.master:
+            m.grad = torch.zeros_like(m)
+        self.opt, self.sched = optimizer(self.master, lr=lr, weight_decay=weight_decay, warmup_steps=0)
+        self.defaults = self.opt.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        pairs = [(m.grad, p.grad) for m, p in zip(self.master, self.params, strict=True) if p.grad is not None]
+        with torch.no_grad():
+            torch._foreach_copy_([m for m, _ in pairs], [g for _, g in pairs])  # bf16 grads into fp32
+            self.opt.step()
+            torch._foreach_copy_(self.params, list(self.master))  # fp32 weights back into the bf16 model
+
+
 def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf16_weights: bool = False,
-          mask: bool = True, compile_mode: str | None = None, compile_options: dict | None = None) -> dict:
+          mask: bool = True, compile_mode: str | None = None, compile_options: dict | None = None,
+          master_weights: bool = False) -> dict:
     """Median wall time of drscaling.train.step.train_step, eager or with the Towers module compiled.
-    The keyword options are the ablation's: dropout off, no gradient clipping, bf16 parameters."""
+    The keyword options are the ablation's: dropout off, no gradient clipping, bf16 parameters, a bf16
+    model with fp32 master weights."""
     import torch
 
     from drscaling.model.encoder import Towers
@@ -387,7 +424,12 @@ def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf1
     model = Towers(encoder).to(device).train()
     if bf16_weights and ctx.bf16:
         model = model.to(torch.bfloat16)
-    opt, sched = optimizer(model, lr=1e-4, weight_decay=0.01, warmup_steps=0)  # fused AdamW on CUDA
+    if master_weights:  # a CPU dry run keeps fp32 (ctx.dtype) and checks the code path
+        model = model.to(ctx.dtype)
+        master = MasterWeights(model, lr=1e-4, weight_decay=0.01)
+        opt, sched = master, master.sched
+    else:
+        opt, sched = optimizer(model, lr=1e-4, weight_decay=0.01, warmup_steps=0)  # fused AdamW on CUDA
     q, p = train_batch(s)
     autocast = ctx.autocast()
     # a mode is inductor's: the dry run's aot_eager backend only checks the capture

@@ -54,7 +54,8 @@ def test_dry_run_reports_every_section(tmp_path):
     variants = report["sections"]["train_ablation"]["variants"]
     assert set(variants) == {"no_dropout", "no_clip", "bf16_weights", "all_three", "all_three_compiled", "no_mask",
                              "no_mask_all_three_compiled", "compiled_max_autotune", "all_three_max_autotune",
-                             "all_three_tuned_pointwise", "compiled_tuned_pointwise"}
+                             "all_three_tuned_pointwise", "compiled_tuned_pointwise", "master_weights",
+                             "master_weights_compiled"}
     assert all(math.isfinite(v["step_ms"]) and v["step_ms"] > 0 for v in variants.values())
     for section, keys in REQUIRED.items():
         for key in keys:
@@ -96,3 +97,35 @@ def test_ablation_keeps_to_the_loan():
     ctx = g.Ctx("cpu", g.DRY, tokenizer=None, ort_providers=[], dry_run=True)
     out = g.ablation(ctx, ["no_dropout", "all_three"], time_left=lambda: -1.0)
     assert out["variants"] == {} and out["skipped_for_time"] == ["no_dropout", "all_three"]
+
+
+def test_master_weights_update_like_adamw_on_the_model(tmp_path):
+    """The master-weights candidate applies AdamW's update in fp32 and copies it back into the model:
+    in fp32 (this CPU) three steps of it leave the model where the shipped optimiser does, and the
+    weights do move (a missing copy-back would leave them where they started)."""
+    import torch
+
+    from drscaling.model.build import build_model
+    from drscaling.model.encoder import Towers
+    from drscaling.train.step import optimizer, train_step
+
+    g = _script_module()
+    tokenizer = g.small_tokenizer(tmp_path / "tokenizer")
+    q, p = g.train_batch(g.DRY)
+    models = []
+    for master in (False, True):
+        encoder, _ = build_model("bert-L2-H128", g.VocabSized(tokenizer, g.DRY.vocab), dim=32, seed=0)
+        model = Towers(encoder).eval()  # no dropout: both runs see the same forward
+        if master:
+            opt = g.MasterWeights(model, lr=1e-3, weight_decay=0.01)
+            sched = opt.sched
+        else:
+            opt, sched = optimizer(model, lr=1e-3, weight_decay=0.01, warmup_steps=0)
+        start = [w.detach().clone() for w in model.parameters()]
+        for _ in range(3):
+            train_step(model, opt, sched, q, p, g.DRY.batch, False, torch.autocast("cpu", enabled=False), "cpu",
+                       max_grad_norm=1.0)
+        assert max((w - s).abs().max().item() for w, s in zip(model.parameters(), start, strict=True)) > 1e-4
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
