@@ -432,10 +432,9 @@ def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf1
         opt, sched = optimizer(model, lr=1e-4, weight_decay=0.01, warmup_steps=0)  # fused AdamW on CUDA
     q, p = train_batch(s)
     autocast = ctx.autocast()
-    # a mode is inductor's: the dry run's aot_eager backend only checks the capture
-    mode = {"mode": compile_mode} if compile_mode and s.compile_backend == "inductor" else {}
-    if compile_options and s.compile_backend == "inductor":  # torch.compile takes a mode or options
-        mode = {"options": compile_options}
+    # torch.compile takes inductor's mode or its options; the dry run's aot_eager only checks the capture
+    mode = {"options": compile_options} if compile_options else {"mode": compile_mode} if compile_mode else {}
+    mode = mode if s.compile_backend == "inductor" else {}
     step_model = torch.compile(model, backend=s.compile_backend, **mode) if compiled else model
     last: list[torch.Tensor] = []
 

@@ -223,27 +223,45 @@ def _log_new_datasets_at_once(uri: str, experiment_id: str, path: str, digests: 
         results.put((run.info.run_id, failures))
 
 
+def _use_new_experiments_at_once(uri: str, names: list[str], barrier, results) -> None:
+    """One worker: each experiment made active (created and tagged) the moment every worker is ready."""
+    mlflow.set_tracking_uri(uri)
+    failures = []
+    for name in names:
+        barrier.wait()
+        try:
+            tracking.use_experiment(name)
+        except Exception as exc:  # reported to the test, which names it
+            failures.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+    results.put((None, failures))
+
+
+def _at_once(target, *args, workers: int = 4) -> list:
+    """`target(*args, barrier, results)` in `workers` spawned processes; what each put on `results`."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, results)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    return outcomes
+
+
 def test_runs_logging_one_new_dataset_at_once_all_link_to_it(tmp_path):
     """Ray workers (or sweeps run side by side) log the same new dataset at the same moment. The store checks, then
     inserts, so all but one insert fail on the dataset's key (seen in the Ray grid test); every run
     must still end up linked to the one dataset entry. Without the retry, most rounds fail."""
-    import multiprocessing
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     experiment_id = mlflow.create_experiment("concurrent-datasets")
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"query": "q", "passage": "p"}\n')
     digests = [f"{i:04d}" + "0" * 32 for i in range(12)]
-    ctx = multiprocessing.get_context("spawn")
-    workers, barrier, results = 4, ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_log_new_datasets_at_once, args=(uri, experiment_id, str(data), digests, barrier, results))
-             for _ in range(workers)]
-    for p in procs:
-        p.start()
-    outcomes = [results.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    outcomes = _at_once(_log_new_datasets_at_once, uri, experiment_id, str(data), digests)
     assert [f for _, f in outcomes if f] == []
     client = mlflow.MlflowClient(uri)
     for run_id, _ in outcomes:
@@ -252,3 +270,18 @@ def test_runs_logging_one_new_dataset_at_once_all_link_to_it(tmp_path):
     runs = client.search_runs([experiment_id])
     entries = {(i.dataset.name, i.dataset.digest) for r in runs for i in r.inputs.dataset_inputs}
     assert len(entries) == len(digests)  # one dataset entry per digest, shared by all runs
+
+
+def test_processes_starting_one_new_experiment_at_once_all_use_it(tmp_path):
+    """Sweeps started side by side create and tag the same experiment at once; the tag's insert races
+    like a dataset's (without the retry 1-2 of 12 rounds failed per worker). Each ends with one
+    experiment per name, tagged for the UI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    names = [f"concurrent-{i}" for i in range(12)]
+    mlflow.MlflowClient(uri).search_experiments()  # the store's schema, made once (as any earlier run has)
+    outcomes = _at_once(_use_new_experiments_at_once, uri, names)
+    assert [f for _, f in outcomes if f] == []
+    experiments = mlflow.MlflowClient(uri).search_experiments(filter_string="name LIKE 'concurrent-%'")
+    assert sorted(e.name for e in experiments) == sorted(names)
+    key, value = tracking.EXPERIMENT_KIND
+    assert all(e.tags.get(key) == value for e in experiments)

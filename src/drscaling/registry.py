@@ -338,26 +338,8 @@ def log_dataset(path: str | Path, digest: str, context: str, name: str | None = 
 
     path = Path(path).resolve()
     dataset = MetaDataset(resolve_dataset_source(str(path)), name=name or path.name, digest=digest[:36])
-    for attempt in range(DATASET_LOG_ATTEMPTS):
-        try:
-            mlflow.log_input(dataset, context=context)
-            return
-        except mlflow.MlflowException as exc:
-            # The store checks for the dataset, then inserts it: two runs logging a new dataset at once
-            # (Ray workers, sweeps side by side on one server) both insert, and the loser's transaction
-            # fails on the dataset's key and is rolled back whole. The entry exists now, so logging
-            # again links this run to it.
-            if attempt + 1 == DATASET_LOG_ATTEMPTS or not _lost_insert_race(exc):
-                raise
-
-
-DATASET_LOG_ATTEMPTS = 3
-_DUPLICATE_KEY = ("IntegrityError", "UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
-
-
-def _lost_insert_race(exc: Exception) -> bool:
-    """A store's duplicate-key error (SQLite, PostgreSQL, MySQL wording) for the dataset insert."""
-    return any(marker in str(exc) for marker in _DUPLICATE_KEY)
+    # runs logging one new dataset at once (Ray workers) race to insert it: tracking.retry_lost_insert
+    tracking.retry_lost_insert(lambda: mlflow.log_input(dataset, context=context))
 
 
 # ---------------------------------------------------------------------------------------------

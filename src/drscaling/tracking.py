@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from drscaling import params
 from drscaling.params import REPO
@@ -33,7 +34,7 @@ def use_experiment(name: str) -> None:
     """Make `name` the active experiment (created when missing), tagged so the UI opens on its runs."""
     import mlflow
 
-    tag_experiment(mlflow.set_experiment(name).experiment_id)
+    tag_experiment(retry_lost_insert(lambda: mlflow.set_experiment(name)).experiment_id)
 
 
 def tag_experiment(experiment_id: str) -> None:
@@ -42,7 +43,29 @@ def tag_experiment(experiment_id: str) -> None:
     client = mlflow.MlflowClient()
     key, value = EXPERIMENT_KIND
     if client.get_experiment(experiment_id).tags.get(key) != value:
-        client.set_experiment_tag(experiment_id, key, value)
+        retry_lost_insert(lambda: client.set_experiment_tag(experiment_id, key, value))
+
+
+# MLflow's SQL stores check for an entry, then insert it. Processes creating the same entry at once
+# (sweeps side by side, Ray workers: an experiment's tag, a dataset) all insert, and every one but the
+# first fails on the entry's key, its transaction rolled back whole. The entry exists then, so doing
+# the same call again finds it. The stores' duplicate-key wording: SQLite, PostgreSQL, MySQL.
+LOST_INSERT_ATTEMPTS = 3
+_DUPLICATE_KEY = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
+T = TypeVar("T")
+
+
+def retry_lost_insert(call: Callable[[], T]) -> T:
+    """call(), again when it lost a concurrent insert of the same entry; any other error is raised."""
+    import mlflow
+
+    for _ in range(LOST_INSERT_ATTEMPTS - 1):
+        try:
+            return call()
+        except mlflow.MlflowException as exc:
+            if not any(marker in str(exc) for marker in _DUPLICATE_KEY):
+                raise
+    return call()
 
 
 def git_commit() -> str:
