@@ -28,7 +28,7 @@ from drscaling.errors import DrscalingError
 from drscaling.checkpoints import resolve_start
 from drscaling.executors import RayConfig, finished_point
 from drscaling.files import read_json, read_jsonl
-from drscaling.serving import build_index, search
+from drscaling.serving import build_index, free_port, free_ports, search
 from drscaling.serving.index_ray import RayIndexConfig, build_index_ray
 from drscaling.sweep import Preset, run_sweep
 from drscaling.train.config import Paths
@@ -42,12 +42,6 @@ USER, PASSWORD = "admin", "a-test-password-1"
 TINY = {"steps": 8, "batch_size": 8, "negatives": 16, "max_query_len": 16, "max_passage_len": 24, "lr": 0.001,
         "warmup_steps": 2, "eval_every": 8, "checkpoint_every": 8, "dim": 32,
         "eval": {"negatives": 64, "draws": 2, "max_query_len": 16, "max_passage_len": 24, "rank_pool": 400}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -81,17 +75,16 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
-def _start_server(root: Path) -> tuple[subprocess.Popen, int]:
+def _start_server(root: Path, port: int) -> subprocess.Popen:
     """`mlflow server --app-name basic-auth`: SQLite backend, artifacts in a folder every worker reaches."""
     (root / "auth.ini").write_text(
         f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
         f"admin_username = {USER}\nadmin_password = {PASSWORD}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    port = _free_port()
     env = os.environ | {"MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"}
     return _start([str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
                    "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root",
-                   str(root / "artifacts"), "--workers", "1"], root / "server.log", env), port
+                   str(root / "artifacts"), "--workers", "1"], root / "server.log", env)
 
 
 def _wait_server(proc: subprocess.Popen, port: int, log: Path) -> str:
@@ -132,8 +125,8 @@ def services(tmp_path_factory):
     # Ray's temp dir short: its sockets' paths must fit AF_UNIX's 107 bytes, which an xdist worker's
     # tmp_path (/tmp/pytest-of-<user>/pytest-N/popen-gwK/ray0/session_<date>_<pid>/sockets/...) did not
     root, tmp = tmp_path_factory.mktemp("server"), Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    server, server_port = _start_server(root)
-    port = _free_port()
+    server_port, port = free_ports(2)  # together: ports drawn one at a time can repeat
+    server = _start_server(root, server_port)
     # RAY_AUTH_MODE: without it, a ~/.ray/auth_token (which a local `ray.init()` writes) makes the head demand it
     env = os.environ | {"PYTHONPATH": str(SRC), "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD,
                         "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
@@ -220,7 +213,7 @@ def test_dead_tracking_server_or_ray_address_fails_before_training(server, prepa
                                                                     tmp_path, monkeypatch):
     preset = Preset("dead", train=TINY, joint={"shapes": ["bert-L2-H128"], "train_pairs": [50]})
     paths = _paths(prepared, annotations, tokenizer_dir)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     t0 = time.time()
     with pytest.raises(DrscalingError, match="tracking server at http://127.0.0.1:.* did not answer"):
         run_sweep(preset, paths, {}, tmp_path, executor="ray", ray=RayConfig(address="127.0.0.1:1"))
@@ -395,7 +388,7 @@ def test_index_on_ray_writes_the_triton_index(cluster, triton, tmp_path):
 def test_index_on_ray_bad_input_fails_before_encoding(cluster, triton, tmp_path):
     repo, corpus = triton.repo_dir, _corpus(tmp_path / "c.jsonl", [{"pid": "a", "text": "x"}, {"pid": "b", "text": "y"}])
     out = tmp_path / "out"
-    t0, dead = time.time(), f"127.0.0.1:{_free_port()}"
+    t0, dead = time.time(), f"127.0.0.1:{free_port()}"
     with pytest.raises(DrscalingError, match=f"no Ray cluster answers at {dead}"):
         build_index_ray(repo, MODEL, corpus, out, RayIndexConfig(address=dead))
     assert time.time() - t0 < 30 and not out.exists()

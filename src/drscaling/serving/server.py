@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -37,10 +38,23 @@ def triton_dist() -> Path:
     return dist
 
 
+# What Triton's log says when a port it was given cannot be used: worth a retry with fresh ones.
+PORT_CLASH = ("ddress already in use", "same address and port")
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports free now. Every socket stays bound until all are: ports asked for one at a
+    time can come back the same (the kernel is free to hand a just-closed port out again), and
+    Triton refuses to start when two of its ports are equal."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 # A small process per server that removes its temp folder once the process that made it is gone, by
@@ -161,9 +175,10 @@ class TritonServer:
         # A free port found here can be taken by another process before Triton binds it; with
         # automatic ports, retry with fresh ones.
         for attempt in range(3 if auto else 1):
-            self.http_port = cfg.http_port or free_port(cfg.host)
-            self.grpc_port = cfg.grpc_port or free_port(cfg.host)
-            self.metrics_port = cfg.metrics_port or free_port(cfg.host)
+            fresh = iter(free_ports(3, cfg.host))
+            self.http_port, self.grpc_port, self.metrics_port = (
+                port or next(fresh) for port in (cfg.http_port, cfg.grpc_port, cfg.metrics_port)
+            )
             self._launch(backends)
             try:
                 self._wait_ready()
@@ -171,7 +186,8 @@ class TritonServer:
             except DrscalingError:
                 log = self.log_tail()
                 self._kill()
-                if attempt < 2 and auto and "ddress already in use" in log:
+                # A fresh port can equal a port the caller named: Triton says "same address and port".
+                if attempt < 2 and auto and any(m in log for m in PORT_CLASH):
                     continue
                 self._cleanup()
                 raise
