@@ -57,3 +57,37 @@ def test_export_is_a_pure_function_of_the_model(tiny_model, tiny_onnx, tmp_path)
     assert first.keys() == second.keys()
     assert [name for name in first if first[name] != second[name]] == []
     assert "seconds" not in (again / "export.json").read_text()
+
+
+_GEMMS = """
+import hashlib, os, sys
+import torch
+{first}
+torch.manual_seed(0)
+h = hashlib.md5()
+for m, k, n in [(32, 128, 512), (2048, 128, 128), (64, 768, 3072), (33, 100, 77)]:
+    h.update((torch.randn(m, k) @ torch.randn(k, n)).numpy().tobytes())
+print(os.environ.get("MKL_CBWR"), h.hexdigest())
+"""
+
+
+def _gemms(first: str, **env: str) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | env
+    out = subprocess.run([sys.executable, "-c", _GEMMS.format(first=first)], env=clean, capture_output=True,
+                         text=True, check=True)
+    return out.stdout.split()
+
+
+def test_importing_drscaling_pins_mkl_to_one_code_branch():
+    """The sweeps' output bytes (dvc.lock) must not depend on the CPU's maker: drscaling pins MKL's AVX2
+    branch before torch's first GEMM, even when torch was imported first, and keeps a user's own choice."""
+    pinned = _gemms("import drscaling")
+    assert pinned == _gemms("", MKL_CBWR="AVX2")
+    assert pinned[0] == "AVX2"
+    # The setting takes effect: the SSE2 branch (COMPATIBLE) sums differently on every x86 CPU.
+    compatible = _gemms("import drscaling", MKL_CBWR="COMPATIBLE")
+    assert compatible[0] == "COMPATIBLE" and compatible[1] != pinned[1]
