@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import hypothesis.configuration
@@ -268,6 +270,16 @@ def mlflow_tmp(tmp_path, monkeypatch):
     yield mlflow
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A local port that refuses connections for the whole test. Bound here and never listened on, it
+    cannot be taken meanwhile by another process (a parallel worker's server), as a port closed after
+    being found free could."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def write_lines(path: Path, lines: list[str | dict]) -> Path:

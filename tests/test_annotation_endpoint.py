@@ -273,11 +273,8 @@ def test_server_closing_without_answer_is_retried_then_clear(prepared, tmp_path)
     assert len(conns) == 3
 
 
-def test_refused_connection_fails_at_once_naming_the_redacted_endpoint(prepared, tmp_path):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now
+def test_refused_connection_fails_at_once_naming_the_redacted_endpoint(prepared, tmp_path, refused_port):
+    port = refused_port
     cfg = GenerationConfig(endpoint=f"http://127.0.0.1:{port}/v1", model="m", api_key=KEY, limit=1)
     started = time.monotonic()
     with pytest.raises(DrscalingError, match=rf"cannot reach endpoint http://127\.0\.0\.1:{port}/v1: connection refused") as info:

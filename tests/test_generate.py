@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -378,12 +377,8 @@ def test_endpoint_appendix_a_end_to_end_with_mlflow(prepared, tmp_path, server, 
     assert KEY not in json.dumps(run.data.params) + json.dumps(run.data.tags)
 
 
-def test_endpoint_unreachable(prepared, tmp_path):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # a port nothing listens on
-    cfg = GenerationConfig(endpoint=f"http://127.0.0.1:{port}/v1", model="m", limit=2)
+def test_endpoint_unreachable(prepared, tmp_path, refused_port):
+    cfg = GenerationConfig(endpoint=f"http://127.0.0.1:{refused_port}/v1", model="m", limit=2)
     with pytest.raises(DrscalingError, match="cannot reach"):
         annotate_generated("llm", prepared, tmp_path / "llm.jsonl", cfg, track=False)
 

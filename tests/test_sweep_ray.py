@@ -28,7 +28,7 @@ from drscaling.errors import DrscalingError
 from drscaling.checkpoints import resolve_start
 from drscaling.executors import RayConfig, finished_point
 from drscaling.files import read_json, read_jsonl
-from drscaling.serving import build_index, free_port, free_ports, search
+from drscaling.serving import build_index, free_ports, search
 from drscaling.serving.index_ray import RayIndexConfig, build_index_ray
 from drscaling.sweep import Preset, run_sweep
 from drscaling.train.config import Paths
@@ -210,10 +210,10 @@ def _parent(out: Path, label: str) -> str:
 
 
 def test_dead_tracking_server_or_ray_address_fails_before_training(server, prepared, annotations, tokenizer_dir,
-                                                                    tmp_path, monkeypatch):
+                                                                    tmp_path, monkeypatch, refused_port):
     preset = Preset("dead", train=TINY, joint={"shapes": ["bert-L2-H128"], "train_pairs": [50]})
     paths = _paths(prepared, annotations, tokenizer_dir)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{refused_port}")
     t0 = time.time()
     with pytest.raises(DrscalingError, match="tracking server at http://127.0.0.1:.* did not answer"):
         run_sweep(preset, paths, {}, tmp_path, executor="ray", ray=RayConfig(address="127.0.0.1:1"))
@@ -385,10 +385,10 @@ def test_index_on_ray_writes_the_triton_index(cluster, triton, tmp_path):
             [h[0] for h in search(triton, MODEL, tmp_path / "local", query, k=5)]
 
 
-def test_index_on_ray_bad_input_fails_before_encoding(cluster, triton, tmp_path):
+def test_index_on_ray_bad_input_fails_before_encoding(cluster, triton, tmp_path, refused_port):
     repo, corpus = triton.repo_dir, _corpus(tmp_path / "c.jsonl", [{"pid": "a", "text": "x"}, {"pid": "b", "text": "y"}])
     out = tmp_path / "out"
-    t0, dead = time.time(), f"127.0.0.1:{free_port()}"
+    t0, dead = time.time(), f"127.0.0.1:{refused_port}"
     with pytest.raises(DrscalingError, match=f"no Ray cluster answers at {dead}"):
         build_index_ray(repo, MODEL, corpus, out, RayIndexConfig(address=dead))
     assert time.time() - t0 < 30 and not out.exists()
