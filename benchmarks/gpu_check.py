@@ -2,7 +2,8 @@
 inference, generation.
 
 Sized to run in about 4 minutes (hard internal budget: sections and ablation variants still to come are
-skipped once 360 s have passed, so a compiled variant started just before ends inside 8 minutes) on a machine that has torch and transformers but no MLflow, Triton or internet. It
+skipped once 360 s have passed, so a compiled variant started just before ends inside 8 minutes) on a
+machine that has torch and transformers but no MLflow, Triton or internet. It
 imports only what it measures (drscaling.model, drscaling.train.step, drscaling.export's ONNX
 exporter when onnxruntime has a CUDA provider) and builds every model from config with random
 weights, so nothing outside src/ and benchmarks/ is needed:
@@ -27,6 +28,15 @@ Sections, each in its own try/except, written to --out after every section, tabl
                       reason, when that provider is missing; the torch row then says so)
   generation          SmolLM2-135M-shaped LlamaForCausalLM, bf16, 64 prompts of 64 tokens, greedy,
                       exactly 32 new tokens: queries/s
+  train_ablation      train_eager with one change at a time (gpu_train.ABLATION); --ablation picks the
+                      variants, --fresh-processes runs each in a new process of this script
+  train_profile       torch.profiler's top kernels over 3 eager steps
+
+The training sections live in gpu_train.py, the sizes, context and timing helpers in gpu_common.py (this
+folder; the script puts it on sys.path). To measure candidate recipes, each in its own process:
+
+    PYTHONPATH=src python3 benchmarks/gpu_check.py --only train_ablation --fresh-processes \
+        --ablation master_weights master_weights_compiled all_three_compiled --out $OUT/g.json
 
 MFU = 6 * N * T / step_s / peak, N = non-embedding parameters (ModelMeta.n_non_embedding, Kaplan's
 count: no embedding update, no attention scores), T = tokens per step = B*25 + (B+K)*180. The
@@ -41,11 +51,8 @@ the JSON's "errors"), 2 without a CUDA device and without --dry-run (at once: on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -58,92 +65,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # its sibling modules, also when the script is loaded by path (tests)
+    sys.path.insert(0, str(HERE))
+from gpu_common import (  # noqa: E402
+    DRY, FULL, SMOLLM2_135M, Ctx, Sizes, build_encoder, event_times, free_memory, peak_memory_gib, reset_memory,
+    small_tokenizer, stats, use_sdpa, wall_times,
+)
+from gpu_train import (  # noqa: E402
+    ABLATION, MFU_TARGET, SLOW_COMPILE, ablation, ablation_in_processes, default_variants, profile, train,
+)
+
 NO_CUDA = ("gpu_check: no CUDA device here (torch.cuda.is_available() is False); "
            "run with --dry-run to check the script on CPU")
 BUDGET_S = 360.0  # sections not started by then are skipped: the whole loan is ~15 min, start-up included
-MFU_TARGET = 0.40
-PAPER_VOCAB = 30522  # bert-base-uncased's vocabulary: sets the embedding table the optimiser updates
-
-
-@dataclass(frozen=True)
-class Sizes:
-    shape: str
-    vocab: int
-    batch: int
-    negatives: int
-    query_len: int
-    passage_len: int
-    matmul: int
-    matmul_repeats: int
-    warmup: int
-    repeats: int
-    eval_batch: int
-    eval_batches: int
-    eval_len: int
-    eval_repeats: int
-    infer_batch: int
-    infer_len: int  # benchmarks/serving.py's default sequence length
-    infer_repeats: int
-    latency_repeats: int
-    llm: dict[str, int]
-    gen_batch: int
-    prompt_len: int
-    new_tokens: int
-    gen_repeats: int
-    compile_backend: str
-
-
-SMOLLM2_135M = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-                "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152}
-FULL = Sizes(
-    shape="bert-L12-H768", vocab=PAPER_VOCAB, batch=128, negatives=256, query_len=25, passage_len=180,
-    matmul=8192, matmul_repeats=10, warmup=3, repeats=10,
-    eval_batch=512, eval_batches=6, eval_len=180, eval_repeats=3,
-    infer_batch=32, infer_len=64, infer_repeats=20, latency_repeats=200,
-    llm=SMOLLM2_135M, gen_batch=64, prompt_len=64, new_tokens=32, gen_repeats=3,
-    compile_backend="inductor",
-)
-# Every size shrunk so the whole script runs on 2 CPU cores in well under a minute. The compile
-# backend is aot_eager: it checks that dynamo and AOTAutograd capture the step without spending a
-# minute in inductor's C++ code generation.
-DRY = Sizes(
-    shape="bert-L2-H128", vocab=PAPER_VOCAB, batch=4, negatives=8, query_len=8, passage_len=16,
-    matmul=256, matmul_repeats=5, warmup=2, repeats=3,
-    eval_batch=16, eval_batches=2, eval_len=32, eval_repeats=2,
-    infer_batch=4, infer_len=16, infer_repeats=3, latency_repeats=20,
-    llm={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "intermediate_size": 128, "vocab_size": 1000},
-    gen_batch=2, prompt_len=8, new_tokens=4, gen_repeats=2, compile_backend="aot_eager",
-)
 SECTIONS = ("matmul_peak", "train_eager", "evaluation", "inference_torch", "inference_onnx",
             "generation", "train_compiled", "train_ablation", "train_profile", "matmul_peak_after")
-TUNED_POINTWISE = {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}
-# Where the step's time goes: each variant changes one thing against train_eager.
-ABLATION = {"no_dropout": {"dropout": False}, "no_clip": {"clip": 0.0}, "bf16_weights": {"bf16_weights": True},
-            "all_three": {"dropout": False, "clip": 0.0, "bf16_weights": True},
-            "all_three_compiled": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True},
-            # the shipped recipe (dropout, clipping) with the model in bf16 and AdamW on fp32 master copies:
-            # the shippable form of "bf16 parameters", a candidate measured here before it is built in
-            "master_weights": {"master_weights": True},
-            "master_weights_compiled": {"master_weights": True, "compiled": True},
-            "no_mask": {"mask": False},
-            "no_mask_all_three_compiled": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True,
-                                           "mask": False},
-            # inductor's autotuned GEMM/fusion templates (minutes of compile, no CUDA graphs: the step's
-            # optimizer and clipping run outside the compiled module)
-            "compiled_max_autotune": {"compiled": True, "compile_mode": "max-autotune-no-cudagraphs"},
-            "all_three_max_autotune": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True,
-                                       "compile_mode": "max-autotune-no-cudagraphs"},
-            # autotune only the fused pointwise/norm kernels (the step's memory-bound part; the GEMMs stay
-            # cuBLAS, which the profile found near the peak): fewer choices than max-autotune's GEMM templates
-            "all_three_tuned_pointwise": {"dropout": False, "clip": 0.0, "bf16_weights": True, "compiled": True,
-                                          "compile_options": TUNED_POINTWISE},
-            "compiled_tuned_pointwise": {"compiled": True, "compile_options": TUNED_POINTWISE}}
-# Variants whose autotuning compile outlasted a loan's slot: 4.5 min (max-autotune, H100) and 190 s
-# (tuned pointwise, H200) without one measured step (BENCHMARKS.md). They run only when named.
-SLOW_COMPILE = ("compiled_max_autotune", "all_three_max_autotune", "all_three_tuned_pointwise",
-                "compiled_tuned_pointwise")
-
 
 # ---------------------------------------------------------------------------------------------
 # Report: every number goes to --out as soon as its section ends
@@ -188,107 +125,6 @@ class Report:
         os.replace(tmp, self.path)  # a run killed mid-write still leaves the last whole file
 
 
-@dataclass
-class Ctx:
-    device: str
-    sizes: Sizes
-    tokenizer: Any  # a small trained WordPiece tokenizer (real texts for encode and the exporter)
-    ort_providers: list[str]
-    dry_run: bool
-    peak_flops: float | None = None
-
-    @property
-    def bf16(self) -> bool:
-        # bf16 on any GPU; a CPU dry run computes in fp32 (bf16 is emulated, slow and noisy on
-        # CPUs without AMX), through the same autocast context, disabled
-        return self.device == "cuda"
-
-    @property
-    def dtype(self) -> Any:
-        import torch
-
-        return torch.bfloat16 if self.bf16 else torch.float32
-
-    @property
-    def dtype_name(self) -> str:
-        return "bf16" if self.bf16 else "fp32"
-
-    def autocast(self) -> Any:
-        import torch
-
-        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16)
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing helpers (METHOD.md: warm up, synchronise, median of repeats, random data)
-# ---------------------------------------------------------------------------------------------
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def wall_times(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> list[float]:
-    """Host wall time per call with the device drained after each: what a training loop sees,
-    host-side work (pinning, launches, the optimiser's Python) included."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def event_times(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    """Device time per call from CUDA events (for one kernel-bound call, free of host jitter)."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    pairs = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        pairs.append((start, end))
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) / 1e3 for s, e in pairs]
-
-
-def stats(times: list[float]) -> dict[str, float]:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
-
-
-def reset_memory(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory_gib(device: str) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-
-
-def free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------
@@ -314,213 +150,6 @@ def matmul_peak(ctx: Ctx) -> dict:
     return {"size": n, "dtype": ctx.dtype_name, "timing": "cuda events" if ctx.device == "cuda" else "wall",
             **s, "tflops_median": flops / s["median_s"] / 1e12, "tflops_best": flops / s["min_s"] / 1e12,
             "peak_mem_gib": peak_memory_gib(ctx.device)}
-
-
-class VocabSized:
-    """A tokenizer stand-in for build_model, whose BertConfig takes vocab_size = len(tokenizer): the
-    paper's 30522-token vocabulary without training one (the embedding update scales with it)."""
-
-    def __init__(self, tokenizer: Any, size: int):
-        self._tokenizer = tokenizer
-        self._size = size
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
-
-
-def use_sdpa(model: Any) -> None:
-    """Ask for SDPA attention (the default in recent transformers); the rows record what is in use."""
-    if hasattr(model, "set_attn_implementation"):
-        with contextlib.suppress(ValueError, ImportError):  # unsupported: keep the model's own
-            model.set_attn_implementation("sdpa")
-
-
-def build_encoder(ctx: Ctx) -> tuple[Any, Any]:
-    """The project's (Encoder, ModelMeta): bert-L{L}-H{H} from config with random weights, SDPA."""
-    from drscaling.model.build import build_model
-
-    encoder, meta = build_model(ctx.sizes.shape, VocabSized(ctx.tokenizer, ctx.sizes.vocab), dim=768, seed=0)
-    use_sdpa(encoder.backbone)
-    return encoder, meta
-
-
-def train_batch(s: Sizes) -> tuple[dict, dict]:
-    """Host tensors of random token ids over the whole vocabulary, no padding (full-length texts)."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    n_p = s.batch + s.negatives
-    q = {"input_ids": torch.randint(5, s.vocab, (s.batch, s.query_len), generator=g),
-         "attention_mask": torch.ones(s.batch, s.query_len, dtype=torch.long)}
-    p = {"input_ids": torch.randint(5, s.vocab, (n_p, s.passage_len), generator=g),
-         "attention_mask": torch.ones(n_p, s.passage_len, dtype=torch.long)}
-    return q, p
-
-
-def step_flops(n: int, layers: int, hidden: int, s: Sizes) -> tuple[int, float, float]:
-    """(tokens per step, 6*N*T, 6*N*T + attention-score FLOPs); see the module docstring."""
-    n_p = s.batch + s.negatives
-    tokens = s.batch * s.query_len + n_p * s.passage_len
-    attention = 12 * layers * hidden * (s.batch * s.query_len**2 + n_p * s.passage_len**2)
-    return tokens, 6 * n * tokens, 6 * n * tokens + attention
-
-
-class MasterWeights:
-    """AdamW (drscaling.train.step.optimizer) over fp32 master copies of a low-precision model, in the
-    optimiser interface train_step uses: the model computes in bf16 with no per-use casts of its weights,
-    while every update is applied in fp32 (bf16 parameters alone lose updates below their precision)."""
-
-    def __init__(self, model: Any, lr: float, weight_decay: float):
-        import torch
-
-        from drscaling.train.step import optimizer
-
-        self.params = list(model.parameters())
-        self.master = torch.nn.ParameterList([torch.nn.Parameter(p.detach().float().clone()) for p in self.params])
-        for m in self.master:
-            m.grad = torch.zeros_like(m)
-        self.opt, self.sched = optimizer(self.master, lr=lr, weight_decay=weight_decay, warmup_steps=0)
-        self.defaults = self.opt.defaults
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def step(self) -> None:
-        import torch
-
-        pairs = [(m.grad, p.grad) for m, p in zip(self.master, self.params, strict=True) if p.grad is not None]
-        with torch.no_grad():
-            torch._foreach_copy_([m for m, _ in pairs], [g for _, g in pairs])  # bf16 grads into fp32
-            self.opt.step()
-            torch._foreach_copy_(self.params, list(self.master))  # fp32 weights back into the bf16 model
-
-
-def train(ctx: Ctx, compiled: bool, dropout: bool = True, clip: float = 1.0, bf16_weights: bool = False,
-          mask: bool = True, compile_mode: str | None = None, compile_options: dict | None = None,
-          master_weights: bool = False) -> dict:
-    """Median wall time of drscaling.train.step.train_step, eager or with the Towers module compiled.
-    The keyword options are the ablation's: dropout off, no gradient clipping, bf16 parameters, a bf16
-    model with fp32 master weights."""
-    import torch
-
-    from drscaling.model.encoder import Towers
-    from drscaling.train.step import optimizer, train_step
-
-    s, device = ctx.sizes, ctx.device
-    reset_memory(device)
-    encoder, meta = build_encoder(ctx)
-    if not dropout:
-        for module in encoder.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        encoder.backbone.config.attention_probs_dropout_prob = 0.0
-    if not mask:  # the batch has no padding: without a mask SDPA may take the flash-attention kernel
-        backbone_forward = encoder.backbone.forward
-        encoder.backbone.forward = lambda input_ids, attention_mask=None, **kw: backbone_forward(input_ids=input_ids, **kw)
-    model = Towers(encoder).to(device).train()
-    if bf16_weights and ctx.bf16:
-        model = model.to(torch.bfloat16)
-    if master_weights:  # a CPU dry run keeps fp32 (ctx.dtype) and checks the code path
-        model = model.to(ctx.dtype)
-        master = MasterWeights(model, lr=1e-4, weight_decay=0.01)
-        opt, sched = master, master.sched
-    else:
-        opt, sched = optimizer(model, lr=1e-4, weight_decay=0.01, warmup_steps=0)  # fused AdamW on CUDA
-    q, p = train_batch(s)
-    autocast = ctx.autocast()
-    # torch.compile takes inductor's mode or its options; the dry run's aot_eager only checks the capture
-    mode = {"options": compile_options} if compile_options else {"mode": compile_mode} if compile_mode else {}
-    mode = mode if s.compile_backend == "inductor" else {}
-    step_model = torch.compile(model, backend=s.compile_backend, **mode) if compiled else model
-    last: list[torch.Tensor] = []
-
-    def step() -> None:
-        last[:] = [train_step(step_model, opt, sched, q, p, s.batch, False, autocast, device, max_grad_norm=clip)]
-
-    row: dict[str, Any] = {}
-    if compiled:  # the first call compiles: timed apart, then the usual warm-up
-        t = time.perf_counter()
-        step()
-        sync(device)
-        row["compile_backend"] = s.compile_backend
-        options = "options " + json.dumps(mode["options"]) if "options" in mode else "default"
-        row["compile_mode"] = mode.get("mode") or options
-        row["first_step_s"] = time.perf_counter() - t
-    times = wall_times(step, device, s.warmup, s.repeats)
-    cfg = encoder.backbone.config
-    tokens, model_flops, with_attention = step_flops(meta.n_non_embedding, cfg.num_hidden_layers, cfg.hidden_size, s)
-    sec = statistics.median(times)
-    row |= {
-        "shape": s.shape, "vocab": cfg.vocab_size, "precision": f"{ctx.dtype_name} autocast" if ctx.bf16 else "fp32",
-        "attn_implementation": cfg._attn_implementation,
-        "n_non_embedding": meta.n_non_embedding, "batch": s.batch, "negatives": s.negatives,
-        "query_len": s.query_len, "passage_len": s.passage_len, "tokens_per_step": tokens,
-        "optimizer_fused": bool(opt.defaults.get("fused")), **stats(times),
-        "step_ms": sec * 1e3, "tokens_per_s": tokens / sec, "model_tflops_per_s": model_flops / sec / 1e12,
-        "final_loss": last[0].detach().item(), "peak_mem_gib": peak_memory_gib(device),
-    }
-    if ctx.peak_flops:
-        row |= {"mfu": model_flops / sec / ctx.peak_flops, "mfu_with_attention": with_attention / sec / ctx.peak_flops,
-                "mfu_target": MFU_TARGET, "meets_target": model_flops / sec / ctx.peak_flops >= MFU_TARGET}
-    if not math.isfinite(row["final_loss"]):
-        raise FloatingPointError(f"non-finite loss {row['final_loss']} after {len(times)} steps")
-    return row
-
-
-def default_variants(dry_run: bool) -> list[str]:
-    """Every variant in a dry run (a code check); on a GPU all but SLOW_COMPILE."""
-    return [n for n in ABLATION if dry_run or n not in SLOW_COMPILE]
-
-
-def ablation(ctx: Ctx, names: list[str] | None = None, time_left: Callable[[], float] = lambda: math.inf) -> dict:
-    """train_eager with one change at a time (and all three): which overhead keeps MFU down.
-    A variant not started while time is left is listed as skipped (the loan is short)."""
-    rows: dict[str, dict] = {}
-    skipped: list[str] = []
-    for name in names or default_variants(ctx.dry_run):
-        opts = ABLATION[name]
-        if time_left() <= 0:
-            skipped.append(name)
-            continue
-        r = train(ctx, **({"compiled": False} | opts))
-        rows[name] = {k: r.get(k) for k in ("step_ms", "tokens_per_s", "mfu", "peak_mem_gib", "final_loss", "first_step_s", "compile_mode")}
-        free_memory()
-    return {"variants": rows, "shape": ctx.sizes.shape, "skipped_for_time": skipped}
-
-
-def profile(ctx: Ctx) -> dict:
-    """torch.profiler over 3 eager train steps: the kernels the step's time goes to (top 15 by device time)."""
-    import torch
-    from torch.profiler import ProfilerActivity
-
-    from drscaling.model.encoder import Towers
-    from drscaling.train.step import optimizer, train_step
-
-    s, device = ctx.sizes, ctx.device
-    encoder, _ = build_encoder(ctx)
-    model = Towers(encoder).to(device).train()
-    opt, sched = optimizer(model, lr=1e-4, weight_decay=0.01, warmup_steps=0)
-    q, p = train_batch(s)
-
-    def step() -> None:
-        train_step(model, opt, sched, q, p, s.batch, False, ctx.autocast(), device, max_grad_norm=1.0)
-
-    for _ in range(3):
-        step()
-    sync(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(3):
-            step()
-        sync(device)
-    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
-    print(table, flush=True)
-    return {"sort_by": key, "table": table, "steps": 3}
 
 
 def synthetic_texts(n: int, words: int, seed: int = 0) -> list[str]:
@@ -701,14 +330,6 @@ def generation(ctx: Ctx) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def small_tokenizer(dest: Path) -> Any:
-    """A WordPiece vocabulary over synthetic words w0..w3999, as benchmarks/train_step.py makes."""
-    from drscaling.model.tokenizer import train_tokenizer
-
-    words = [f"w{i}" for i in range(4000)]
-    return train_tokenizer([" ".join(words[i : i + 50]) for i in range(0, 4000, 10)], 8000, dest)
-
-
 def environment(device: str, dry_run: bool, sizes: Sizes) -> dict:
     import torch
     import transformers
@@ -740,7 +361,8 @@ def section_line(name: str, r: dict) -> str:
     if name == "train_profile":
         return "top kernels by device time: see the table above and the JSON"
     if name == "train_ablation":
-        return "; ".join(f"{k} {v['step_ms']:.1f} ms MFU {fmt(v.get('mfu'), '.1%')}" for k, v in r["variants"].items())
+        rows = [f"{k} {v['step_ms']:.1f} ms MFU {fmt(v.get('mfu'), '.1%')}" for k, v in r["variants"].items()]
+        return "; ".join(rows + [f"{k} FAILED: {why[:60]}" for k, why in r.get("failed", {}).items()])
     if name.startswith("train"):
         first = f", first step {r['first_step_s']:.1f} s" if "first_step_s" in r else ""
         return (f"{r['shape']} step {r['step_ms']:.1f} ms, {r['tokens_per_s']:.0f} tok/s, "
@@ -790,7 +412,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ablation", nargs="+", choices=list(ABLATION),
                     help="run just these train_ablation variants (default on a GPU: all but "
                     + ", ".join(SLOW_COMPILE) + ")")
+    ap.add_argument("--fresh-processes", action="store_true",
+                    help="train_ablation: each variant in a new process of this script (steadier numbers, "
+                    "+~20 s a variant for start-up)")
     return ap.parse_args(argv)
+
+
+def run_ablation(ctx: Ctx, args: argparse.Namespace, time_left: Callable[[], float]) -> dict:
+    if not args.fresh_processes:
+        return ablation(ctx, args.ablation, time_left)
+    names = args.ablation or default_variants(args.dry_run)
+    return ablation_in_processes(Path(__file__).resolve(), names, args.dry_run, time_left)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -818,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluation": lambda: evaluation(ctx), "inference_torch": lambda: inference_torch(ctx),
             "inference_onnx": lambda: inference_onnx(ctx), "generation": lambda: generation(ctx),
             "train_compiled": lambda: train(ctx, compiled=True),
-            "train_ablation": lambda: ablation(ctx, args.ablation, lambda: args.budget_s - report.elapsed()),
+            "train_ablation": lambda: run_ablation(ctx, args, lambda: args.budget_s - report.elapsed()),
             "train_profile": lambda: profile(ctx),
             "matmul_peak_after": lambda: matmul_peak(ctx),
         }

@@ -78,13 +78,15 @@ def test_without_cuda_exits_2_naming_dry_run(tmp_path):
 
 
 def _script_module():
+    """gpu_check loaded by path, as gpu_train (its training sections): it puts benchmarks/ on sys.path."""
+    import importlib
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("gpu_train")
 
 
 def test_ablation_keeps_to_the_loan():
@@ -94,7 +96,9 @@ def test_ablation_keeps_to_the_loan():
     on_gpu = g.default_variants(dry_run=False)
     assert on_gpu and not set(on_gpu) & {n for n in g.ABLATION if "autotune" in n or "tuned" in n}
     assert g.default_variants(dry_run=True) == list(g.ABLATION)
-    ctx = g.Ctx("cpu", g.DRY, tokenizer=None, ort_providers=[], dry_run=True)
+    import gpu_common
+
+    ctx = gpu_common.Ctx("cpu", gpu_common.DRY, tokenizer=None, ort_providers=[], dry_run=True)
     out = g.ablation(ctx, ["no_dropout", "all_three"], time_left=lambda: -1.0)
     assert out["variants"] == {} and out["skipped_for_time"] == ["no_dropout", "all_three"]
 
@@ -110,11 +114,13 @@ def test_master_weights_update_like_adamw_on_the_model(tmp_path):
     from drscaling.train.step import optimizer, train_step
 
     g = _script_module()
-    tokenizer = g.small_tokenizer(tmp_path / "tokenizer")
-    q, p = g.train_batch(g.DRY)
+    import gpu_common as c
+
+    tokenizer = c.small_tokenizer(tmp_path / "tokenizer")
+    q, p = g.train_batch(c.DRY)
     models = []
     for master in (False, True):
-        encoder, _ = build_model("bert-L2-H128", g.VocabSized(tokenizer, g.DRY.vocab), dim=32, seed=0)
+        encoder, _ = build_model("bert-L2-H128", c.VocabSized(tokenizer, c.DRY.vocab), dim=32, seed=0)
         model = Towers(encoder).eval()  # no dropout: both runs see the same forward
         if master:
             opt = g.MasterWeights(model, lr=1e-3, weight_decay=0.01)
@@ -123,9 +129,37 @@ def test_master_weights_update_like_adamw_on_the_model(tmp_path):
             opt, sched = optimizer(model, lr=1e-3, weight_decay=0.01, warmup_steps=0)
         start = [w.detach().clone() for w in model.parameters()]
         for _ in range(3):
-            train_step(model, opt, sched, q, p, g.DRY.batch, False, torch.autocast("cpu", enabled=False), "cpu",
+            train_step(model, opt, sched, q, p, c.DRY.batch, False, torch.autocast("cpu", enabled=False), "cpu",
                        max_grad_norm=1.0)
         assert max((w - s).abs().max().item() for w, s in zip(model.parameters(), start, strict=True)) > 1e-4
         models.append(model)
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ablation_in_fresh_processes_reports_each_variant_with_its_own_peak(tmp_path):
+    """--fresh-processes: every variant is measured by a new process of the script, against that process's
+    own matmul peak."""
+    out = tmp_path / "g.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", "train_ablation", "--fresh-processes",
+                           "--ablation", "no_dropout", "master_weights", "--out", str(out)],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    section = json.loads(out.read_text())["sections"]["train_ablation"]
+    assert section["processes"] == "one per variant" and section["failed"] == {}
+    assert list(section["variants"]) == ["no_dropout", "master_weights"]
+    for row in section["variants"].values():
+        assert row["step_ms"] > 0 and row["peak_tflops"] > 0 and math.isfinite(row["final_loss"])
+
+
+def test_a_variant_process_past_its_time_is_killed(tmp_path):
+    import time
+
+    g = _script_module()
+    t0 = time.monotonic()
+    out = g.ablation_in_processes(SCRIPT, ["no_dropout", "no_clip"], True, time_left=lambda: 1.0, grace_s=1.0)
+    assert time.monotonic() - t0 < 30
+    assert out["variants"] == {} and set(out["failed"]) == {"no_dropout", "no_clip"}
+    assert all(why.startswith("killed after 2 s") for why in out["failed"].values())
+    left = subprocess.run(["pgrep", "-f", "gpu-check-variant-"], capture_output=True, text=True)
+    assert left.stdout == "", f"variant processes left running: {left.stdout}"
