@@ -203,5 +203,3 @@ def small_tokenizer(dest: Path) -> Any:
 
     words = [f"w{i}" for i in range(4000)]
     return train_tokenizer([" ".join(words[i : i + 50]) for i in range(0, 4000, 10)], 8000, dest)
-
-

@@ -48,7 +48,6 @@ SLOW_COMPILE = ("compiled_max_autotune", "all_three_max_autotune", "all_three_tu
                 "compiled_tuned_pointwise")
 
 
-
 def train_batch(s: Sizes) -> tuple[dict, dict]:
     """Host tensors of random token ids over the whole vocabulary, no padding (full-length texts)."""
     import torch
@@ -259,5 +258,3 @@ def profile(ctx: Ctx) -> dict:
     table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
     print(table, flush=True)
     return {"sort_by": key, "table": table, "steps": 3}
-
-

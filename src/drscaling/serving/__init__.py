@@ -51,7 +51,6 @@ from drscaling.serving.retrieval import build_index, encode_texts, search
 from drscaling.serving.server import (
     ServerConfig,
     TritonServer,
-    free_port,
     free_ports,
     serve,
     triton_dist,
@@ -61,6 +60,6 @@ __all__ = [
     "FLAVOURS", "KINDS", "ONNX_FILES", "TEMPLATES", "TOWER_ROLES", "VERSION", "Client", "ModelInfo",
     "RayIndexConfig", "RepositoryConfig", "ServerConfig", "TritonServer", "build_index", "build_index_ray",
     "build_model_repository",
-    "build_tower_repository", "encode_texts", "free_port", "free_ports", "infer_ids", "render_config",
+    "build_tower_repository", "encode_texts", "free_ports", "infer_ids", "render_config",
     "resolve_tower", "search", "serve", "triton_dist",
 ]

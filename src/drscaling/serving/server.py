@@ -53,10 +53,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    return free_ports(1, host)[0]
-
-
 # A small process per server that removes its temp folder once the process that made it is gone, by
 # whatever end (SIGKILL included, which no handler sees): it reads the pids of the tritonserver
 # processes it is told about until its stdin closes (the parent exited), waits for the last one to
