@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -156,14 +157,23 @@ def tcp_server(on_connect: Callable[[socket.socket, threading.Event], None]) -> 
 
 
 def _read_request(conn: socket.socket) -> bytes:
+    """The whole request, body included: closing a socket with unread bytes sends a reset, not a
+    clean close, so a server that stopped at the headers would race the client's body."""
     conn.settimeout(5)
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
         if not chunk:
-            break
+            return data
         data += chunk
-    return data
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while length and len(body) < int(length.group(1)):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 # ---------------------------------------------------------------------------------------------
