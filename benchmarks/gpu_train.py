@@ -211,7 +211,9 @@ def ablation_in_processes(script: Path, names: list[str], dry_run: bool, time_le
             out = Path(tmp) / "variant.json"
             cmd = [sys.executable, str(script), "--only", "train_ablation", "--ablation", name, "--out", str(out),
                    *(["--dry-run"] if dry_run else [])]
-            proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: inductor's workers end with it
+            # its own group: inductor's workers end with it; its temp files go in tmp, which goes even
+            # when the process is killed
+            proc = subprocess.Popen(cmd, start_new_session=True, env=os.environ | {"TMPDIR": tmp})
             try:
                 proc.wait(timeout=left + grace_s)
             except subprocess.TimeoutExpired:

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,3 +164,16 @@ def test_a_variant_process_past_its_time_is_killed(tmp_path):
     assert all(why.startswith("killed after 2 s") for why in out["failed"].values())
     left = subprocess.run(["pgrep", "-f", "gpu-check-variant-"], capture_output=True, text=True)
     assert left.stdout == "", f"variant processes left running: {left.stdout}"
+
+
+def test_a_killed_variant_leaves_no_temp_files(tmp_path):
+    """A variant process killed past its time cannot clean up after itself: what it made in its temp
+    folder goes with the folder its parent gave it. The stand-in variant makes a temp folder at once,
+    then outlasts its time."""
+    slow = tmp_path / "slow_variant.py"
+    slow.write_text("import tempfile, time\ntempfile.mkdtemp(prefix='gpu-check-slow-')\ntime.sleep(300)\n")
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.glob("gpu-check-*"))
+    out = _script_module().ablation_in_processes(slow, ["no_dropout"], True, time_left=lambda: 1.0, grace_s=4.0)
+    assert set(out["failed"]) == {"no_dropout"}
+    assert set(temp.glob("gpu-check-*")) == before, "a killed variant left its temp folder behind"

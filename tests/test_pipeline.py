@@ -262,11 +262,12 @@ def test_sweep_fit_budget_report(prepared, annotations, tokenizer_dir, tmp_path)
     summary = run(drs + ["summary"], tmp_path).stdout
     assert "dof = " in summary and "held-out" in summary and "zero-shot" in summary and "Recommended" in summary
 
-    parents = mlflow.search_runs(experiment_names=["sweeps"], filter_string="tags.`drscaling.stage` = 'sweep'", output_format="list")
-    assert {p.data.tags["sweep"] for p in parents} >= {"model", "data", "source", "joint"}
-    for parent in parents:
+    # this test's own parent runs, by their ids: the store is shared by every test of this worker
+    for sweep in ("model", "data", "source", "joint"):
+        parent = mlflow.get_run(json.loads((results / f"parent-tiny-{sweep}.json").read_text())["run_id"])
+        assert parent.data.tags["drscaling.stage"] == "sweep" and parent.data.tags["sweep"] == sweep
         children = mlflow.search_runs(experiment_names=["sweeps"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list")
-        assert children, parent.data.tags["sweep"]
+        assert children, sweep
     # strict JSON (no NaN / Infinity) in every file the stages wrote and every JSON artifact their runs logged
     assert_strict_json(tmp_path / "artifacts", *mlflow_artifact_folders(), at_least=50)
 

@@ -198,18 +198,18 @@ def test_a_sigkilled_serve_leaves_no_temp_folder(tiny_onnx, tmp_path):  # noqa: 
     import sys
     import time
 
-    from drscaling.serving.server import free_ports
-
     repo = tmp_path / "repo"
     build_model_repository(tiny_onnx, repo, MODEL)
-    ports = [str(port) for port in free_ports(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "drscaling", "serve", "--repo", str(repo), "--http-port", ports[0],
-                             "--grpc-port", ports[1], "--metrics-port", ports[2]],
+    # port 0: serve draws free ports itself, and draws again if one is taken before Triton binds it
+    proc = subprocess.Popen([sys.executable, "-m", "drscaling", "serve", "--repo", str(repo), "--http-port", "0",
+                             "--grpc-port", "0", "--metrics-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     while (line := proc.stdout.readline()) and "Press Ctrl-C" not in line:
         lines.append(line)
+    assert line, f"serve ended before it was ready:\n{''.join(lines)[-2000:]}"
     [log] = [Path(line.split()[-1]) for line in lines if line.strip().startswith("log ")]
+    [http] = [line.split()[1].removeprefix("http://") for line in lines if line.strip().startswith("HTTP ")]
     workdir = log.parent
     assert workdir.name.startswith("drscaling-triton-") and (workdir / "backends").is_dir()
     proc.kill()
@@ -219,4 +219,4 @@ def test_a_sigkilled_serve_leaves_no_temp_folder(tiny_onnx, tmp_path):  # noqa: 
         time.sleep(0.2)
     assert not workdir.exists(), f"{workdir} left behind by the killed serve"
     with pytest.raises(DrscalingError, match="not reachable"):
-        encode_texts(f"127.0.0.1:{ports[0]}", MODEL, ["hello"])
+        encode_texts(http, MODEL, ["hello"])

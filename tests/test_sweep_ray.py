@@ -28,8 +28,9 @@ from drscaling.errors import DrscalingError
 from drscaling.checkpoints import resolve_start
 from drscaling.executors import RayConfig, finished_point
 from drscaling.files import read_json, read_jsonl
-from drscaling.serving import build_index, free_ports, search
-from drscaling.serving.index_ray import RayIndexConfig, build_index_ray
+from drscaling.serving import build_index, encode_texts, free_ports, search
+from drscaling.serving.client import resolve_tower
+from drscaling.serving.index_ray import RayIndexConfig, RepositoryModels, build_index_ray, load_encoder, model_files
 from drscaling.sweep import Preset, run_sweep
 from drscaling.train.config import Paths
 from drscaling.train.data import data_key
@@ -131,11 +132,12 @@ def services(tmp_path_factory):
     env = os.environ | {"PYTHONPATH": str(SRC), "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD,
                         "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
     common = ["--node-ip-address", "127.0.0.1", "--block", "--disable-usage-stats"]
-    head = [str(BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2", "--temp-dir", str(tmp),
-            "--include-dashboard=false", *common]
-    procs = [server, _start(head, tmp / "head.log", env)]
+    def head(port: int) -> list[str]:
+        return [str(BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2", "--temp-dir", str(tmp),
+                "--include-dashboard=false", *common]
+
+    procs = [server, _start(head(port), tmp / "head.log", env)]
     try:
-        address = f"127.0.0.1:{port}"
         for attempt in range(4):  # a raylet has 30 s to register: on a loaded machine the head may need another try
             try:
                 _wait_head(procs[1], tmp / ("head.log" if attempt == 0 else f"head{attempt}.log"))
@@ -144,7 +146,9 @@ def services(tmp_path_factory):
                 if attempt == 3:
                     raise
                 _stop(procs[1])
-                procs[1] = _start(head, tmp / f"head{attempt + 1}.log", env)
+                [port] = free_ports(1)  # a fresh port: the last one may have been taken meanwhile
+                procs[1] = _start(head(port), tmp / f"head{attempt + 1}.log", env)
+        address = f"127.0.0.1:{port}"
         node = [str(BIN / "ray"), "start", "--address", address, "--num-cpus", "1", *common]
         procs.append(_start(node, tmp / "node.log", env))
         uri = _wait_server(server, server_port, root / "server.log")
@@ -383,6 +387,20 @@ def test_index_on_ray_writes_the_triton_index(cluster, triton, tmp_path):
     for query in (texts[0], texts[3], "package manager"):
         assert [h[0] for h in search(triton, MODEL, out, query, k=5)] == \
             [h[0] for h in search(triton, MODEL, tmp_path / "local", query, k=5)]
+
+
+def test_an_index_actor_loads_the_served_graph_and_keeps_no_files(triton):
+    """What each actor loads embeds as Triton does, and its files are gone once loaded: Ray ends actors
+    without running finalizers, so files kept for the actor's life stayed in the temp folder."""
+    models = RepositoryModels(triton.repo_dir)
+    info = models.info(resolve_tower(models, MODEL, "passage"))
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.glob("drscaling-index-*"))
+    encode = load_encoder(model_files(triton.repo_dir, info), 16, 1, ["CPUExecutionProvider"])
+    assert set(temp.glob("drscaling-index-*")) == before, "the actor's copy of the graph and tokenizer stayed"
+    texts = sorted(set(CORPUS))[:5]
+    np.testing.assert_allclose(encode(texts, info.max_len("passage")), encode_texts(triton, MODEL, texts),
+                               rtol=0, atol=1e-5)
 
 
 def test_index_on_ray_bad_input_fails_before_encoding(cluster, triton, tmp_path, refused_port):

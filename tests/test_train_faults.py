@@ -211,9 +211,9 @@ SWEEP_TRAIN = {"steps": 30, "batch_size": 8, "warmup_steps": 5, "negatives": 16,
 
 
 def sweep_cli(prepared, annotations, tokenizer_dir, preset: Path, out: Path, pairs: list[int],
-              experiment: str = "faults-sweep") -> tuple[list[str], dict]:
+              experiment: str = "faults-sweep", train: dict = SWEEP_TRAIN) -> tuple[list[str], dict]:
     """`drscaling sweep` over a data sweep of bert-L2-H128 at `pairs` (the preset file is rewritten)."""
-    preset.write_text(yaml.safe_dump({"name": "faultsweep", "train": SWEEP_TRAIN,
+    preset.write_text(yaml.safe_dump({"name": "faultsweep", "train": train,
                                       "data": {"shape": "bert-L2-H128", "train_pairs": pairs}}))
     cmd = [sys.executable, "-m", "drscaling", "sweep", "--preset", str(preset), "--only", "data", "--out", str(out),
            "--prepared", str(prepared), "--annotations", str(annotations), "--tokenizer", str(tokenizer_dir)]
@@ -488,14 +488,17 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
 @pytest.mark.parametrize("command", ["train", "sweep"])
 def test_a_second_real_process_on_a_busy_output_is_refused(prepared, annotations, tokenizer_dir, tmp_path, command):
     """Two real `drscaling train` (or `drscaling sweep`) processes on one --out: the second is refused
-    at once with a clear message while the first trains; the first is not disturbed."""
+    at once with a clear message while the first trains; the first is not disturbed. The first run is
+    too long to finish before the second has started up, however slow the machine: it ends by SIGTERM."""
     if command == "train":
         out = tmp_path / "run"
         cmd, env = cli(prepared, annotations, tokenizer_dir, out, "faults-busy-train")
+        cmd += ["--steps", "100000"]
         started = out / "run.json"
     else:
         out = tmp_path / "sweep"
-        cmd, env = sweep_cli(prepared, annotations, tokenizer_dir, tmp_path / "faultsweep.yaml", out, [40])
+        cmd, env = sweep_cli(prepared, annotations, tokenizer_dir, tmp_path / "faultsweep.yaml", out, [40],
+                             train=SWEEP_TRAIN | {"steps": 100000})
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     try:

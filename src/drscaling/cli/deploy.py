@@ -177,7 +177,7 @@ def _export_serve_parsers(cmd: Register) -> None:
     p = cmd("serve", cmd_serve, "run Triton on a model repository (127.0.0.1) until Ctrl-C")
     p.add_argument("--repo", default=f"{A}/serving/repo", help="the model repository (default: %(default)s)")
     for kind, port in (("http", 8000), ("grpc", 8001), ("metrics", 8002)):
-        p.add_argument(f"--{kind}-port", type=int, default=port, help=f"{kind} port (default: %(default)s)")
+        p.add_argument(f"--{kind}-port", type=int, default=port, help=f"{kind} port, 0 for any free one (default: %(default)s)")
     p.add_argument("--log", help="server log file")
 
 

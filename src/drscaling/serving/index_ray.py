@@ -95,20 +95,28 @@ def model_files(repo: Path, info: ModelInfo, tokenizer: str | Path | None = None
     return files
 
 
+def load_encoder(files: dict[str, bytes], batch_size: int, threads: int, providers: list[str]):
+    """model_files' graph and tokenizer as an encode function. The files are loaded from a temp folder
+    removed at once: Ray ends actors without running finalizers, so a folder kept for an actor's life
+    stayed behind."""
+    from drscaling.export import ort_encode_fn, ort_session
+    from drscaling.model.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="drscaling-index-") as tmp:
+        root = Path(tmp)
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        session = ort_session(root / "model.onnx", threads=threads, providers=providers)
+        return ort_encode_fn(session, load_tokenizer(root / "tokenizer"), batch_size)
+
+
 class Encoder:
     """A Ray Data actor: JSONL lines of the corpus in, {pid, embedding} out, the graph run in-process."""
 
     def __init__(self, files: list, max_len: int, dim: int, batch_size: int, threads: int):
         import ray
 
-        from drscaling.export import ort_encode_fn, ort_session
-        from drscaling.model.tokenizer import load_tokenizer
-
-        self._dir = tempfile.TemporaryDirectory(prefix="drscaling-index-")  # removed with the actor
-        root = Path(self._dir.name)
-        for rel, data in ray.get(files[0]).items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(data)
         providers = ["CPUExecutionProvider"]
         if ray.get_gpu_ids():
             import onnxruntime as ort
@@ -117,8 +125,7 @@ class Encoder:
                 raise DrscalingError("an index actor got a GPU but its onnxruntime has no CUDAExecutionProvider: "
                                      "install onnxruntime-gpu on the GPU nodes, or run with --num-gpus 0")
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        session = ort_session(root / "model.onnx", threads=threads, providers=providers)
-        self.encode = ort_encode_fn(session, load_tokenizer(root / "tokenizer"), batch_size)
+        self.encode = load_encoder(ray.get(files[0]), batch_size, threads, providers)
         self.max_len, self.dim = max_len, dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
