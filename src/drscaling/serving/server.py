@@ -80,8 +80,9 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-# Ready after 1.5 s for the tests' two-model repository on an idle 2-core machine; every Python-backend
-# model starts a stub process of its own, and cores shared with other work stretch that many times.
+# Ready after 1.5 s for the tests' repository (an encoder, its tokenizer, the text ensemble) on an idle
+# 2-core machine; every Python-backend model starts a stub process of its own, and cores shared with
+# other work stretch that many times.
 STARTUP_TIMEOUT_S = 120.0
 
 
