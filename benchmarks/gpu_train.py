@@ -211,8 +211,8 @@ def ablation_in_processes(script: Path, names: list[str], dry_run: bool, time_le
             out = Path(tmp) / "variant.json"
             cmd = [sys.executable, str(script), "--only", "train_ablation", "--ablation", name, "--out", str(out),
                    *(["--dry-run"] if dry_run else [])]
-            # its own group: inductor's workers end with it; its temp files go in tmp, which goes even
-            # when the process is killed
+            # its own group: inductor's workers end with it; its temp files (inductor's cache too, so
+            # every variant compiles cold) go in tmp, which goes even when the process is killed
             proc = subprocess.Popen(cmd, start_new_session=True, env=os.environ | {"TMPDIR": tmp})
             try:
                 proc.wait(timeout=left + grace_s)

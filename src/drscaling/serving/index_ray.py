@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def model_files(repo: Path, info: ModelInfo, tokenizer: str | Path | None = None
     return files
 
 
-def load_encoder(files: dict[str, bytes], batch_size: int, threads: int, providers: list[str]):
+def load_encoder(files: dict[str, bytes], batch_size: int, threads: int,
+                 providers: list[str]) -> Callable[[list[str], int], np.ndarray]:
     """model_files' graph and tokenizer as an encode function. The files are loaded from a temp folder
     removed at once: Ray ends actors without running finalizers, so a folder kept for an actor's life
     stayed behind."""
